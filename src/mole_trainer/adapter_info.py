@@ -1,0 +1,32 @@
+"""The metadata file written beside every adapter we save (what a loader needs to use it right)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+ADAPTER_INFO_FILE = "mole_adapter.json"
+
+
+def write_adapter_info(adapter_dir: str | Path, info: dict) -> None:
+    """Write base model, role, pixel budget (and label map for a router) beside the adapter."""
+    Path(adapter_dir, ADAPTER_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def find_adapter_dir(path: str | Path) -> Path:
+    """The adapter folder of a checkpoint: `path` itself or `path/adapter`."""
+    path = Path(path)
+    for cand in (path, path / "adapter"):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    raise UserError(f"{path}: no PEFT adapter here (expected adapter_config.json in it or in adapter/)")
+
+
+def read_adapter_info(adapter_dir: str | Path) -> dict:
+    """The mole_adapter.json of an adapter folder."""
+    f = Path(adapter_dir) / ADAPTER_INFO_FILE
+    if not f.is_file():
+        raise UserError(f"{adapter_dir}: missing {ADAPTER_INFO_FILE} (was this adapter trained by mole?)")
+    return json.loads(f.read_text())

@@ -1,0 +1,287 @@
+"""`mole`: one sub-command per pipeline stage. Thin: parses arguments and calls mole_trainer.stages.
+
+Nothing heavy is imported at start-up, so `mole --help` answers at once. User mistakes
+(UserError) print one line and exit with status 2; there is no traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import UserError
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _size(value: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 448x336, got '{value}'") from None
+    return w, h
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{value}'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {n}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors exit 2 too; keep its usage line
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `mole` argument parser."""
+    p = _Parser(
+        prog="mole",
+        description="Mixture-of-LoRA-Experts training for Qwen3-VL: data, experts, "
+        "router, evaluation, deployment, routed inference, run history.",
+    )
+    p.add_argument(
+        "--workdir",
+        default=os.environ.get("MOLE_WORKDIR", "."),
+        help="folder holding the run history (history.sqlite); default $MOLE_WORKDIR or '.'",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def device_opts(sp):
+        sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+        sp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+
+    demo = sub.add_parser(
+        "demo", help="run the whole pipeline on the embedded default (tiny model, synthetic data)"
+    )
+    demo.add_argument("--workdir", dest="demo_workdir", default="runs/demo", help="where everything goes")
+    demo.add_argument(
+        "--force", action="store_true", help="re-run every stage even if its inputs did not change"
+    )
+
+    model = sub.add_parser("model", help="base models").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    tiny = model.add_parser("tiny", help="build the tiny offline Qwen3-VL (random weights, local tokenizer)")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--seed", type=int, default=0)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    synth = data.add_parser("synth", help="write synthetic GUI expert datasets")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--experts", type=_csv, default=None, help="comma-separated subset (default: all)")
+    synth.add_argument("--train", type=_positive, default=120)
+    synth.add_argument("--val", type=_positive, default=16)
+    synth.add_argument("--test", type=_positive, default=32)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=_size, default=(448, 336), help="image size WIDTHxHEIGHT")
+    routing = data.add_parser("routing", help="merge expert datasets into a balanced routing dataset")
+    routing.add_argument("--config", required=True, help="dataset.yaml")
+    routing.add_argument(
+        "--output", required=True, help="routing JSONL to write (label map written beside it)"
+    )
+    prep = data.add_parser("preprocess", help="chat template + processor + label masks, cached for training")
+    prep.add_argument("--input", required=True, help="expert dataset folder or routing JSONL")
+    prep.add_argument("--output", required=True)
+    prep.add_argument("--model", required=True, help="base model folder or hub id (its processor is used)")
+    prep.add_argument(
+        "--task",
+        choices=["sft", "router"],
+        default=None,
+        help="sft (expert answers) or router (expert labels); default: router for a JSONL, else sft",
+    )
+    prep.add_argument(
+        "--label-map", default=None, help="label map (default: label_map.json beside the input)"
+    )
+    prep.add_argument("--min-pixels", type=_positive, default=None)
+    prep.add_argument("--max-pixels", type=_positive, default=None)
+
+    train = sub.add_parser("train", help="training").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    experts = train.add_parser("experts", help="train one LoRA per expert of loras.yaml")
+    experts.add_argument("--config", required=True, help="loras.yaml")
+    experts.add_argument("--only", type=_csv, default=None, help="comma-separated subset of experts")
+    device_opts(experts)
+    router = train.add_parser("router", help="train the router adapter")
+    router.add_argument("--dataset-path", required=True, help="preprocessed router dataset folder")
+    router.add_argument("--config", required=True, help="router.yaml")
+    device_opts(router)
+
+    ev = sub.add_parser("eval", help="evaluation").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    evr = ev.add_parser("router", help="accuracy, top-k, per-expert P/R/F1, confusion, calibration")
+    evr.add_argument("--checkpoint", required=True, help="router checkpoint (or adapter) folder")
+    evr.add_argument("--test-data", required=True, help="routing JSONL")
+    evr.add_argument(
+        "--split", default="test", help="records of this split when records carry one (default test)"
+    )
+    evr.add_argument("--output", default=None, help="report JSON (default CHECKPOINT/eval_report.json)")
+    evr.add_argument("--batch-size", type=_positive, default=8)
+    device_opts(evr)
+
+    dep = sub.add_parser("deploy", help="copy router + experts + label map + checksummed manifest to storage")
+    dep.add_argument("--checkpoint", required=True, help="router checkpoint folder")
+    dep.add_argument("--experts", required=True, help="folder holding <expert>/adapter for every expert")
+    dep.add_argument("--bucket", required=True, help="destination: a folder (or fsspec URL)")
+
+    inf = sub.add_parser("infer", help="route each request, then generate with the chosen expert")
+    inf.add_argument("--deployment", required=True)
+    inf.add_argument("--image", default=None)
+    inf.add_argument("--prompt", default=None)
+    inf.add_argument("--input", default=None, help="requests JSONL ({image, prompt} lines)")
+    inf.add_argument("--output", default=None, help="write results as JSONL here")
+    inf.add_argument("--expert", default=None, help="skip routing and use this expert")
+    inf.add_argument("--batch-size", type=_positive, default=8)
+    inf.add_argument("--max-new-tokens", type=_positive, default=None)
+    device_opts(inf)
+
+    hist = sub.add_parser("history", help="run history").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    show = hist.add_parser("show", help="every run of every stage, newest first")
+    show.add_argument("--stage", default=None)
+    show.add_argument("--limit", type=_positive, default=None)
+    show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch parsed arguments to the stage functions."""
+    from . import stages
+
+    wd = args.workdir
+    cmd = (args.command, getattr(args, "action", None))
+    if cmd[0] == "demo":
+        from .pipeline import run_demo
+
+        run_demo(args.demo_workdir, force=args.force)
+    elif cmd == ("model", "tiny"):
+        _print_json(stages.model_tiny(args.out, wd, args.seed))
+    elif cmd == ("data", "synth"):
+        counts = {"train": args.train, "val": args.val, "test": args.test}
+        _print_json(stages.data_synth(args.out, wd, args.experts, counts, args.seed, args.size))
+    elif cmd == ("data", "routing"):
+        from .data.report import format_routing_stats
+
+        print(format_routing_stats(stages.data_routing(args.config, args.output, wd)))
+    elif cmd == ("data", "preprocess"):
+        from pathlib import Path
+
+        task = args.task or ("router" if Path(args.input).is_file() else "sft")
+        meta = stages.data_preprocess(
+            args.input, args.output, args.model, task, args.label_map, args.min_pixels, args.max_pixels, wd
+        )
+        _print_json(meta)
+    elif cmd == ("train", "experts"):
+        results = stages.train_experts(args.config, wd, args.only, args.device, args.dtype)
+        _print_json(
+            {
+                n: {k: r[k] for k in ("adapter", "metric", "value", "base_value", "best_val_loss")}
+                for n, r in results.items()
+            }
+        )
+    elif cmd == ("train", "router"):
+        info = stages.train_router(args.dataset_path, args.config, wd, args.device, args.dtype)
+        _print_json({k: info[k] for k in ("adapter", "best", "best_step", "steps", "label_map")})
+    elif cmd == ("eval", "router"):
+        from .eval.report import format_router_report
+
+        report = stages.eval_router(
+            args.checkpoint,
+            args.test_data,
+            args.output,
+            args.split or None,
+            wd,
+            args.batch_size,
+            args.device,
+            args.dtype,
+        )
+        print(format_router_report(report))
+    elif cmd[0] == "deploy":
+        manifest = stages.deploy(args.checkpoint, args.experts, args.bucket, wd)
+        print(f"deployed {len(manifest['files'])} files ({', '.join(manifest['experts'])}) to {args.bucket}")
+    elif cmd[0] == "infer":
+        _infer(args, stages, wd)
+    elif cmd == ("history", "show"):
+        from .history import History, format_runs_table
+        from .layout import HISTORY_DB
+
+        runs = History(os.path.join(wd, HISTORY_DB)).runs(args.stage, None, args.limit)
+        if args.json:
+            _print_json(runs)
+        else:
+            print(format_runs_table(runs) if runs else f"no runs recorded in {os.path.join(wd, HISTORY_DB)}")
+    return 0
+
+
+def _infer(args, stages, wd) -> None:
+    from .infer.stacked import request_sample, requests_from_jsonl, write_results
+
+    if args.input and (args.image or args.prompt):
+        raise UserError("give either --input FILE or --image with --prompt, not both")
+    if args.input:
+        samples = requests_from_jsonl(args.input)
+    elif args.image and args.prompt is not None:
+        samples = [request_sample(args.image, args.prompt)]
+    else:
+        raise UserError("infer needs --image IMG --prompt TEXT, or --input requests.jsonl")
+    results = stages.infer(
+        args.deployment,
+        samples,
+        wd,
+        args.batch_size,
+        args.expert,
+        args.device,
+        args.dtype,
+        args.max_new_tokens,
+    )
+    for r in results:
+        prob = "forced" if r["probability"] is None else f"p={r['probability']:.3f}"
+        print(f"{r['id']}\t{r['expert']}\t{prob}\t{r['output']!r}")
+    if args.output:
+        write_results(results, args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mole` command."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        _quiet_libraries()
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Silence library progress bars and advice lines; our own output says what happens."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

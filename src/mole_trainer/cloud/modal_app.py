@@ -1,0 +1,286 @@
+"""The Modal app: one Modal function per stage of mole_trainer.stages, with Volumes for the artifacts.
+
+Every function only maps paths onto the Volumes, calls the stage function and syncs the Volumes; the
+stage logic is the local one. Three Volumes, split by lifecycle, are mounted side by side under /vol::
+
+    mole-models       /vol/models       base models (tiny-qwen3-vl/) and the Hugging Face cache (hf/)
+    mole-data         /vol/data         config/*.yaml, experts/<expert>/, routing/routing_data.jsonl, prep/router/
+    mole-checkpoints  /vol/checkpoints  experts/<expert>/, router/, eval/, deploy/, history.sqlite,
+                                        fanout/<expert>/history.sqlite (one per fan-out container)
+
+Paths given to the functions are relative to their Volume. Paths inside the configs resolve against the
+config's folder, so configs in /vol/data/config/ name the other Volumes with ../../, e.g.
+`base_model: ../../models/tiny-qwen3-vl`, `output_dir: ../../checkpoints/experts`, `data: ../experts/ocr`.
+
+With MOLE_MODAL_ROOT set, the Volumes are the folders MOLE_MODAL_ROOT/{models,data,checkpoints} and are
+never reloaded or committed: that is how `f.local(...)` runs a function on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+import modal
+
+from mole_trainer import stages
+from mole_trainer.errors import UserError
+
+APP_NAME = "mole-trainer"
+PYTHON_VERSION = "3.11"
+PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"
+
+MODELS, DATA, CHECKPOINTS = "models", "data", "checkpoints"
+VOLUME_NAMES = {MODELS: "mole-models", DATA: "mole-data", CHECKPOINTS: "mole-checkpoints"}
+MOUNT_ROOT = PurePosixPath("/vol")
+LOCAL_ROOT_ENV = "MOLE_MODAL_ROOT"
+HF_HOME = str(MOUNT_ROOT / MODELS / "hf")
+
+TRAIN_GPU = "H100"
+EVAL_GPU = "L40S"
+
+MINUTE = 60
+HOUR = 60 * MINUTE
+DATA_TIMEOUT = 1 * HOUR
+TRAIN_TIMEOUT = 6 * HOUR
+EVAL_TIMEOUT = 2 * HOUR
+FANOUT_TIMEOUT = 24 * HOUR  # Modal's maximum: waits for the slowest expert, retries included
+
+# A retry re-runs the whole stage from the start; resuming from the last checkpoint on the Volume is a
+# later issue. Modal retries every failure, a UserError (bad config) included.
+TRAIN_RETRIES = modal.Retries(max_retries=2, backoff_coefficient=2.0, initial_delay=30.0)
+
+# default locations, relative to their Volume (the layout in the module docstring)
+TINY_MODEL = "tiny-qwen3-vl"
+CONFIG_DIR = "config"
+EXPERTS_DATA = "experts"
+ROUTING_FILE = "routing/routing_data.jsonl"
+ROUTER_PREP = "prep/router"
+EXPERTS_CKPT = "experts"
+ROUTER_CKPT = "router"
+EVAL_REPORT = "eval/router_report.json"
+DEPLOY_DIR = "deploy"
+FANOUT_WORKDIR = "fanout"
+
+
+def pinned_dependencies(pyproject: Path = PYPROJECT) -> list[str]:
+    """The project's pinned dependencies, read from pyproject.toml (the one place they are written)."""
+    if not pyproject.is_file():
+        raise UserError(
+            f"{pyproject}: not found; the Modal app is built from a source checkout of mole-trainer"
+        )
+    return tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+
+
+# Inside a container the module is imported again but the image is already built (and there is no
+# pyproject.toml), so the package list is only read where the image is defined.
+PIP_PACKAGES = pinned_dependencies() if modal.is_local() else []
+
+image = (
+    modal.Image.debian_slim(python_version=PYTHON_VERSION)
+    .pip_install(*PIP_PACKAGES)
+    .env({"HF_HOME": HF_HOME})
+    # ignore=[]: ship the package data (configs/*.yaml) too, not only the .py files
+    .add_local_python_source("mole_trainer", ignore=[])
+)
+
+VOLUMES = {kind: modal.Volume.from_name(name, create_if_missing=True) for kind, name in VOLUME_NAMES.items()}
+MOUNTS = {str(MOUNT_ROOT / kind): volume for kind, volume in VOLUMES.items()}
+
+app = modal.App(APP_NAME, image=image)
+
+
+def volume_root(kind: str) -> Path:
+    """Where Volume `kind` is: MOLE_MODAL_ROOT/<kind> when that is set (local runs), else its mount point."""
+    local = os.environ.get(LOCAL_ROOT_ENV)
+    return Path(local) / kind if local else Path(MOUNT_ROOT / kind)
+
+
+def volume_path(kind: str, relative: str) -> Path:
+    """Resolve a caller's path inside Volume `kind`; absolute paths and '..' escapes are user errors."""
+    path = PurePosixPath(relative)
+    if path.is_absolute() or ".." in path.parts:
+        raise UserError(f"{relative!r}: expected a path relative to the {kind} volume, without '..'")
+    return volume_root(kind) / path
+
+
+@contextmanager
+def synced(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()):
+    """Reload the Volumes a stage reads or writes before it runs; commit the ones it wrote once it succeeded.
+
+    Written Volumes are reloaded too: a warm container must see files (history.sqlite) that other
+    containers changed before it rewrites them. Nothing happens under MOLE_MODAL_ROOT (no Volumes).
+    """
+    mounted = LOCAL_ROOT_ENV not in os.environ
+    if mounted:
+        for kind in dict.fromkeys(reads + writes):
+            VOLUMES[kind].reload()
+    yield
+    if mounted:
+        for kind in writes:
+            VOLUMES[kind].commit()
+
+
+def _workdir(workdir: str) -> Path:
+    return volume_path(CHECKPOINTS, workdir)
+
+
+def _model_ref(model: str) -> str:
+    """A model folder on the models Volume, or a hub id (downloaded into HF_HOME there) when no such folder."""
+    from mole_trainer.config import looks_like_hub_id
+
+    path = volume_path(MODELS, model)
+    return model if not path.exists() and looks_like_hub_id(model) else str(path)
+
+
+@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+def model_tiny(out: str = TINY_MODEL, seed: int = 0, workdir: str = ".") -> dict:
+    """Build the tiny offline Qwen3-VL into the models Volume."""
+    with synced(writes=(MODELS, CHECKPOINTS)):
+        return stages.model_tiny(volume_path(MODELS, out), _workdir(workdir), seed)
+
+
+@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+def data_synth(
+    out: str = EXPERTS_DATA,
+    experts: list[str] | None = None,
+    counts: dict[str, int] | None = None,
+    seed: int = 0,
+    image_size: tuple[int, int] = (448, 336),
+    workdir: str = ".",
+) -> dict:
+    """Write the synthetic expert datasets into the data Volume."""
+    with synced(writes=(DATA, CHECKPOINTS)):
+        return stages.data_synth(volume_path(DATA, out), _workdir(workdir), experts, counts, seed, image_size)
+
+
+@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+def data_routing(
+    config: str = f"{CONFIG_DIR}/dataset.yaml", output: str = ROUTING_FILE, workdir: str = "."
+) -> dict:
+    """Build the routing dataset of a dataset.yaml on the data Volume."""
+    with synced(writes=(DATA, CHECKPOINTS)):
+        return stages.data_routing(volume_path(DATA, config), volume_path(DATA, output), _workdir(workdir))
+
+
+@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+def data_preprocess(
+    input: str = ROUTING_FILE,
+    output: str = ROUTER_PREP,
+    model: str = TINY_MODEL,
+    task: str = "router",
+    label_map: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    workdir: str = ".",
+) -> dict:
+    """Preprocess an expert dataset folder or a routing JSONL (data Volume) with a models-Volume processor."""
+    with synced(writes=(MODELS, DATA, CHECKPOINTS)):
+        return stages.data_preprocess(
+            volume_path(DATA, input),
+            volume_path(DATA, output),
+            _model_ref(model),
+            task,
+            volume_path(DATA, label_map) if label_map else None,
+            min_pixels,
+            max_pixels,
+            _workdir(workdir),
+        )
+
+
+@app.function(volumes=MOUNTS, gpu=TRAIN_GPU, timeout=TRAIN_TIMEOUT, retries=TRAIN_RETRIES)
+def train_experts(
+    config: str = f"{CONFIG_DIR}/loras.yaml", only: list[str] | None = None, workdir: str = "."
+) -> dict:
+    """Train the expert LoRAs of a loras.yaml on the data Volume (all of them, or `only` those)."""
+    with synced(reads=(DATA,), writes=(MODELS, CHECKPOINTS)):
+        return stages.train_experts(volume_path(DATA, config), _workdir(workdir), only)
+
+
+@app.function(volumes=MOUNTS, timeout=FANOUT_TIMEOUT)
+def train_expert_fanout(config: str = f"{CONFIG_DIR}/loras.yaml", experts: list[str] | None = None) -> dict:
+    """Train every expert of loras.yaml (or `experts`) in a container of its own; returns {expert: result}."""
+    from mole_trainer.config import LorasConfig, load_config
+
+    with synced(reads=(DATA,)):
+        names = experts or list(load_config(volume_path(DATA, config), LorasConfig).experts)
+    if not names:
+        raise UserError(f"{config}: the config lists no experts")
+    # a history database per container: of concurrent commits to one file, a Volume keeps only the last
+    calls = [(config, [name], f"{FANOUT_WORKDIR}/{name}") for name in names]
+    results = {}
+    for result in train_experts.starmap(calls):
+        results.update(result)
+    return results
+
+
+@app.function(volumes=MOUNTS, gpu=TRAIN_GPU, timeout=TRAIN_TIMEOUT, retries=TRAIN_RETRIES)
+def train_router(
+    dataset_path: str = ROUTER_PREP, config: str = f"{CONFIG_DIR}/router.yaml", workdir: str = "."
+) -> dict:
+    """Train the router adapter on a preprocessed router dataset (both on the data Volume)."""
+    with synced(reads=(DATA,), writes=(MODELS, CHECKPOINTS)):
+        return stages.train_router(
+            volume_path(DATA, dataset_path), volume_path(DATA, config), _workdir(workdir)
+        )
+
+
+@app.function(volumes=MOUNTS, gpu=EVAL_GPU, timeout=EVAL_TIMEOUT)
+def eval_router(
+    checkpoint: str = ROUTER_CKPT,
+    test_data: str = ROUTING_FILE,
+    output: str | None = EVAL_REPORT,
+    split: str | None = "test",
+    batch_size: int = 8,
+    workdir: str = ".",
+) -> dict:
+    """Evaluate a router checkpoint (checkpoints Volume) on routing records (data Volume); writes the report."""
+    with synced(reads=(DATA,), writes=(MODELS, CHECKPOINTS)):
+        return stages.eval_router(
+            volume_path(CHECKPOINTS, checkpoint),
+            volume_path(DATA, test_data),
+            volume_path(CHECKPOINTS, output) if output else None,
+            split,
+            _workdir(workdir),
+            batch_size,
+        )
+
+
+@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+def deploy(
+    checkpoint: str = ROUTER_CKPT, experts_dir: str = EXPERTS_CKPT, dest: str = DEPLOY_DIR, workdir: str = "."
+) -> dict:
+    """Deploy the router and its experts (checkpoints Volume) into `dest` on the checkpoints Volume."""
+    with synced(writes=(CHECKPOINTS,)):
+        return stages.deploy(
+            volume_path(CHECKPOINTS, checkpoint),
+            volume_path(CHECKPOINTS, experts_dir),
+            str(volume_path(CHECKPOINTS, dest)),
+            _workdir(workdir),
+        )
+
+
+@app.local_entrypoint()
+def main(config_dir: str):
+    """Upload CONFIG_DIR/{dataset,loras,router}.yaml to the data Volume, then run the demo pipeline on Modal."""
+    from mole_trainer.config import RouterConfig, load_config
+    from mole_trainer.pipeline import CONFIG_FILES, DEMO_SEED, DEMO_SYNTH_COUNTS
+
+    with VOLUMES[DATA].batch_upload(force=True) as batch:
+        for name in CONFIG_FILES:
+            batch.put_file(Path(config_dir) / name, f"/{CONFIG_DIR}/{name}")
+    pixels = load_config(Path(config_dir) / "router.yaml", RouterConfig).image
+    model_tiny.remote(TINY_MODEL, DEMO_SEED)
+    data_synth.remote(EXPERTS_DATA, counts=DEMO_SYNTH_COUNTS, seed=DEMO_SEED)
+    data_routing.remote()
+    data_preprocess.remote(min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels)
+    experts = train_expert_fanout.remote()
+    router = train_router.remote()
+    report = eval_router.remote()
+    manifest = deploy.remote()
+    for name, e in experts.items():
+        print(f"expert {name}: {e['metric']} {e['base_value']} (base) -> {e['value']}")
+    print(f"router: best val accuracy {router['best']['val_accuracy']}, test accuracy {report['accuracy']}")
+    print(f"deployed {len(manifest['files'])} files to {VOLUME_NAMES[CHECKPOINTS]}:/{DEPLOY_DIR}")

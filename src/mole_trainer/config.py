@@ -1,0 +1,252 @@
+"""Typed configs for every stage, loaded strictly from YAML or JSON.
+
+Unknown keys and wrong types are user errors that name the file and the dotted key. Relative paths
+inside a config file resolve against the folder of that file, so a config works from any CWD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+# The language-model projections of Qwen3-VL; the regex below keeps LoRA off the vision tower,
+# whose layers are named attn.qkv / attn.proj / linear_fc1/2 and would match a bare "proj".
+LM_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyper-parameters of one adapter."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LM_TARGET_MODULES))
+
+
+@dataclass
+class TrainSpec:
+    """Optimisation settings shared by the expert and router training loops."""
+
+    lr: float = 1e-3
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    patience: int = 0  # evaluations without improvement before stopping; 0 disables
+    min_delta: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class ImageSpec:
+    """Pixel budget of preprocessing; stored with the data and the adapter, so inference uses it too."""
+
+    min_pixels: int = 64 * 64
+    max_pixels: int = 448 * 448
+
+
+@dataclass
+class ExpertEntry:
+    """One expert of loras.yaml: where its data is, plus per-expert overrides of the defaults."""
+
+    data: str = ""
+    lora: LoraSpec | None = None
+    train: TrainSpec | None = None
+    max_new_tokens: int = 48
+
+
+@dataclass
+class LorasConfig:
+    """loras.yaml: the base model, shared defaults and one entry per expert."""
+
+    base_model: str = ""
+    output_dir: str = "checkpoints/experts"
+    image: ImageSpec = field(default_factory=ImageSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    experts: dict[str, ExpertEntry] = field(default_factory=dict)
+    eval_records: int = 32  # test records per expert for the task metric (0 = all)
+
+    def resolved(self, name: str) -> tuple[LoraSpec, TrainSpec]:
+        """The LoRA and training settings of one expert (its overrides on top of the defaults)."""
+        entry = self.experts[name]
+        return entry.lora or self.lora, entry.train or self.train
+
+
+@dataclass
+class RouterConfig:
+    """router.yaml: the router adapter and how to train it."""
+
+    base_model: str = ""
+    output_dir: str = "checkpoints/router"
+    image: ImageSpec = field(default_factory=ImageSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval_max_records: int = 0  # validation records scored at each evaluation (0 = all)
+
+
+@dataclass
+class ExpertSource:
+    """One expert dataset feeding the routing dataset."""
+
+    path: str = ""
+
+
+@dataclass
+class DatasetConfig:
+    """dataset.yaml: which expert datasets make the routing dataset and how it is split."""
+
+    experts: dict[str, ExpertSource] = field(default_factory=dict)
+    train_per_expert: int = 100
+    val_per_expert: int = 16
+    test_per_expert: int = 24
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# strict loading
+
+
+def load_config(path: str | Path, cls: type) -> Any:
+    """Load a YAML/JSON file into the dataclass `cls`, resolving relative paths against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as exc:  # parser errors carry their own line numbers
+        raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if raw is None:
+        raw = {}
+    cfg = from_dict(cls, raw, source=str(path))
+    return resolve_paths(cfg, path.parent)
+
+
+def from_dict(cls: type, data: Any, source: str = "<config>", prefix: str = "") -> Any:
+    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: {prefix or 'top level'}: expected a mapping, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            raise UserError(f"{source}: unknown key '{dotted}'{hint}")
+        kwargs[key] = _convert(hints[key], value, source, dotted)
+    return cls(**kwargs)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, source, key)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {key}: expected a list, got {_kind(value)}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {key}: expected a mapping, got {_kind(value)}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: {key}: expected true or false, got {_kind(value)} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{source}: {key}: expected an integer, got {_kind(value)} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            # YAML reads 1e-3 (no dot) as a string; accept numeric strings for floats only
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise UserError(f"{source}: {key}: expected a number, got {_kind(value)} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{source}: {key}: expected a string, got {_kind(value)} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in our dataclasses, not user input
+
+
+# keys holding filesystem paths, resolved relative to the config file
+_PATH_KEYS = {"base_model", "output_dir", "data", "path"}
+
+
+def resolve_paths(cfg: Any, base: Path) -> Any:
+    """Make the path-valued fields of a loaded config absolute, relative to `base`.
+
+    base_model stays as written when it does not exist locally and looks like a hub id (org/name).
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            resolve_paths(value, base)
+        elif isinstance(value, dict):
+            for v in value.values():
+                if dataclasses.is_dataclass(v):
+                    resolve_paths(v, base)
+        elif f.name in _PATH_KEYS and isinstance(value, str) and value:
+            setattr(cfg, f.name, resolve_path(value, base, allow_hub_id=f.name == "base_model"))
+    return cfg
+
+
+def resolve_path(value: str, base: Path, allow_hub_id: bool = False) -> str:
+    """Resolve one config path; keep hub ids like 'Qwen/Qwen3-VL-8B-Instruct' untouched."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = (base / p).resolve()
+    if allow_hub_id and not candidate.exists() and looks_like_hub_id(value):
+        return value
+    return str(candidate)
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """True for 'org/name' strings that are not local-looking paths."""
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "~"))
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-data form of a config (for run records and hashing)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Default configs of the demo (copied into WORKDIR/config by `mole demo`)."""

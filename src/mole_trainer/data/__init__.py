@@ -1,0 +1,1 @@
+"""Data stage: dataset formats and validation, synthetic experts, routing dataset, preprocessing."""

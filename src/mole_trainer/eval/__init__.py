@@ -1,0 +1,1 @@
+"""Evaluation of the router and the experts."""

@@ -1,0 +1,264 @@
+"""Run history: one SQLite row per run of a pipeline stage (layout.HISTORY_DB in the work dir).
+
+Each row records the stage, its status (running, ok, failed, skipped), start and finish times (ISO
+8601 UTC), the config, an optional data hash, metrics, artifacts, the error text of a failed run,
+an optional cost and the host. Several processes may write at once: the database runs in WAL mode
+and every connection waits up to ``TIMEOUT_S`` for a lock. WAL needs a local filesystem; a
+database on a network share may report "database is locked".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sqlite3
+import traceback
+import uuid
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TIMEOUT_S = 30.0
+STATUSES = ("running", "ok", "failed", "skipped")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL UNIQUE,
+    stage TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    duration_s REAL,
+    config_json TEXT NOT NULL,
+    data_hash TEXT,
+    metrics_json TEXT,
+    artifacts_json TEXT,
+    error TEXT,
+    cost_usd REAL,
+    host TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_stage ON runs (stage, id);
+"""
+_JSON_FIELDS = {"config_json": "config", "metrics_json": "metrics", "artifacts_json": "artifacts"}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _dumps(obj: Any) -> str:
+    # default=str keeps Paths and other simple objects in configs from failing the whole run
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+class History:
+    """The run history stored in one SQLite file; the file and its schema are created on first use."""
+
+    def __init__(self, db_path: str | Path):
+        self.path = Path(db_path)
+        self._check_file()
+        self._init_schema()
+
+    def _check_file(self) -> None:
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a folder; expected a run-history SQLite file")
+        if self.path.is_file():
+            with self.path.open("rb") as fh:
+                head = fh.read(len(_SQLITE_HEADER))
+            if head and head != _SQLITE_HEADER:
+                raise UserError(
+                    f"{self.path}: not a SQLite database; expected the run-history file "
+                    "(move it away to start a new history)"
+                )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _connect(self) -> sqlite3.Connection:
+        # autocommit mode: each statement is its own transaction unless BEGIN is issued explicitly
+        conn = sqlite3.connect(self.path, timeout=TIMEOUT_S, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _init_schema(self) -> None:
+        try:
+            with closing(self._connect()) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("BEGIN IMMEDIATE")
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+                if row[0] is None:
+                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.path}: cannot open the run-history database ({exc})") from exc
+        version = row[0] or SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            raise UserError(
+                f"{self.path}: history schema version {version} is newer than this mole-trainer "
+                f"supports ({SCHEMA_VERSION}); upgrade mole-trainer"
+            )
+
+    def start(self, stage: str, config: dict, data_hash: str | None = None) -> str:
+        """Insert a run with status 'running' and return its run_id."""
+        run_id = uuid.uuid4().hex[:12]
+        with closing(self._connect()) as conn:
+            conn.execute(
+                "INSERT INTO runs (run_id, stage, status, started_at, config_json, data_hash, host) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                (run_id, stage, _now(), _dumps(config), data_hash, platform.node()),
+            )
+        return run_id
+
+    def finish(
+        self,
+        run_id: str,
+        status: str = "ok",
+        metrics: dict | None = None,
+        artifacts: dict | None = None,
+        error: str | None = None,
+        cost_usd: float | None = None,
+    ) -> None:
+        """Close a run: set its final status, finish time, duration and results."""
+        if status not in STATUSES or status == "running":
+            raise ValueError(f"final status must be one of ok, failed, skipped; got {status!r}")
+        started = datetime.fromisoformat(self.get(run_id)["started_at"])
+        finished = datetime.now(UTC)
+        with closing(self._connect()) as conn:
+            conn.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, duration_s = ?, metrics_json = ?, "
+                "artifacts_json = ?, error = ?, cost_usd = ? WHERE run_id = ?",
+                (
+                    status,
+                    finished.isoformat(timespec="microseconds"),
+                    (finished - started).total_seconds(),
+                    _dumps(metrics or {}),
+                    _dumps(artifacts or {}),
+                    error,
+                    cost_usd,
+                    run_id,
+                ),
+            )
+
+    def runs(
+        self, stage: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[dict]:
+        """Runs newest first, with config / metrics / artifacts decoded.
+
+        ``stage`` matches the exact name or a dotted prefix ('train' matches 'train.experts').
+        """
+        sql, params = "SELECT * FROM runs", []
+        where = []
+        if stage is not None:
+            where.append("(stage = ? OR substr(stage, 1, ?) = ?)")
+            params += [stage, len(stage) + 1, stage + "."]
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        with closing(self._connect()) as conn:
+            return [_decode(row) for row in conn.execute(sql, params)]
+
+    def get(self, run_id: str) -> dict:
+        """One run by run_id; UserError if there is none."""
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise UserError(f"{self.path}: no run with id {run_id!r}")
+        return _decode(row)
+
+
+def _decode(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    for column, key in _JSON_FIELDS.items():
+        text = out.pop(column)
+        out[key] = json.loads(text) if text is not None else None
+    return out
+
+
+@dataclass
+class RunRecord:
+    """What a stage fills in while it runs under record_run; status may be set to 'skipped'."""
+
+    run_id: str
+    metrics: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)
+    cost_usd: float | None = None
+    status: str = "ok"
+
+
+@contextmanager
+def record_run(
+    db_path: str | Path, stage: str, config: dict, data_hash: str | None = None
+) -> Iterator[RunRecord]:
+    """Record the enclosed block as one run of ``stage``.
+
+    The run finishes with the record's status ('ok' unless the caller changed it) and its metrics,
+    artifacts and cost. An exception (KeyboardInterrupt included) marks the run 'failed' with the
+    error text and is re-raised; a failure to write that row is logged, never raised over it.
+    """
+    history = History(db_path)
+    record = RunRecord(history.start(stage, config, data_hash))
+    try:
+        yield record
+    except BaseException as exc:
+        error = "".join(traceback.format_exception_only(exc)).strip()
+        try:
+            history.finish(record.run_id, "failed", record.metrics, record.artifacts, error, record.cost_usd)
+        except (sqlite3.Error, UserError) as db_exc:
+            log.warning("could not record the failure of run %s in %s: %s", record.run_id, db_path, db_exc)
+        raise
+    history.finish(record.run_id, record.status, record.metrics, record.artifacts, None, record.cost_usd)
+
+
+def _short(value: Any, width: int = 10) -> str:
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def _metric_summary(metrics: dict | None, count: int = 3) -> str:
+    scalars = [
+        (k, v) for k, v in (metrics or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    return " ".join(f"{_short(k, 16)}={_short(v)}" for k, v in scalars[:count])
+
+
+def format_runs_table(runs: list[dict]) -> str:
+    """A fixed-width text table of runs: run_id, stage, status, start time, seconds, a few metrics."""
+    if not runs:
+        return "no runs recorded"
+    header = ("run_id", "stage", "status", "started (UTC)", "seconds", "metrics")
+    rows = [
+        (
+            run["run_id"],
+            run["stage"],
+            run["status"],
+            run["started_at"][:19].replace("T", " "),
+            f"{run['duration_s']:.1f}" if run.get("duration_s") is not None else "-",
+            _metric_summary(run.get("metrics")),
+        )
+        for run in runs
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Inference: router scoring, generation, stacked (routed) inference."""

@@ -1,0 +1,71 @@
+"""One source for file and folder names shared by several stages (the work-directory layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# files inside artifacts
+LABEL_MAP_FILE = "label_map.json"
+MANIFEST_FILE = "manifest.json"
+DEPLOY_METADATA_FILE = "deploy_metadata.json"
+PREPROCESS_META_FILE = "meta.json"
+RUN_INFO_FILE = "run_info.json"
+HISTORY_DB = "history.sqlite"
+SUMMARY_FILE = "summary.json"
+SPLITS = ("train", "val", "test")
+
+# deployment layout (what the serving side reads)
+DEPLOY_ROUTER_DIR = "routing/adapter"
+DEPLOY_EXPERTS_DIR = "loras"
+DEPLOY_EXPERT_ADAPTER = "adapter"
+
+
+class WorkDir:
+    """Paths of one work directory: every stage of the pipeline writes below it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model" / "tiny-qwen3-vl"
+
+    @property
+    def experts_data(self) -> Path:
+        return self.root / "data" / "experts"
+
+    @property
+    def routing_file(self) -> Path:
+        return self.root / "data" / "routing" / "routing_data.jsonl"
+
+    @property
+    def prep_dir(self) -> Path:
+        return self.root / "prep"
+
+    @property
+    def experts_ckpt(self) -> Path:
+        return self.root / "checkpoints" / "experts"
+
+    @property
+    def router_ckpt(self) -> Path:
+        return self.root / "checkpoints" / "router"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def deploy_dir(self) -> Path:
+        return self.root / "deploy"
+
+    @property
+    def history_db(self) -> Path:
+        return self.root / HISTORY_DB
+
+    @property
+    def stages_dir(self) -> Path:
+        return self.root / ".stages"

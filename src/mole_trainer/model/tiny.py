@@ -1,0 +1,194 @@
+"""A tiny Qwen3-VL built from a config, with a locally trained byte-level BPE tokenizer.
+
+The result is saved with save_pretrained and loads through exactly the code path of a real
+`Qwen/Qwen3-VL-8B-Instruct` directory (AutoProcessor + Qwen3VLForConditionalGeneration), so the
+rest of the tool has no tiny-model special cases. Weights are random (fixed seed): it is a stand-in
+for tests and the CPU demo on machines with no model hub.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .chat import CHAT_TEMPLATE, EOS_TOKENS, PAD_TOKEN, QWEN_SPECIAL_TOKENS
+
+# Qwen2's pre-tokenizer split: contractions, letters, single digits, punctuation runs, newlines, spaces.
+QWEN_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# A small general corpus: GUI words, tool-call syntax, numbers, months. It only shapes the merges;
+# byte-level BPE encodes any text whatever the corpus.
+_CORPUS_LINES = [
+    "Click on the 14th. Select March 14, 2025. Open the calendar and pick the first Monday.",
+    'click(x=512, y=604) type(x=120, y=330, text="alice") scroll(direction="down")',
+    "Log in as jdoe. Enter the password. Press the Sign in button. Forgot password? Remember me. Cancel",
+    "Username Password Login Sign in Submit OK Cancel Apply Close Save Open Next Back Settings Help",
+    "Which series is highest? What is the value of Q3? Revenue Costs Profit Sales Users Visits",
+    "January February March April May June July August September October November December",
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday Mon Tue Wed Thu Fri Sat Sun",
+    "Read the text in the image. Transcribe this receipt. What does the note say? Total Subtotal Tax",
+    "Coffee Tea Bread Milk Butter Cheese Apple Orange Lemon Sugar Water Juice Cake Soup Salad",
+    "The quick brown fox jumps over the lazy dog. A router picks one expert for each request.",
+    "Which expert should handle this request? Answer with one name: calendar, login-window, ocr.",
+    "chart-screen calendar login-window ocr expert router routing label answer request image",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31",
+    "$ 3.50 12.99 100 250 1000 45% 2024 2025 2026 12:30 PM AM #1 @ & * ( ) [ ] { } < > / \\ | _ - + =",
+    "Hello, world! Thank you. Please wait... Error: invalid input. Warning: disk almost full.",
+]
+
+
+@dataclass
+class TinySpec:
+    """Sizes of the tiny model; the defaults train a router and experts on a CPU in minutes."""
+
+    vocab_size: int = 1024  # BPE vocabulary before Qwen's special tokens
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    vision_depth: int = 2
+    vision_hidden: int = 64
+    vision_intermediate: int = 128
+    vision_heads: int = 4
+    patch_size: int = 16
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 64 * 64
+    max_pixels: int = 448 * 448
+    seed: int = 0
+    mrope_section: list[int] = field(default_factory=lambda: [6, 5, 5])  # sums to head_dim / 2
+
+
+def train_tokenizer(spec: TinySpec):
+    """Train the byte-level BPE and wrap it as Qwen2's tokenizer class with Qwen's special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_CORPUS_LINES * 4, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token=PAD_TOKEN,
+        errors="replace",
+    )
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def build_processor(spec: TinySpec, tokenizer):
+    """A full Qwen3VLProcessor (image + video processors, tokenizer, chat template)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=spec.patch_size,
+        merge_size=spec.merge_size,
+        temporal_patch_size=spec.temporal_patch_size,
+        min_pixels=spec.min_pixels,
+        max_pixels=spec.max_pixels,
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        patch_size=spec.patch_size, merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size
+    )
+    return Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_config(spec: TinySpec, tokenizer):
+    """The Qwen3VLConfig; special-token ids come from the tokenizer (never Qwen's defaults)."""
+    from transformers import Qwen3VLConfig
+
+    assert sum(spec.mrope_section) * 2 == spec.head_dim, "mrope_section must sum to head_dim / 2"
+    ids = tokenizer.convert_tokens_to_ids
+    vocab = len(tokenizer)
+    vocab += -vocab % 64  # pad the embedding like real checkpoints do
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": list(spec.mrope_section),
+            "mrope_interleaved": True,
+        },
+        tie_word_embeddings=True,
+        pad_token_id=ids(PAD_TOKEN),
+        eos_token_id=ids(EOS_TOKENS[0]),
+    )
+    vision = dict(
+        depth=spec.vision_depth,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        num_heads=spec.vision_heads,
+        patch_size=spec.patch_size,
+        spatial_merge_size=spec.merge_size,
+        temporal_patch_size=spec.temporal_patch_size,
+        out_hidden_size=spec.hidden_size,
+        deepstack_visual_indexes=list(range(min(spec.vision_depth, spec.num_layers))),
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+    """Build and save the tiny Qwen3-VL (model, processor, generation config) into `out_dir`."""
+    import torch
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+
+    spec = spec or TinySpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(spec)
+    processor = build_processor(spec, tokenizer)
+    config = build_config(spec, tokenizer)
+    torch.manual_seed(spec.seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    ids = tokenizer.convert_tokens_to_ids
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids(t) for t in EOS_TOKENS], pad_token_id=ids(PAD_TOKEN), do_sample=False
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "mole_tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out

@@ -1,0 +1,264 @@
+"""The whole pipeline in order on the embedded default (`mole demo`), skipping unchanged stages.
+
+Each stage has a fingerprint made of its own settings and the fingerprints of the stages it reads
+from; a stage whose fingerprint matches its last successful run (and whose outputs still exist) is
+skipped. The default configs are copied into WORKDIR/config on the first run and read from there,
+so editing them there re-runs exactly the stages they feed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+
+from .layout import LABEL_MAP_FILE, SUMMARY_FILE, WorkDir
+
+DEMO_SYNTH_COUNTS = {"train": 120, "val": 16, "test": 32}
+DEMO_SEED = 0
+DEMO_INFER_PER_EXPERT = 2
+CONFIG_FILES = ("dataset.yaml", "loras.yaml", "router.yaml")
+
+
+def write_default_configs(config_dir: Path) -> None:
+    """Copy the packaged default configs into `config_dir` (existing files are left alone)."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    for name in CONFIG_FILES:
+        dest = config_dir / name
+        if not dest.exists():
+            dest.write_text(resources.files("mole_trainer.configs").joinpath(name).read_text())
+
+
+class StageRunner:
+    """Runs stages in order, with fingerprints, timings, a progress display and skip records."""
+
+    def __init__(self, wd: WorkDir, force: bool, total: int):
+        from rich.console import Console
+
+        self.wd, self.force, self.total = wd, force, total
+        self.console = Console(highlight=False)
+        self.seconds: dict[str, float] = {}
+        self.skipped: list[str] = []
+        self.index = 0
+
+    def run(self, name: str, title: str, parts: list, fn, outputs: list[Path]):
+        """Run `fn()` unless the stage's fingerprint and outputs are unchanged; returns (result, fingerprint)."""
+        from .data.preprocess import fingerprint
+        from .history import History
+
+        self.index += 1
+        fp = fingerprint(name, parts)
+        record = self.wd.stages_dir / f"{name}.json"
+        label = f"[{self.index}/{self.total}] {title}"
+        if not self.force and record.is_file() and all(p.exists() for p in outputs):
+            saved = json.loads(record.read_text())
+            if saved.get("fingerprint") == fp:
+                self.console.print(f"[dim]{label}: unchanged, skipped[/dim]")
+                hist = History(self.wd.history_db)
+                hist.finish(hist.start(f"demo.{name}", {"fingerprint": fp}), status="skipped")
+                self.seconds[name] = 0.0
+                self.skipped.append(name)
+                return saved["result"], fp
+        self.console.rule(label)
+        start = time.perf_counter()
+        with self.console.status(f"{title} ...", spinner="dots"):
+            result = fn()
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        self.console.print(f"[green]done[/green] {title} in {self.seconds[name]:.1f} s")
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(
+            json.dumps(
+                {"fingerprint": fp, "result": result, "seconds": self.seconds[name]}, default=str, indent=2
+            )
+        )
+        return result, fp
+
+
+def _config_text(path: Path) -> str:
+    return path.read_text()
+
+
+def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
+    """Run every stage on the tiny model and synthetic data; writes WORKDIR/summary.json."""
+    from . import stages
+    from .config import DatasetConfig, RouterConfig, load_config
+
+    wd = WorkDir(workdir)
+    wd.root.mkdir(parents=True, exist_ok=True)
+    write_default_configs(wd.config_dir)
+    cfg_files = {n: wd.config_dir / n for n in CONFIG_FILES}
+    r = StageRunner(wd, force, total=9)
+    root = str(wd.root)
+
+    def say(text: str) -> None:
+        r.console.print(text, markup=False)
+
+    _, fp_model = r.run(
+        "model",
+        "build the tiny Qwen3-VL",
+        [DEMO_SEED],
+        lambda: stages.model_tiny(wd.model_dir, root, DEMO_SEED),
+        [wd.model_dir],
+    )
+    _, fp_synth = r.run(
+        "synth",
+        "synthesise the expert datasets",
+        [DEMO_SYNTH_COUNTS, DEMO_SEED],
+        lambda: stages.data_synth(wd.experts_data, root, None, DEMO_SYNTH_COUNTS, DEMO_SEED),
+        [wd.experts_data],
+    )
+    routing_stats, fp_routing = r.run(
+        "routing",
+        "build the routing dataset",
+        [fp_synth, _config_text(cfg_files["dataset.yaml"])],
+        lambda: stages.data_routing(cfg_files["dataset.yaml"], wd.routing_file, root),
+        [wd.routing_file],
+    )
+    router_cfg = load_config(cfg_files["router.yaml"], RouterConfig)
+    prep_router = wd.prep_dir / "router"
+    _, fp_prep = r.run(
+        "preprocess",
+        "preprocess the routing dataset",
+        [fp_routing, fp_model, router_cfg.image.__dict__],
+        lambda: stages.data_preprocess(
+            wd.routing_file,
+            prep_router,
+            router_cfg.base_model,
+            "router",
+            wd.routing_file.parent / LABEL_MAP_FILE,
+            router_cfg.image.min_pixels,
+            router_cfg.image.max_pixels,
+            root,
+        ),
+        [prep_router],
+    )
+    load_config(cfg_files["dataset.yaml"], DatasetConfig)  # fail early on a broken edit
+    experts, fp_experts = r.run(
+        "experts",
+        "train the expert LoRAs",
+        [fp_synth, fp_model, _config_text(cfg_files["loras.yaml"])],
+        lambda: stages.train_experts(cfg_files["loras.yaml"], root, report=say),
+        [wd.experts_ckpt],
+    )
+    router, fp_router = r.run(
+        "router",
+        "train the router",
+        [fp_prep, _config_text(cfg_files["router.yaml"])],
+        lambda: stages.train_router(prep_router, cfg_files["router.yaml"], root, report=say),
+        [wd.router_ckpt],
+    )
+    report_path = wd.eval_dir / "router_report.json"
+    report, _ = r.run(
+        "eval",
+        "evaluate the router on the test split",
+        [fp_router, fp_routing],
+        lambda: stages.eval_router(wd.router_ckpt, wd.routing_file, report_path, "test", root),
+        [report_path],
+    )
+    _, fp_deploy = r.run(
+        "deploy",
+        "deploy router + experts",
+        [fp_router, fp_experts],
+        lambda: stages.deploy(wd.router_ckpt, wd.experts_ckpt, str(wd.deploy_dir), root),
+        [wd.deploy_dir],
+    )
+    infer_path = wd.eval_dir / "stacked_inference.jsonl"
+    stacked, _ = r.run(
+        "infer",
+        "routed inference on test requests",
+        [fp_deploy, fp_routing],
+        lambda: _demo_inference(wd, infer_path),
+        [infer_path],
+    )
+
+    from .eval.report import format_router_report
+
+    say(format_router_report(report))
+    summary = {
+        "router": {
+            "test_accuracy": report["accuracy"],
+            "top2_accuracy": report["top_k"].get("2"),
+            "macro_f1": report["macro_f1"],
+            "ece": report["calibration"]["ece"],
+            "n_test": report["n"],
+            "best_val_accuracy": router["best"]["val_accuracy"],
+        },
+        "experts": {
+            n: {
+                "metric": e["metric"],
+                "value": e["value"],
+                "base_value": e["base_value"],
+                "beats_base": e["value"] is not None and e["value"] > e["base_value"],
+            }
+            for n, e in experts.items()
+        },
+        "stacked_inference": stacked,
+        "routing_data": {"records": routing_stats["records"], "counts": routing_stats["counts"]},
+        "stage_seconds": r.seconds,
+        "skipped_stages": r.skipped,
+        "total_seconds": round(sum(r.seconds.values()), 2),
+        "artifacts": {
+            "model": str(wd.model_dir),
+            "expert_datasets": str(wd.experts_data),
+            "routing_data": str(wd.routing_file),
+            "router_preprocessed": str(prep_router),
+            "experts": {n: e["adapter"] for n, e in experts.items()},
+            "router": router["adapter"],
+            "eval_report": str(report_path),
+            "deployment": str(wd.deploy_dir),
+            "stacked_inference": str(infer_path),
+            "history": str(wd.history_db),
+        },
+    }
+    (wd.root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    _print_summary(r.console, summary)
+    return summary
+
+
+def _demo_inference(wd: WorkDir, out: Path) -> dict:
+    """Route + generate for a few test requests per expert; returns routing accuracy and samples."""
+    from . import stages
+    from .data.formats import load_jsonl_samples
+    from .infer.stacked import write_results
+
+    test = [s for s in load_jsonl_samples(wd.routing_file) if s.split == "test"]
+    picked, per = [], {}
+    for s in test:
+        if per.get(s.expert, 0) < DEMO_INFER_PER_EXPERT:
+            picked.append(s)
+            per[s.expert] = per.get(s.expert, 0) + 1
+    results = stages.infer(str(wd.deploy_dir), picked, str(wd.root))
+    for s, res in zip(picked, results, strict=True):
+        res["true_expert"], res["reference"] = s.expert, s.answer
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_results(results, out)
+    correct = sum(res["expert"] == res["true_expert"] for res in results)
+    return {
+        "requests": len(results),
+        "routed_correctly": correct,
+        "examples": [
+            {k: res[k] for k in ("id", "expert", "probability", "output", "reference")}
+            for res in results[: len(per)]
+        ],
+    }
+
+
+def _print_summary(console, summary: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="Mole-Trainer demo summary")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_column("untrained base", justify="right")
+    router = summary["router"]
+    t.add_row("router test accuracy", f"{router['test_accuracy']:.3f}", "")
+    t.add_row("router top-2 accuracy", f"{router['top2_accuracy']:.3f}", "")
+    for name, e in summary["experts"].items():
+        t.add_row(f"{name}: {e['metric']}", f"{e['value']:.3f}", f"{e['base_value']:.3f}")
+    st = summary["stacked_inference"]
+    t.add_row("stacked inference routed correctly", f"{st['routed_correctly']}/{st['requests']}", "")
+    for stage, sec in summary["stage_seconds"].items():
+        t.add_row(f"seconds: {stage}", "skipped" if stage in summary["skipped_stages"] else f"{sec:.1f}", "")
+    console.print(t)
+    console.print(f"summary: {Path(summary['artifacts']['history']).parent / SUMMARY_FILE}")

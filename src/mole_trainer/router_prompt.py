@@ -1,0 +1,30 @@
+"""The router's prompt and answers, built from the label map: the one place that defines them.
+
+Training, evaluation and inference all call these functions, so the router sees exactly the same
+input (instruction unmasked in the prompt, the label as the only supervised answer) everywhere.
+"""
+
+from __future__ import annotations
+
+# The request comes last, right before the answer: the words that decide the route sit closest
+# to the position where the label is predicted.
+ROUTER_INSTRUCTION = (
+    "Route the request to the expert that should handle it. Answer with the expert name only.\n"
+    "Experts: {experts}.\n"
+    "Request: {request}"
+)
+
+
+def label_names(label_map: dict[str, int]) -> list[str]:
+    """Expert names in label-index order (index i -> names[i])."""
+    names = sorted(label_map, key=label_map.__getitem__)
+    if [label_map[n] for n in names] != list(range(len(names))):
+        raise ValueError(f"label map indices must be 0..{len(names) - 1}, got {sorted(label_map.values())}")
+    return names
+
+
+def router_messages(request: str, n_images: int, names: list[str]) -> list[dict]:
+    """The user turn the router answers: the request's images plus the routing instruction."""
+    text = ROUTER_INSTRUCTION.format(experts=", ".join(names), request=request)
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]

@@ -1,0 +1,231 @@
+"""Stage functions: what each `mole` command (and each Modal function) runs, with its run record.
+
+Every stage is a plain function taking paths and options, returning a JSON-serialisable result,
+and recording itself in the work directory's run history. The CLI and the Modal app are thin
+layers over these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import DatasetConfig, LorasConfig, RouterConfig, load_config, to_dict
+from .errors import UserError
+from .history import record_run
+from .layout import HISTORY_DB, LABEL_MAP_FILE, SPLITS
+
+
+def _db(workdir: str | Path) -> Path:
+    return Path(workdir) / HISTORY_DB
+
+
+def model_tiny(out: str | Path, workdir: str | Path = ".", seed: int = 0) -> dict:
+    """Build the tiny offline Qwen3-VL into `out`."""
+    from dataclasses import asdict
+
+    from .model.tiny import TinySpec, build_tiny_model
+
+    spec = TinySpec(seed=seed)
+    with record_run(_db(workdir), "model.tiny", asdict(spec)) as run:
+        path = build_tiny_model(out, spec)
+        run.artifacts["model"] = str(path)
+    return {"model": str(path)}
+
+
+def data_synth(
+    out: str | Path,
+    workdir: str | Path = ".",
+    experts: list[str] | None = None,
+    counts: dict[str, int] | None = None,
+    seed: int = 0,
+    image_size: tuple[int, int] = (448, 336),
+) -> dict:
+    """Write the synthetic GUI expert datasets into `out/<expert>/`."""
+    from .data.synth import SYNTH_EXPERTS, synthesize
+
+    config = {
+        "experts": list(experts or SYNTH_EXPERTS),
+        "counts": counts,
+        "seed": seed,
+        "image_size": list(image_size),
+    }
+    with record_run(_db(workdir), "data.synth", config) as run:
+        result = synthesize(out, experts or SYNTH_EXPERTS, counts, seed, image_size)
+        run.metrics["records"] = sum(sum(c.values()) for c in result.values())
+        run.artifacts["datasets"] = str(out)
+    return result
+
+
+def data_routing(config: str | Path, output: str | Path, workdir: str | Path = ".") -> dict:
+    """Build the routing dataset described by dataset.yaml into `output` (+ label map, stats)."""
+    from .data.routing import build_routing_dataset
+
+    cfg = load_config(config, DatasetConfig)
+    with record_run(_db(workdir), "data.routing", to_dict(cfg)) as run:
+        stats = build_routing_dataset(cfg, output, source=str(config))
+        run.metrics.update({"records": stats["records"], "imbalance_ratio": stats["imbalance_ratio"]})
+        run.artifacts["routing_data"] = str(output)
+    return stats
+
+
+def data_preprocess(
+    input: str | Path,
+    output: str | Path,
+    model: str,
+    task: str = "sft",
+    label_map: str | Path | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    workdir: str | Path = ".",
+    progress=None,
+) -> dict:
+    """Preprocess an expert dataset folder or a routing JSONL into a training cache folder."""
+    from .data.formats import load_expert_dataset, load_jsonl_samples
+    from .data.preprocess import preprocess_splits
+    from .data.routing import load_label_map
+
+    input = Path(input)
+    if input.is_dir():
+        splits = load_expert_dataset(input)
+    elif input.is_file():
+        samples = load_jsonl_samples(input)
+        if not all(s.split for s in samples):
+            missing = next(s for s in samples if not s.split)
+            raise UserError(
+                f"{missing.source}: a JSONL input needs a 'split' field on every record "
+                "(routing data has one); for an expert dataset pass its folder"
+            )
+        splits = {sp: [s for s in samples if s.split == sp] for sp in SPLITS}
+    else:
+        raise UserError(f"{input}: not found (expected a dataset folder or a routing JSONL file)")
+    lm = None
+    if task == "router":
+        lm_path = (
+            Path(label_map) if label_map else (input if input.is_dir() else input.parent) / LABEL_MAP_FILE
+        )
+        lm = load_label_map(lm_path)
+    config = {
+        "input": str(input),
+        "model": model,
+        "task": task,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+    }
+    with record_run(_db(workdir), "data.preprocess", config) as run:
+        meta = preprocess_splits(splits, output, model, task, lm, min_pixels, max_pixels, progress=progress)
+        run.metrics.update({f"{k}_examples": v for k, v in meta["counts"].items()})
+        run.artifacts["preprocessed"] = str(output)
+    return meta
+
+
+def train_experts(
+    config: str | Path,
+    workdir: str | Path = ".",
+    only: list[str] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    report=print,
+) -> dict:
+    """Train the expert LoRAs of loras.yaml."""
+    from .train.experts import train_experts as run_experts
+
+    cfg = load_config(config, LorasConfig)
+    with record_run(_db(workdir), "train.experts", to_dict(cfg)) as run:
+        results = run_experts(cfg, only, device, dtype, report)
+        for name, r in results.items():
+            run.metrics[name] = {k: r[k] for k in ("metric", "value", "base_value", "best_val_loss")}
+            run.artifacts[name] = r["adapter"]
+    return results
+
+
+def train_router(
+    dataset_path: str | Path,
+    config: str | Path,
+    workdir: str | Path = ".",
+    device: str = "auto",
+    dtype: str = "auto",
+    report=print,
+) -> dict:
+    """Train the router adapter on a preprocessed router dataset."""
+    from .train.router import train_router as run_router
+
+    cfg = load_config(config, RouterConfig)
+    with record_run(_db(workdir), "train.router", {**to_dict(cfg), "dataset": str(dataset_path)}) as run:
+        info = run_router(dataset_path, cfg, device, dtype, report)
+        run.metrics.update(info["best"])
+        run.artifacts["adapter"] = info["adapter"]
+    return info
+
+
+def eval_router(
+    checkpoint: str | Path,
+    test_data: str | Path,
+    output: str | Path | None = None,
+    split: str | None = "test",
+    workdir: str | Path = ".",
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict:
+    """Evaluate a router checkpoint on routing records and write the JSON report."""
+    from .eval.router_eval import evaluate_router
+
+    config = {"checkpoint": str(checkpoint), "test_data": str(test_data), "split": split}
+    with record_run(_db(workdir), "eval.router", config) as run:
+        report = evaluate_router(checkpoint, test_data, output, split, batch_size, device, dtype)
+        run.metrics.update(
+            {
+                "accuracy": report["accuracy"],
+                "top_k": report["top_k"],
+                "macro_f1": report["macro_f1"],
+                "ece": report["calibration"]["ece"],
+            }
+        )
+        run.artifacts["report"] = report["report_path"]
+    return report
+
+
+def deploy(checkpoint: str | Path, experts_dir: str | Path, dest: str, workdir: str | Path = ".") -> dict:
+    """Deploy the router checkpoint and every expert it routes to into `dest`."""
+    import json
+
+    from .adapter_info import find_adapter_dir, read_adapter_info
+    from .deploy import deploy as run_deploy
+    from .train.experts import EXPERT_INFO_FILE
+
+    router = find_adapter_dir(checkpoint)
+    label_map = read_adapter_info(router)["label_map"]
+    experts, metadata = {}, {}
+    for name in label_map:
+        folder = Path(experts_dir) / name
+        experts[name] = str(find_adapter_dir(folder))
+        info_file = folder / EXPERT_INFO_FILE
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        metadata[name] = {k: info.get(k) for k in ("metric", "value", "base_value", "data", "steps")}
+    config = {"checkpoint": str(checkpoint), "experts_dir": str(experts_dir), "dest": dest}
+    with record_run(_db(workdir), "deploy", config) as run:
+        manifest = run_deploy(str(router), experts, label_map, dest, metadata)
+        run.metrics["files"] = len(manifest["files"])
+        run.artifacts["deployment"] = dest
+    return manifest
+
+
+def infer(
+    deployment: str,
+    samples,
+    workdir: str | Path = ".",
+    batch_size: int = 8,
+    expert: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_new_tokens: int | None = None,
+) -> list[dict]:
+    """Route and generate for request samples with a deployment."""
+    from .infer.stacked import StackedModel
+
+    config = {"deployment": deployment, "requests": len(samples), "expert": expert}
+    with record_run(_db(workdir), "infer", config) as run:
+        model = StackedModel(deployment, device, dtype)
+        results = model(samples, batch_size, max_new_tokens, expert)
+        run.metrics["requests"] = len(results)
+    return results

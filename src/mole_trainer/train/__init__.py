@@ -1,0 +1,1 @@
+"""Training stage: one loop shared by the expert LoRAs and the router."""

@@ -1,0 +1,101 @@
+"""Training the router: a LoRA on the base that answers the expert's label after the router prompt.
+
+The data is a preprocessed router dataset (task 'router'); the label map travels with it and is
+written beside the adapter. Keep-best selects on validation routing accuracy (label scoring, as at
+inference), ties broken by validation loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..adapter_info import write_adapter_info
+from ..config import RouterConfig, to_dict
+from ..data.preprocess import check_pixels, load_preprocessed, sample_from_dict
+from ..errors import UserError
+from ..layout import LABEL_MAP_FILE
+from ..router_prompt import label_names
+
+ROUTER_INFO_FILE = "router_info.json"
+
+
+def train_router(
+    dataset_path: str | Path, cfg: RouterConfig, device: str = "auto", dtype: str = "auto", report=print
+) -> dict:
+    """Train the router adapter on a preprocessed router dataset; returns the run summary."""
+    from ..eval.metrics import accuracy
+    from ..infer.scoring import route_probs
+    from ..model.loading import load_base, load_processor
+    from ..model.lora import attach_lora
+    from .loop import eval_loss, higher_is_better, train_loop
+
+    meta, train = load_preprocessed(dataset_path, "train")
+    if meta["task"] != "router":
+        raise UserError(
+            f"{dataset_path}: preprocessed for task '{meta['task']}', expected 'router' "
+            "(run 'mole data preprocess --task router')"
+        )
+    _, val = load_preprocessed(dataset_path, "val")
+    if not train["examples"] or not val["examples"]:
+        raise UserError(f"{dataset_path}: the router needs train and val examples")
+    check_pixels(meta, cfg.image, dataset_path)
+    label_map = meta["label_map"]
+    names = label_names(label_map)
+    spec = cfg.train
+    processor = load_processor(cfg.base_model, meta["min_pixels"], meta["max_pixels"])
+    pad_id = processor.tokenizer.pad_token_id
+    model = attach_lora(load_base(cfg.base_model, dtype, device), cfg.lora, spec.seed)
+    val_samples = [sample_from_dict(d) for d in val["samples"]]
+    if cfg.eval_max_records:
+        val_samples = val_samples[: cfg.eval_max_records]
+    val_labels = [label_map[s.expert] for s in val_samples]
+
+    def evaluate():
+        probs = route_probs(model, processor, val_samples, names, spec.batch_size)
+        return {
+            "val_loss": eval_loss(model, val["examples"], pad_id, spec.batch_size),
+            "val_accuracy": accuracy(probs.numpy(), val_labels),
+        }
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report(f"[router] training {spec.steps} steps on {len(train['examples'])} examples, {len(names)} experts")
+    result = train_loop(
+        model,
+        train["examples"],
+        spec,
+        pad_id,
+        evaluate,
+        higher_is_better("val_accuracy", spec.min_delta, tie_key="val_loss"),
+        out / "train_log.jsonl",
+    )
+    adapter_dir = out / "adapter"
+    model.save_pretrained(adapter_dir)
+    (adapter_dir / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n")
+    write_adapter_info(
+        adapter_dir,
+        {
+            "role": "router",
+            "base_model": cfg.base_model,
+            "label_map": label_map,
+            "min_pixels": meta["min_pixels"],
+            "max_pixels": meta["max_pixels"],
+        },
+    )
+    info = {
+        "adapter": str(adapter_dir),
+        "label_map": label_map,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best": result.best_metrics,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(result.seconds, 2),
+        "samples_per_s": round(result.samples_seen / max(result.seconds, 1e-9), 2),
+        "lora": to_dict(cfg.lora),
+        "train": to_dict(spec),
+        "dataset": str(dataset_path),
+    }
+    (out / ROUTER_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    report(f"[router] best val accuracy {result.best_metrics['val_accuracy']:.3f} at step {result.best_step}")
+    return info

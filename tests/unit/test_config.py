@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from mole_trainer.config import DatasetConfig, LorasConfig, RouterConfig, load_config
+from mole_trainer.errors import UserError
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load_and_resolve_relative_to_their_folder():
+    import mole_trainer.configs
+
+    folder = Path(mole_trainer.configs.__file__).parent
+    ds = load_config(folder / "dataset.yaml", DatasetConfig)
+    assert set(ds.experts) == {"calendar", "chart-screen", "login-window", "ocr"}
+    assert Path(ds.experts["ocr"].path) == (folder.parent / "data/experts/ocr").resolve()
+    loras = load_config(folder / "loras.yaml", LorasConfig)
+    assert set(loras.experts) == set(ds.experts)
+    router = load_config(folder / "router.yaml", RouterConfig)
+    assert router.train.steps > 0 and router.lora.rank > 0
+
+
+def test_unknown_key_names_file_and_suggests(tmp_path):
+    p = write(tmp_path, "train:\n  stpes: 3\n")
+    with pytest.raises(UserError) as e:
+        load_config(p, RouterConfig)
+    assert str(p) in str(e.value) and "train.stpes" in str(e.value) and "steps" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("train:\n  steps: ten\n", "train.steps: expected an integer"),
+        ("train:\n  lr: [1]\n", "train.lr: expected a number"),
+        ("lora:\n  targets: q_proj\n", "lora.targets: expected a list"),
+        ("train: 5\n", "train: expected a mapping"),
+        ("train:\n  steps: true\n", "train.steps: expected an integer"),
+    ],
+)
+def test_wrong_types_name_the_key(tmp_path, text, fragment):
+    with pytest.raises(UserError, match=fragment.replace("[", r"\[")):
+        load_config(write(tmp_path, text), RouterConfig)
+
+
+def test_float_accepts_yaml_exponent_string(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1e-3\n"), RouterConfig)
+    assert cfg.train.lr == pytest.approx(1e-3)
+
+
+def test_hub_id_is_kept_and_local_paths_resolved(tmp_path):
+    cfg = load_config(
+        write(tmp_path, "base_model: Qwen/Qwen3-VL-8B-Instruct\noutput_dir: out\n"), RouterConfig
+    )
+    assert cfg.base_model == "Qwen/Qwen3-VL-8B-Instruct"
+    assert cfg.output_dir == str((tmp_path / "out").resolve())
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", RouterConfig)
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"), RouterConfig)
+
+
+def test_per_expert_overrides(tmp_path):
+    text = "train: {steps: 5}\nexperts:\n  a1: {data: d, train: {steps: 9}}\n  b1: {data: d}\n"
+    cfg = load_config(write(tmp_path, text), LorasConfig)
+    assert cfg.resolved("a1")[1].steps == 9
+    assert cfg.resolved("b1")[1].steps == 5

@@ -1,0 +1,125 @@
+"""Run history in SQLite: round trip, record_run, corrupt files, concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from mole_trainer.errors import UserError
+from mole_trainer.history import History, format_runs_table, record_run
+from mole_trainer.layout import HISTORY_DB
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "work" / HISTORY_DB
+
+
+def test_round_trip(db: Path):
+    history = History(db)
+    run_id = history.start("train.experts", {"lr": 1e-4, "out": Path("/x")}, data_hash="abc")
+    assert history.get(run_id)["status"] == "running"
+    history.finish(run_id, metrics={"loss": 0.5}, artifacts={"ckpt": "a/b"}, cost_usd=1.25)
+
+    run = History(db).get(run_id)
+    assert run["stage"] == "train.experts"
+    assert run["status"] == "ok"
+    assert run["config"] == {"lr": 1e-4, "out": "/x"}
+    assert run["data_hash"] == "abc"
+    assert run["metrics"] == {"loss": 0.5}
+    assert run["artifacts"] == {"ckpt": "a/b"}
+    assert run["cost_usd"] == 1.25
+    assert run["duration_s"] >= 0
+    assert run["started_at"].endswith("+00:00") and run["finished_at"] >= run["started_at"]
+    assert run["error"] is None and run["host"]
+
+
+def test_runs_filters_and_order(db: Path):
+    history = History(db)
+    ids = [history.start(stage, {}) for stage in ("data.routing", "train.experts", "train.router")]
+    history.finish(ids[0], "skipped")
+    assert [r["run_id"] for r in history.runs()] == ids[::-1]
+    assert [r["run_id"] for r in history.runs(stage="train")] == ids[:0:-1]
+    assert [r["run_id"] for r in history.runs(stage="train.router")] == [ids[2]]
+    assert history.runs(stage="tra") == []
+    assert [r["run_id"] for r in history.runs(status="skipped")] == [ids[0]]
+    assert len(history.runs(limit=1)) == 1
+
+
+def test_unknown_run_and_bad_status(db: Path):
+    history = History(db)
+    with pytest.raises(UserError, match="no run with id"):
+        history.get("nope")
+    run_id = history.start("x", {})
+    with pytest.raises(ValueError):
+        history.finish(run_id, "running")
+
+
+def test_record_run_ok_and_failed(db: Path):
+    with record_run(db, "eval.router", {"k": 2}) as rec:
+        rec.metrics["accuracy"] = 0.9
+        rec.artifacts["report"] = "eval/report.json"
+    with pytest.raises(RuntimeError, match="boom"), record_run(db, "train.router", {}) as failing:
+        failing.metrics["step"] = 3
+        raise RuntimeError("boom")
+
+    history = History(db)
+    ok = history.get(rec.run_id)
+    assert ok["status"] == "ok" and ok["metrics"] == {"accuracy": 0.9}
+    failed = history.get(failing.run_id)
+    assert failed["status"] == "failed"
+    assert failed["error"] == "RuntimeError: boom"
+    assert failed["metrics"] == {"step": 3}
+
+
+def test_record_run_skipped(db: Path):
+    with record_run(db, "data.routing", {}) as rec:
+        rec.status = "skipped"
+    assert History(db).get(rec.run_id)["status"] == "skipped"
+
+
+def test_not_sqlite_file_is_user_error(tmp_path: Path):
+    bad = tmp_path / HISTORY_DB
+    bad.write_text("this is not a database\n" * 10)
+    with pytest.raises(UserError, match=str(bad)):
+        History(bad)
+    with pytest.raises(UserError, match="is a folder"):
+        History(tmp_path)
+
+
+def _write_runs(db: str, tag: str, n: int) -> None:
+    history = History(db)
+    for i in range(n):
+        history.finish(history.start(f"proc.{tag}", {"i": i}), metrics={"i": i})
+
+
+def test_two_processes_write(db: Path):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_runs, args=(str(db), tag, 20)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    runs = History(db).runs()
+    assert len(runs) == 40
+    assert all(r["status"] == "ok" for r in runs)
+    assert {r["stage"] for r in runs} == {"proc.a", "proc.b"}
+
+
+def test_format_runs_table(db: Path):
+    assert format_runs_table([]) == "no runs recorded"
+    history = History(db)
+    done = history.start("train.experts", {})
+    history.finish(done, metrics={"eval_loss": 0.123456, "nested": {"x": 1}, "very_long_metric_name_here": 7})
+    history.start("train.router", {})
+    lines = format_runs_table(history.runs()).splitlines()
+    assert lines[0].split()[:3] == ["run_id", "stage", "status"]
+    assert set(lines[1]) <= {"-", " "}
+    assert len(lines) == 4
+    assert "eval_loss=0.1235" in lines[3]
+    assert "nested" not in lines[3]
+    assert "very_long_metri~=7" in lines[3]
+    assert lines[2].split()[2] == "running" and lines[2].split()[-1] == "-"
