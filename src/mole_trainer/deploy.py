@@ -197,11 +197,12 @@ def _open_fs(url: str):
     except ImportError as exc:
         protocol = str(url).split("://", 1)[0]
         extra = _FSSPEC_EXTRAS.get(protocol)
-        hint = (
-            f"pip install 'fsspec[{extra}]'"
-            if extra
-            else f"install the fsspec implementation of {protocol}://"
-        )
+        if extra == "s3":
+            hint = "pip install 'mole-trainer[s3]'"
+        elif extra:
+            hint = f"pip install 'fsspec[{extra}]'"
+        else:
+            hint = f"install the fsspec implementation of {protocol}://"
         raise UserError(
             f"{url}: {protocol}:// needs a package that is not installed ({exc}); {hint}"
         ) from exc

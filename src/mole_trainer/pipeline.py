@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .layout import LABEL_MAP_FILE, SUMMARY_FILE, WorkDir
 
-DEMO_SYNTH_COUNTS = {"train": 120, "val": 16, "test": 32}
+DEMO_SYNTH_COUNTS = {"train": 330, "val": 16, "test": 32}
 DEMO_SEED = 0
 DEMO_INFER_PER_EXPERT = 2
 CONFIG_FILES = ("dataset.yaml", "loras.yaml", "router.yaml")

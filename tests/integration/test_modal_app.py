@@ -4,6 +4,7 @@ MOLE_MODAL_ROOT standing in for the Volumes; the path helper; the image's packag
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 import tomllib
@@ -13,10 +14,12 @@ import pytest
 import yaml
 
 pytest.importorskip("modal")
+# .local() warns that Volumes are not mounted: MOLE_MODAL_ROOT stands in for them on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing locally:UserWarning")
 
 from mole_trainer.cloud import modal_app as m  # noqa: E402
 from mole_trainer.errors import UserError  # noqa: E402
-from mole_trainer.layout import MANIFEST_FILE  # noqa: E402
+from mole_trainer.layout import HISTORY_DB, MANIFEST_FILE  # noqa: E402
 
 COUNTS = {"train": 12, "val": 4, "test": 4}
 IMAGE_SIZE = (320, 240)
@@ -57,27 +60,38 @@ def _write_configs(config_dir: Path, experts: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """(volumes root, {stage: result}) of one run of every stage function in pipeline order."""
-    root = tmp_path_factory.mktemp("volumes")
+def volumes(tmp_path_factory):
+    """A fresh folder as MOLE_MODAL_ROOT, with torch on one thread, for the module's stage runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    # one thread: on a shared 2-core machine two OpenMP threads wait on each other (a 30x slowdown seen)
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(m.LOCAL_ROOT_ENV, str(root))
+        mp.setenv(m.LOCAL_ROOT_ENV, str(tmp_path_factory.mktemp("volumes")))
         mp.setenv("HF_HUB_OFFLINE", "1")
-        out = {"model": m.model_tiny.local()}
-        out["synth"] = m.data_synth.local(counts=COUNTS, image_size=IMAGE_SIZE)
-        _write_configs(root / m.DATA / m.CONFIG_DIR, list(out["synth"]))
-        out["routing"] = m.data_routing.local()
-        out["prep"] = m.data_preprocess.local(**PIXELS)
-        out["experts"] = m.train_experts.local()
-        out["router"] = m.train_router.local()
-        out["eval"] = m.eval_router.local(batch_size=4)
-        out["deploy"] = m.deploy.local()
-    return root, out
+        yield Path(os.environ[m.LOCAL_ROOT_ENV])
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline(volumes):
+    """{stage: result} of one run of every stage function in pipeline order."""
+    out = {"model": m.model_tiny.local()}
+    out["synth"] = m.data_synth.local(**COUNTS, width=IMAGE_SIZE[0], height=IMAGE_SIZE[1])
+    _write_configs(volumes / m.DATA / m.CONFIG_DIR, list(out["synth"]))
+    out["routing"] = m.data_routing.local()
+    out["prep"] = m.data_preprocess.local(**PIXELS)
+    out["experts"] = m.train_experts.local()
+    out["router"] = m.train_router.local()
+    out["eval"] = m.eval_router.local(batch_size=4)
+    out["deploy"] = m.deploy.local()
+    return out
 
 
 @pytest.mark.slow
-def test_every_stage_runs_locally_on_the_volume_layout(pipeline):
-    root, out = pipeline
+def test_every_stage_runs_locally_on_the_volume_layout(volumes, pipeline):
+    root, out = volumes, pipeline
     assert out["model"]["model"] == str(root / m.MODELS / m.TINY_MODEL)
     experts = sorted(out["synth"])
     assert (root / m.DATA / m.ROUTING_FILE).is_file()
@@ -91,7 +105,17 @@ def test_every_stage_runs_locally_on_the_volume_layout(pipeline):
     assert 0.0 <= report["accuracy"] <= 1.0 and report["n"] == len(experts) * COUNTS["test"]
     manifest = json.loads((root / m.CHECKPOINTS / m.DEPLOY_DIR / MANIFEST_FILE).read_text())
     assert sorted(manifest["experts"]) == experts
-    assert (root / m.CHECKPOINTS / "history.sqlite").is_file()
+    assert (root / m.CHECKPOINTS / HISTORY_DB).is_file()
+
+
+@pytest.mark.slow
+def test_fanout_trains_every_expert_with_a_history_of_its_own(volumes, pipeline, monkeypatch):
+    # .starmap needs Modal: run each call in-process, as its container would
+    monkeypatch.setattr(m.train_experts, "starmap", lambda calls: [m.train_experts.local(*c) for c in calls])
+    results = m.train_expert_fanout.local()
+    assert sorted(results) == sorted(pipeline["synth"])
+    for name in results:
+        assert (volumes / m.CHECKPOINTS / m.FANOUT_WORKDIR / name / HISTORY_DB).is_file()
 
 
 def test_volume_paths_stay_inside_their_volume(monkeypatch, tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 import modal
 
 from mole_trainer import stages
+from mole_trainer.data.synth import DEFAULT_COUNTS
 from mole_trainer.errors import UserError
 
 APP_NAME = "mole-trainer"
@@ -123,6 +124,11 @@ def synced(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()):
             VOLUMES[kind].commit()
 
 
+def _names(csv: str) -> list[str] | None:
+    """The names of a comma-separated list (`modal run` passes only scalars); None for an empty one."""
+    return [n.strip() for n in csv.split(",") if n.strip()] or None
+
+
 def _workdir(workdir: str) -> Path:
     return volume_path(CHECKPOINTS, workdir)
 
@@ -145,15 +151,21 @@ def model_tiny(out: str = TINY_MODEL, seed: int = 0, workdir: str = ".") -> dict
 @app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
 def data_synth(
     out: str = EXPERTS_DATA,
-    experts: list[str] | None = None,
-    counts: dict[str, int] | None = None,
+    experts: str = "",
+    train: int = DEFAULT_COUNTS["train"],
+    val: int = DEFAULT_COUNTS["val"],
+    test: int = DEFAULT_COUNTS["test"],
     seed: int = 0,
-    image_size: tuple[int, int] = (448, 336),
+    width: int = 448,
+    height: int = 336,
     workdir: str = ".",
 ) -> dict:
-    """Write the synthetic expert datasets into the data Volume."""
+    """Write the synthetic expert datasets (`experts`: comma-separated, default all) into the data Volume."""
+    counts = {"train": train, "val": val, "test": test}
     with synced(writes=(DATA, CHECKPOINTS)):
-        return stages.data_synth(volume_path(DATA, out), _workdir(workdir), experts, counts, seed, image_size)
+        return stages.data_synth(
+            volume_path(DATA, out), _workdir(workdir), _names(experts), counts, seed, (width, height)
+        )
 
 
 @app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
@@ -191,25 +203,26 @@ def data_preprocess(
 
 
 @app.function(volumes=MOUNTS, gpu=TRAIN_GPU, timeout=TRAIN_TIMEOUT, retries=TRAIN_RETRIES)
-def train_experts(
-    config: str = f"{CONFIG_DIR}/loras.yaml", only: list[str] | None = None, workdir: str = "."
-) -> dict:
-    """Train the expert LoRAs of a loras.yaml on the data Volume (all of them, or `only` those)."""
+def train_experts(config: str = f"{CONFIG_DIR}/loras.yaml", only: str = "", workdir: str = ".") -> dict:
+    """Train the expert LoRAs of a loras.yaml on the data Volume (all, or the comma-separated `only`)."""
     with synced(reads=(DATA,), writes=(MODELS, CHECKPOINTS)):
-        return stages.train_experts(volume_path(DATA, config), _workdir(workdir), only)
+        return stages.train_experts(volume_path(DATA, config), _workdir(workdir), _names(only))
 
 
 @app.function(volumes=MOUNTS, timeout=FANOUT_TIMEOUT)
-def train_expert_fanout(config: str = f"{CONFIG_DIR}/loras.yaml", experts: list[str] | None = None) -> dict:
-    """Train every expert of loras.yaml (or `experts`) in a container of its own; returns {expert: result}."""
+def train_expert_fanout(config: str = f"{CONFIG_DIR}/loras.yaml", experts: str = "") -> dict:
+    """Train every expert of loras.yaml (or the comma-separated `experts`) in a container of its own.
+
+    Returns {expert: result} like train_experts.
+    """
     from mole_trainer.config import LorasConfig, load_config
 
     with synced(reads=(DATA,)):
-        names = experts or list(load_config(volume_path(DATA, config), LorasConfig).experts)
+        names = _names(experts) or list(load_config(volume_path(DATA, config), LorasConfig).experts)
     if not names:
         raise UserError(f"{config}: the config lists no experts")
     # a history database per container: of concurrent commits to one file, a Volume keeps only the last
-    calls = [(config, [name], f"{FANOUT_WORKDIR}/{name}") for name in names]
+    calls = [(config, name, f"{FANOUT_WORKDIR}/{name}") for name in names]
     results = {}
     for result in train_experts.starmap(calls):
         results.update(result)
@@ -273,7 +286,7 @@ def main(config_dir: str):
             batch.put_file(Path(config_dir) / name, f"/{CONFIG_DIR}/{name}")
     pixels = load_config(Path(config_dir) / "router.yaml", RouterConfig).image
     model_tiny.remote(TINY_MODEL, DEMO_SEED)
-    data_synth.remote(EXPERTS_DATA, counts=DEMO_SYNTH_COUNTS, seed=DEMO_SEED)
+    data_synth.remote(EXPERTS_DATA, seed=DEMO_SEED, **DEMO_SYNTH_COUNTS)
     data_routing.remote()
     data_preprocess.remote(min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels)
     experts = train_expert_fanout.remote()

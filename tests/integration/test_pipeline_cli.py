@@ -1,0 +1,258 @@
+"""End to end through the real CLI on the tiny model: every stage command, in pipeline order."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mole_trainer.cli import main
+
+pytestmark = pytest.mark.slow
+
+SMALL_TRAIN = "{lr: 0.003, steps: 4, batch_size: 4, eval_every: 2, warmup_ratio: 0.0, seed: 0}"
+LORA = "{rank: 4, alpha: 8, targets: [q_proj, v_proj]}"
+IMAGE = "{min_pixels: 4096, max_pixels: 20000}"
+NAMES = ["calendar", "chart-screen", "login-window", "ocr"]
+
+
+def write_configs(cfg: Path) -> None:
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "dataset.yaml").write_text(
+        "experts:\n"
+        + "".join(f"  {n}: {{path: ../data/experts/{n}}}\n" for n in NAMES)
+        + "train_per_expert: 8\nval_per_expert: 2\ntest_per_expert: 3\nseed: 0\n"
+    )
+    (cfg / "loras.yaml").write_text(
+        f"base_model: ../model\noutput_dir: ../ckpt/experts\nimage: {IMAGE}\nlora: {LORA}\ntrain: {SMALL_TRAIN}\n"
+        "eval_records: 2\nexperts:\n"
+        + "".join(f"  {n}: {{data: ../data/experts/{n}, max_new_tokens: 4}}\n" for n in NAMES)
+    )
+    (cfg / "router.yaml").write_text(
+        f"base_model: ../model\noutput_dir: ../ckpt/router\nimage: {IMAGE}\nlora: {LORA}\ntrain: {SMALL_TRAIN}\n"
+    )
+
+
+def mole(wd: Path, *args: str) -> None:
+    assert main(["--workdir", str(wd), *args]) == 0
+
+
+@pytest.fixture(scope="module")
+def wd(tmp_path_factory):
+    w = tmp_path_factory.mktemp("pipeline")
+    write_configs(w / "config")
+    mole(w, "model", "tiny", "--out", str(w / "model"))
+    mole(
+        w,
+        "data",
+        "synth",
+        "--out",
+        str(w / "data/experts"),
+        "--train",
+        "10",
+        "--val",
+        "3",
+        "--test",
+        "4",
+        "--size",
+        "320x240",
+    )
+    mole(
+        w,
+        "data",
+        "routing",
+        "--config",
+        str(w / "config/dataset.yaml"),
+        "--output",
+        str(w / "data/routing/routing_data.jsonl"),
+    )
+    mole(
+        w,
+        "data",
+        "preprocess",
+        "--input",
+        str(w / "data/routing/routing_data.jsonl"),
+        "--output",
+        str(w / "prep/router"),
+        "--model",
+        str(w / "model"),
+        "--min-pixels",
+        "4096",
+        "--max-pixels",
+        "20000",
+    )
+    mole(w, "train", "experts", "--config", str(w / "config/loras.yaml"), "--device", "cpu")
+    mole(
+        w,
+        "train",
+        "router",
+        "--dataset-path",
+        str(w / "prep/router"),
+        "--config",
+        str(w / "config/router.yaml"),
+    )
+    mole(
+        w,
+        "eval",
+        "router",
+        "--checkpoint",
+        str(w / "ckpt/router"),
+        "--test-data",
+        str(w / "data/routing/routing_data.jsonl"),
+        "--output",
+        str(w / "eval/report.json"),
+    )
+    mole(
+        w,
+        "deploy",
+        "--checkpoint",
+        str(w / "ckpt/router"),
+        "--experts",
+        str(w / "ckpt/experts"),
+        "--bucket",
+        str(w / "deploy"),
+    )
+    return w
+
+
+def test_model_and_data(wd):
+    assert (wd / "model/config.json").is_file() and (wd / "model/tokenizer.json").is_file()
+    label_map = json.loads((wd / "data/routing/label_map.json").read_text())
+    assert label_map == {n: i for i, n in enumerate(NAMES)}
+    meta = json.loads((wd / "prep/router/meta.json").read_text())
+    assert meta["task"] == "router" and meta["counts"] == {"train": 32, "val": 8, "test": 12}
+
+
+def test_experts_are_plain_peft_adapters(wd):
+    from peft import PeftModel
+
+    from mole_trainer.model.loading import load_base
+
+    for n in NAMES:
+        info = json.loads((wd / f"ckpt/experts/{n}/expert_info.json").read_text())
+        assert info["metric"] and info["value"] is not None and info["base_value"] is not None
+    model = PeftModel.from_pretrained(
+        load_base(str(wd / "model"), "float32", "cpu"), wd / "ckpt/experts/ocr/adapter"
+    )
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_router_and_eval_report(wd):
+    info = json.loads((wd / "ckpt/router/router_info.json").read_text())
+    assert 0.0 <= info["best"]["val_accuracy"] <= 1.0
+    assert json.loads((wd / "ckpt/router/adapter/label_map.json").read_text())["ocr"] == 3
+    report = json.loads((wd / "eval/report.json").read_text())
+    assert report["n"] == 12 and set(report["top_k"]) == {"1", "2"}
+    assert report["top_k"]["2"] >= report["top_k"]["1"] == report["accuracy"]
+    assert sum(map(sum, report["confusion"]["matrix"])) == 12
+    preds = (wd / "eval/report.predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 12
+
+
+def test_deployment_layout_and_manifest(wd):
+    from mole_trainer.deploy import sha256_file
+
+    dest = wd / "deploy"
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert (dest / "routing/adapter/adapter_config.json").is_file()
+    for n in NAMES:
+        assert (dest / f"loras/{n}/adapter/adapter_model.safetensors").is_file()
+        assert json.loads((dest / f"loras/{n}/deploy_metadata.json").read_text())["expert"] == n
+    for entry in manifest["files"]:
+        assert sha256_file(dest / entry["path"]) == entry["sha256"]
+
+
+def test_infer_single_request_and_jsonl(wd, capsys):
+    image = next((wd / "data/experts/calendar/images").iterdir())
+    capsys.readouterr()
+    mole(
+        wd,
+        "infer",
+        "--deployment",
+        str(wd / "deploy"),
+        "--image",
+        str(image),
+        "--prompt",
+        "Click on the 3rd.",
+        "--max-new-tokens",
+        "4",
+    )
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.split("\t")[1] in NAMES
+    reqs = wd / "data/experts/requests.jsonl"
+    reqs.write_text(
+        json.dumps({"id": "a", "image": f"calendar/images/{image.name}", "prompt": "Pick the 5th"})
+        + "\n"
+        + json.dumps({"id": "b", "image": f"calendar/images/{image.name}", "prompt": "Read it"})
+        + "\n"
+    )
+    mole(
+        wd,
+        "infer",
+        "--deployment",
+        str(wd / "deploy"),
+        "--input",
+        str(reqs),
+        "--output",
+        str(wd / "out.jsonl"),
+        "--max-new-tokens",
+        "4",
+    )
+    results = [json.loads(x) for x in (wd / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in results] == ["a", "b"]
+    assert all(r["expert"] in NAMES and abs(sum(r["probs"].values()) - 1) < 1e-3 for r in results)
+    mole(
+        wd,
+        "infer",
+        "--deployment",
+        str(wd / "deploy"),
+        "--input",
+        str(reqs),
+        "--expert",
+        "ocr",
+        "--max-new-tokens",
+        "2",
+    )
+    assert "\tocr\tforced\t" in capsys.readouterr().out
+
+
+def test_history_records_every_stage(wd, capsys):
+    capsys.readouterr()
+    mole(wd, "history", "show", "--json")
+    runs = json.loads(capsys.readouterr().out)
+    stages = {r["stage"] for r in runs}
+    assert {
+        "model.tiny",
+        "data.synth",
+        "data.routing",
+        "data.preprocess",
+        "train.experts",
+        "train.router",
+        "eval.router",
+        "deploy",
+        "infer",
+    } <= stages
+    assert all(r["status"] == "ok" for r in runs)
+    mole(wd, "history", "show")
+    assert "train.router" in capsys.readouterr().out
+
+
+def test_eval_rejects_label_outside_the_map(wd, tmp_path):
+    bad = wd / "data/routing/bad.jsonl"
+    line = json.loads((wd / "data/routing/routing_data.jsonl").read_text().splitlines()[0])
+    line["expert"], line["split"] = "weather", "test"
+    bad.write_text(json.dumps(line) + "\n")
+    assert (
+        main(
+            [
+                "--workdir",
+                str(tmp_path),
+                "eval",
+                "router",
+                "--checkpoint",
+                str(wd / "ckpt/router"),
+                "--test-data",
+                str(bad),
+            ]
+        )
+        == 2
+    )

@@ -1,0 +1,120 @@
+"""The `mole` command itself: start-up without heavy imports, help, and user errors (exit 2, no traceback)."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mole_trainer.cli import build_parser, main
+
+STAGES = ["demo", "model", "data", "train", "eval", "deploy", "infer", "history"]
+
+
+def run_mole(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mole_trainer.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_help_lists_every_stage_without_importing_torch():
+    code = (
+        "import sys, contextlib, io\nfrom mole_trainer.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+        "print(out.getvalue())\nprint('HEAVY', [m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
+    )
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert "HEAVY []" in res.stdout
+    for stage in STAGES:
+        assert stage in res.stdout
+    assert elapsed < 10  # generous for a loaded CI machine; the real figure is ~0.1 s
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (
+            ["data", "routing", "--config", "missing.yaml", "--output", "x.jsonl"],
+            "missing.yaml: config file not found",
+        ),
+        (
+            ["train", "router", "--dataset-path", "nowhere", "--config", "missing.yaml"],
+            "config file not found",
+        ),
+        (["eval", "router", "--checkpoint", "nowhere", "--test-data", "t.jsonl"], "no PEFT adapter here"),
+        (["infer", "--deployment", "d"], "infer needs --image IMG --prompt TEXT"),
+        (["data", "synth", "--out", "o", "--experts", "calendar,weather"], "weather"),
+        (["data", "preprocess", "--input", "nothing", "--output", "o", "--model", "m"], "nothing: not found"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, args, fragment):
+    res = run_mole("--workdir", str(tmp_path), *args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert fragment in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_bad_jsonl_line_in_routing_config_names_file_and_line(tmp_path, synth_data):
+    import shutil
+
+    ds = tmp_path / "cal"
+    shutil.copytree(synth_data / "calendar", ds)
+    with (ds / "train.jsonl").open("a") as fh:
+        fh.write("{broken\n")
+    n = len((ds / "train.jsonl").read_text().splitlines())
+    cfg = tmp_path / "dataset.yaml"
+    cfg.write_text(f"experts:\n  calendar: {{path: {ds}}}\n")
+    res = run_mole(
+        "--workdir",
+        str(tmp_path),
+        "data",
+        "routing",
+        "--config",
+        str(cfg),
+        "--output",
+        str(tmp_path / "r.jsonl"),
+    )
+    assert res.returncode == 2 and f"train.jsonl:{n}: not valid JSON" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_config_key_via_cli(tmp_path):
+    cfg = tmp_path / "dataset.yaml"
+    cfg.write_text("experts: {}\ntest_per_exprt: 3\n")
+    res = run_mole(
+        "--workdir",
+        str(tmp_path),
+        "data",
+        "routing",
+        "--config",
+        str(cfg),
+        "--output",
+        "r.jsonl",
+        cwd=tmp_path,
+    )
+    assert (
+        res.returncode == 2
+        and "unknown key 'test_per_exprt'" in res.stderr
+        and "test_per_expert" in res.stderr
+    )
+
+
+def test_argparse_errors_exit_2():
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["data", "synth"])
+    assert e.value.code == 2
+
+
+def test_history_show_on_empty_workdir(tmp_path, capsys):
+    assert main(["--workdir", str(tmp_path), "history", "show"]) == 0
+    assert "no runs recorded" in capsys.readouterr().out
+    assert main(["--workdir", str(tmp_path), "history", "show", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
