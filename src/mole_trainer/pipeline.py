@@ -82,12 +82,16 @@ def _config_text(path: Path) -> str:
 def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     """Run every stage on the tiny model and synthetic data; writes WORKDIR/summary.json."""
     from . import stages
-    from .config import DatasetConfig, RouterConfig, load_config
+    from .config import DatasetConfig, LorasConfig, RouterConfig, load_config
 
     wd = WorkDir(workdir)
     wd.root.mkdir(parents=True, exist_ok=True)
     write_default_configs(wd.config_dir)
     cfg_files = {n: wd.config_dir / n for n in CONFIG_FILES}
+    # read every config before the first stage, so a broken edit fails at once
+    load_config(cfg_files["dataset.yaml"], DatasetConfig)
+    load_config(cfg_files["loras.yaml"], LorasConfig)
+    router_cfg = load_config(cfg_files["router.yaml"], RouterConfig)
     r = StageRunner(wd, force, total=9)
     root = str(wd.root)
 
@@ -115,7 +119,6 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
         lambda: stages.data_routing(cfg_files["dataset.yaml"], wd.routing_file, root),
         [wd.routing_file],
     )
-    router_cfg = load_config(cfg_files["router.yaml"], RouterConfig)
     prep_router = wd.prep_dir / "router"
     _, fp_prep = r.run(
         "preprocess",
@@ -133,7 +136,6 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
         ),
         [prep_router],
     )
-    load_config(cfg_files["dataset.yaml"], DatasetConfig)  # fail early on a broken edit
     experts, fp_experts = r.run(
         "experts",
         "train the expert LoRAs",

@@ -119,7 +119,7 @@ def test_missing_protocol_package_names_extra(src: dict, monkeypatch):
         raise ImportError("Install s3fs to access S3")
 
     monkeypatch.setattr(fsspec.core, "url_to_fs", no_s3)
-    with pytest.raises(UserError, match=r"fsspec\[s3\]"):
+    with pytest.raises(UserError, match=r"mole-trainer\[s3\]"):
         deploy(**src, dest="s3://bucket/deploy")
 
 
