@@ -19,6 +19,24 @@ def _db(workdir: str | Path) -> Path:
     return Path(workdir) / HISTORY_DB
 
 
+def data_hash(*paths: str | Path) -> str:
+    """sha256 over the given inputs (files by bytes, folders by every file's name and bytes)."""
+    import hashlib
+
+    from .data.preprocess import dataset_digest
+    from .data.routing import sha256_file
+
+    h = hashlib.sha256()
+    for p in map(Path, paths):
+        if p.is_dir():
+            h.update(dataset_digest(p).encode())
+        elif p.is_file():
+            h.update(sha256_file(p).encode())
+        else:
+            raise UserError(f"{p}: not found")
+    return h.hexdigest()
+
+
 def model_tiny(out: str | Path, workdir: str | Path = ".", seed: int = 0) -> dict:
     """Build the tiny offline Qwen3-VL into `out`."""
     from dataclasses import asdict
@@ -61,7 +79,13 @@ def data_routing(config: str | Path, output: str | Path, workdir: str | Path = "
     from .data.routing import build_routing_dataset
 
     cfg = load_config(config, DatasetConfig)
-    with record_run(_db(workdir), "data.routing", to_dict(cfg)) as run:
+    for name, src in cfg.experts.items():
+        if not src.path or not Path(src.path).is_dir():
+            raise UserError(
+                f"{config}: experts.{name}.path: dataset folder {src.path or '(empty)'} not found"
+            )
+    digest = data_hash(*(src.path for src in cfg.experts.values()))
+    with record_run(_db(workdir), "data.routing", to_dict(cfg), digest) as run:
         stats = build_routing_dataset(cfg, output, source=str(config))
         run.metrics.update({"records": stats["records"], "imbalance_ratio": stats["imbalance_ratio"]})
         run.artifacts["routing_data"] = str(output)
@@ -111,7 +135,7 @@ def data_preprocess(
         "min_pixels": min_pixels,
         "max_pixels": max_pixels,
     }
-    with record_run(_db(workdir), "data.preprocess", config) as run:
+    with record_run(_db(workdir), "data.preprocess", config, data_hash(input)) as run:
         meta = preprocess_splits(splits, output, model, task, lm, min_pixels, max_pixels, progress=progress)
         run.metrics.update({f"{k}_examples": v for k, v in meta["counts"].items()})
         run.artifacts["preprocessed"] = str(output)
@@ -130,7 +154,12 @@ def train_experts(
     from .train.experts import train_experts as run_experts
 
     cfg = load_config(config, LorasConfig)
-    with record_run(_db(workdir), "train.experts", to_dict(cfg)) as run:
+    for name in only or cfg.experts:
+        entry = cfg.experts.get(name)
+        if entry is not None and (not entry.data or not Path(entry.data).is_dir()):
+            raise UserError(f"{config}: experts.{name}.data: folder {entry.data or '(empty)'} not found")
+    digest = data_hash(*(cfg.experts[n].data for n in only or cfg.experts if n in cfg.experts))
+    with record_run(_db(workdir), "train.experts", to_dict(cfg), digest) as run:
         results = run_experts(cfg, only, device, dtype, report)
         for name, r in results.items():
             run.metrics[name] = {k: r[k] for k in ("metric", "value", "base_value", "best_val_loss")}
@@ -150,7 +179,10 @@ def train_router(
     from .train.router import train_router as run_router
 
     cfg = load_config(config, RouterConfig)
-    with record_run(_db(workdir), "train.router", {**to_dict(cfg), "dataset": str(dataset_path)}) as run:
+    if not Path(dataset_path).is_dir():
+        raise UserError(f"{dataset_path}: preprocessed router dataset not found")
+    config_record = {**to_dict(cfg), "dataset": str(dataset_path)}
+    with record_run(_db(workdir), "train.router", config_record, data_hash(dataset_path)) as run:
         info = run_router(dataset_path, cfg, device, dtype, report)
         run.metrics.update(info["best"])
         run.artifacts["adapter"] = info["adapter"]
@@ -171,7 +203,7 @@ def eval_router(
     from .eval.router_eval import evaluate_router
 
     config = {"checkpoint": str(checkpoint), "test_data": str(test_data), "split": split}
-    with record_run(_db(workdir), "eval.router", config) as run:
+    with record_run(_db(workdir), "eval.router", config, data_hash(test_data)) as run:
         report = evaluate_router(checkpoint, test_data, output, split, batch_size, device, dtype)
         run.metrics.update(
             {

@@ -49,7 +49,7 @@ def test_help_lists_every_stage_without_importing_torch():
             ["train", "router", "--dataset-path", "nowhere", "--config", "missing.yaml"],
             "config file not found",
         ),
-        (["eval", "router", "--checkpoint", "nowhere", "--test-data", "t.jsonl"], "no PEFT adapter here"),
+        (["eval", "router", "--checkpoint", "nowhere", "--test-data", "t.jsonl"], "t.jsonl: not found"),
         (["infer", "--deployment", "d"], "infer needs --image IMG --prompt TEXT"),
         (["data", "synth", "--out", "o", "--experts", "calendar,weather"], "weather"),
         (["data", "preprocess", "--input", "nothing", "--output", "o", "--model", "m"], "nothing: not found"),
@@ -105,6 +105,32 @@ def test_unknown_config_key_via_cli(tmp_path):
         and "unknown key 'test_per_exprt'" in res.stderr
         and "test_per_expert" in res.stderr
     )
+
+
+def test_expert_without_data_and_undecodable_image(tmp_path, synth_data):
+    import shutil
+
+    cfg = tmp_path / "loras.yaml"
+    cfg.write_text("base_model: model\nexperts:\n  calendar: {data: missing-folder}\n")
+    res = run_mole("--workdir", str(tmp_path), "train", "experts", "--config", str(cfg))
+    assert res.returncode == 2 and "experts.calendar.data" in res.stderr and "missing-folder" in res.stderr
+    ds = tmp_path / "ocr"
+    shutil.copytree(synth_data / "ocr", ds)
+    first = json.loads((ds / "train.jsonl").read_text().splitlines()[0])
+    (ds / first["images"][0]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "dataset.yaml").write_text(f"experts:\n  ocr: {{path: {ds}}}\n")
+    res = run_mole(
+        "--workdir",
+        str(tmp_path),
+        "data",
+        "routing",
+        "--config",
+        str(tmp_path / "dataset.yaml"),
+        "--output",
+        str(tmp_path / "r.jsonl"),
+    )
+    assert res.returncode == 2 and "train.jsonl:1" in res.stderr and "cannot be decoded" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_argparse_errors_exit_2():

@@ -96,3 +96,26 @@ def test_lora_targets_only_the_language_model(tiny_model):
     names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
     assert names and all("language_model" in n for n in names)
     assert not any("visual" in n for n in names)
+
+
+def test_cache_round_trip_is_exact_and_smaller(tiny_model, processor, samples, tmp_path):
+    from mole_trainer.data.preprocess import load_preprocessed, preprocess_splits
+
+    preprocess_splits(
+        {"train": samples, "val": [], "test": []},
+        tmp_path,
+        str(tiny_model),
+        "sft",
+        min_pixels=4096,
+        max_pixels=20000,
+    )
+    _, payload = load_preprocessed(tmp_path, "train")
+    for s, cached in zip(samples, payload["examples"], strict=True):
+        fresh = encode_sample(processor, s, "sft")
+        assert fresh.keys() == cached.keys()
+        for key in fresh:
+            assert torch.equal(fresh[key], cached[key]), key
+    stored = torch.load(tmp_path / "train.pt", weights_only=True)["examples"][0]
+    assert (
+        "pixel_values" not in stored and stored["pixel_frames"].numel() * 2 == fresh["pixel_values"].numel()
+    )

@@ -106,6 +106,34 @@ def collate(examples: list[dict], pad_id: int, padding_side: str = "right") -> d
     return batch
 
 
+def compact_frames(example: dict, temporal: int) -> dict:
+    """Store an image's pixel patches once instead of `temporal` identical copies (exact, lossless).
+
+    Qwen's processor repeats a still image along the temporal axis of every patch vector, laid out
+    (channel, temporal, patch_h * patch_w); the copies are identical, so the cache keeps one.
+    """
+    import torch
+
+    pv = example.get("pixel_values")
+    if pv is None or temporal == 1:
+        return example
+    frames = pv.view(pv.shape[0], 3, temporal, -1)
+    if not all(torch.equal(frames[:, :, 0], frames[:, :, t]) for t in range(1, temporal)):
+        return example
+    out = {k: v for k, v in example.items() if k != "pixel_values"}
+    out["pixel_frames"] = frames[:, :, 0].contiguous()
+    return out
+
+
+def expand_frames(example: dict, temporal: int) -> dict:
+    """Inverse of compact_frames: the exact pixel_values the processor produced."""
+    if "pixel_frames" not in example:
+        return example
+    f = example.pop("pixel_frames")
+    example["pixel_values"] = f.unsqueeze(2).expand(-1, -1, temporal, -1).reshape(f.shape[0], -1)
+    return example
+
+
 def sample_to_dict(s: Sample) -> dict:
     """Plain form of a sample kept beside its encoding (generation-based evaluation needs it)."""
     return {
@@ -178,12 +206,18 @@ def preprocess_splits(
             examples.append(encode_sample(processor, s, task, names))
             if progress:
                 progress()
+        temporal = processor.image_processor.temporal_patch_size
         torch.save(
-            {"examples": examples, "samples": [sample_to_dict(s) for s in samples]}, out / f"{split}.pt"
+            {
+                "examples": [compact_frames(e, temporal) for e in examples],
+                "samples": [sample_to_dict(s) for s in samples],
+            },
+            out / f"{split}.pt",
         )
         counts[split] = len(examples)
     size = processor.image_processor.size
     meta = {
+        "temporal_patch_size": processor.image_processor.temporal_patch_size,
         "format": CACHE_FORMAT,
         "task": task,
         "model": model,
@@ -243,4 +277,6 @@ def load_preprocessed(path: str | Path, split: str) -> tuple[dict, dict]:
     f = path / f"{split}.pt"
     if not f.is_file():
         raise UserError(f"{path}: split file {f.name} is missing")
-    return meta, torch.load(f, weights_only=True)
+    payload = torch.load(f, weights_only=True)
+    payload["examples"] = [expand_frames(e, meta["temporal_patch_size"]) for e in payload["examples"]]
+    return meta, payload
