@@ -17,39 +17,47 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def build_deployment(root: Path) -> tuple[str, list]:
-    """Tiny model, synthetic data, experts + router trained for a few steps, deployed."""
+    """Tiny model, synthetic data, experts + router trained for a few steps, deployed (demo layout)."""
     from mole_trainer import stages
+    from mole_trainer.config import RouterConfig, load_config
+    from mole_trainer.configs import write_configs
     from mole_trainer.data.formats import load_jsonl_samples
-    from mole_trainer.data.synth import SYNTH_EXPERTS
+    from mole_trainer.layout import WorkDir
 
-    names = list(SYNTH_EXPERTS)
-    stages.model_tiny(root / "model", root)
-    stages.data_synth(root / "experts", root, None, {"train": 8, "val": 2, "test": 8}, 0, (448, 336))
-    cfg = root / "config"
-    cfg.mkdir()
-    small = "train: {steps: 2, batch_size: 4, eval_every: 2}\nimage: {min_pixels: 4096, max_pixels: 76800}\n"
-    (cfg / "dataset.yaml").write_text(
-        "experts:\n"
-        + "".join(f"  {n}: {{path: ../experts/{n}}}\n" for n in names)
-        + "train_per_expert: 8\nval_per_expert: 2\ntest_per_expert: 8\n"
+    wd = WorkDir(root)
+    short = {"train": {"steps": 2, "eval_every": 2}}
+    write_configs(
+        wd.config_dir,
+        {
+            "dataset.yaml": {"train_per_expert": 8, "val_per_expert": 2, "test_per_expert": 8},
+            "loras.yaml": {**short, "eval_records": 1},
+            "router.yaml": short,
+        },
     )
-    (cfg / "loras.yaml").write_text(
-        f"base_model: ../model\noutput_dir: ../ckpt/experts\n{small}eval_records: 1\n"
-        "experts:\n" + "".join(f"  {n}: {{data: ../experts/{n}}}\n" for n in names)
+    stages.model_tiny(wd.model_dir, root)
+    stages.data_synth(wd.experts_data, root, None, {"train": 8, "val": 2, "test": 8})
+    stages.data_routing(wd.config_dir / "dataset.yaml", wd.routing_file, root)
+    image = load_config(wd.config_dir / "router.yaml", RouterConfig).image
+    stages.data_preprocess(
+        wd.routing_file,
+        wd.prep_dir / "router",
+        str(wd.model_dir),
+        "router",
+        None,
+        image.min_pixels,
+        image.max_pixels,
+        root,
     )
-    (cfg / "router.yaml").write_text(f"base_model: ../model\noutput_dir: ../ckpt/router\n{small}")
-    routing = root / "routing" / "routing.jsonl"
-    stages.data_routing(cfg / "dataset.yaml", routing, root)
-    stages.data_preprocess(routing, root / "prep", str(root / "model"), "router", None, 4096, 76800, root)
     quiet = lambda *_: None  # noqa: E731
-    stages.train_experts(cfg / "loras.yaml", root, report=quiet)
-    stages.train_router(root / "prep", cfg / "router.yaml", root, report=quiet)
-    stages.deploy(root / "ckpt/router", root / "ckpt/experts", str(root / "deploy"), root)
-    requests = [s for s in load_jsonl_samples(routing) if s.split == "test"]
-    return str(root / "deploy"), requests
+    stages.train_experts(wd.config_dir / "loras.yaml", root, report=quiet)
+    stages.train_router(wd.prep_dir / "router", wd.config_dir / "router.yaml", root, report=quiet)
+    stages.deploy(wd.router_ckpt, wd.experts_ckpt, str(wd.deploy_dir), root)
+    requests = [s for s in load_jsonl_samples(wd.routing_file) if s.split == "test"]
+    return str(wd.deploy_dir), requests
 
 
 def naive(model, requests, max_new_tokens):

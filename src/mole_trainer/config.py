@@ -31,6 +31,18 @@ class LoraSpec:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LM_TARGET_MODULES))
 
+    def problems(self) -> dict[str, str]:
+        """Invalid values, by key."""
+        out = {}
+        if self.rank < 1:
+            out["rank"] = "must be >= 1"
+        if not 0 <= self.dropout < 1:
+            out["dropout"] = "must be in [0, 1)"
+        unknown = [t for t in self.targets if t not in LM_TARGET_MODULES]
+        if unknown or not self.targets:
+            out["targets"] = f"unknown module(s) {unknown or '[]'}; choose from {LM_TARGET_MODULES}"
+        return out
+
 
 @dataclass
 class TrainSpec:
@@ -49,6 +61,23 @@ class TrainSpec:
     min_delta: float = 0.0
     seed: int = 0
 
+    def problems(self) -> dict[str, str]:
+        """Invalid values, by key."""
+        out = {
+            k: "must be >= 1"
+            for k in ("steps", "batch_size", "grad_accum", "eval_every")
+            if getattr(self, k) < 1
+        }
+        if self.lr <= 0:
+            out["lr"] = "must be > 0"
+        if not 0 <= self.warmup_ratio < 1:
+            out["warmup_ratio"] = "must be in [0, 1)"
+        if self.schedule not in ("cosine", "constant"):
+            out["schedule"] = "must be 'cosine' or 'constant'"
+        if self.patience < 0:
+            out["patience"] = "must be >= 0"
+        return out
+
 
 @dataclass
 class ImageSpec:
@@ -56,6 +85,12 @@ class ImageSpec:
 
     min_pixels: int = 64 * 64
     max_pixels: int = 448 * 448
+
+    def problems(self) -> dict[str, str]:
+        """Invalid values, by key."""
+        if self.min_pixels < 1 or self.max_pixels < self.min_pixels:
+            return {"max_pixels": "min_pixels must be >= 1 and max_pixels >= min_pixels"}
+        return {}
 
 
 @dataclass
@@ -155,7 +190,12 @@ def from_dict(cls: type, data: Any, source: str = "<config>", prefix: str = "") 
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
             raise UserError(f"{source}: unknown key '{dotted}'{hint}")
         kwargs[key] = _convert(hints[key], value, source, dotted)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    problems = obj.problems() if hasattr(obj, "problems") else {}
+    if problems:
+        key, msg = next(iter(problems.items()))
+        raise UserError(f"{source}: {prefix + '.' if prefix else ''}{key}: {msg}")
+    return obj
 
 
 def _kind(value: Any) -> str:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
 from pathlib import Path
 
+from .configs import CONFIG_FILES, default_text
 from .layout import LABEL_MAP_FILE, SUMMARY_FILE, WorkDir
 
 DEMO_SYNTH_COUNTS = {"train": 330, "val": 16, "test": 32}
 DEMO_SEED = 0
 DEMO_INFER_PER_EXPERT = 2
-CONFIG_FILES = ("dataset.yaml", "loras.yaml", "router.yaml")
 
 
 def write_default_configs(config_dir: Path) -> None:
@@ -27,7 +26,7 @@ def write_default_configs(config_dir: Path) -> None:
     for name in CONFIG_FILES:
         dest = config_dir / name
         if not dest.exists():
-            dest.write_text(resources.files("mole_trainer.configs").joinpath(name).read_text())
+            dest.write_text(default_text(name))
 
 
 class StageRunner:

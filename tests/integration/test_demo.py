@@ -6,33 +6,14 @@ import pytest
 
 from mole_trainer.cli import main
 
-from .test_pipeline_cli import IMAGE, LORA, NAMES, SMALL_TRAIN
+from ..helpers import NAMES, write_small_configs
 
 pytestmark = pytest.mark.slow
 
 
-def small_configs(cfg_dir):
-    """The demo's config files with small sizes (the demo keeps config files it finds)."""
-    cfg_dir.mkdir(parents=True)
-    (cfg_dir / "dataset.yaml").write_text(
-        "experts:\n"
-        + "".join(f"  {n}: {{path: ../data/experts/{n}}}\n" for n in NAMES)
-        + "train_per_expert: 8\nval_per_expert: 2\ntest_per_expert: 3\n"
-    )
-    (cfg_dir / "loras.yaml").write_text(
-        f"base_model: ../model/tiny-qwen3-vl\noutput_dir: ../checkpoints/experts\nimage: {IMAGE}\nlora: {LORA}\n"
-        f"train: {SMALL_TRAIN}\neval_records: 2\nexperts:\n"
-        + "".join(f"  {n}: {{data: ../data/experts/{n}, max_new_tokens: 4}}\n" for n in NAMES)
-    )
-    (cfg_dir / "router.yaml").write_text(
-        f"base_model: ../model/tiny-qwen3-vl\noutput_dir: ../checkpoints/router\nimage: {IMAGE}\nlora: {LORA}\n"
-        f"train: {SMALL_TRAIN}\n"
-    )
-
-
 def test_demo_runs_every_stage_then_skips_what_did_not_change(tmp_path, capsys):
     wd = tmp_path / "demo"
-    small_configs(wd / "config")
+    write_small_configs(wd / "config")
     assert main(["demo", "--workdir", str(wd)]) == 0
     summary = json.loads((wd / "summary.json").read_text())
     assert set(summary["router"]) >= {"test_accuracy", "top2_accuracy"}
@@ -60,7 +41,7 @@ def test_demo_runs_every_stage_then_skips_what_did_not_change(tmp_path, capsys):
 
 def test_demo_reports_a_broken_config_edit(tmp_path, capsys):
     wd = tmp_path / "demo"
-    small_configs(wd / "config")
+    write_small_configs(wd / "config")
     (wd / "config/router.yaml").write_text("train: {stepz: 3}\n")
     assert main(["demo", "--workdir", str(wd)]) == 2
     assert "unknown key 'train.stepz'" in capsys.readouterr().err

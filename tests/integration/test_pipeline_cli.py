@@ -7,29 +7,9 @@ import pytest
 
 from mole_trainer.cli import main
 
+from ..helpers import NAMES, write_small_configs
+
 pytestmark = pytest.mark.slow
-
-SMALL_TRAIN = "{lr: 0.003, steps: 4, batch_size: 4, eval_every: 2, warmup_ratio: 0.0, seed: 0}"
-LORA = "{rank: 4, alpha: 8, targets: [q_proj, v_proj]}"
-IMAGE = "{min_pixels: 4096, max_pixels: 20000}"
-NAMES = ["calendar", "chart-screen", "login-window", "ocr"]
-
-
-def write_configs(cfg: Path) -> None:
-    cfg.mkdir(parents=True, exist_ok=True)
-    (cfg / "dataset.yaml").write_text(
-        "experts:\n"
-        + "".join(f"  {n}: {{path: ../data/experts/{n}}}\n" for n in NAMES)
-        + "train_per_expert: 8\nval_per_expert: 2\ntest_per_expert: 3\nseed: 0\n"
-    )
-    (cfg / "loras.yaml").write_text(
-        f"base_model: ../model\noutput_dir: ../ckpt/experts\nimage: {IMAGE}\nlora: {LORA}\ntrain: {SMALL_TRAIN}\n"
-        "eval_records: 2\nexperts:\n"
-        + "".join(f"  {n}: {{data: ../data/experts/{n}, max_new_tokens: 4}}\n" for n in NAMES)
-    )
-    (cfg / "router.yaml").write_text(
-        f"base_model: ../model\noutput_dir: ../ckpt/router\nimage: {IMAGE}\nlora: {LORA}\ntrain: {SMALL_TRAIN}\n"
-    )
 
 
 def mole(wd: Path, *args: str) -> None:
@@ -39,8 +19,8 @@ def mole(wd: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def wd(tmp_path_factory):
     w = tmp_path_factory.mktemp("pipeline")
-    write_configs(w / "config")
-    mole(w, "model", "tiny", "--out", str(w / "model"))
+    write_small_configs(w / "config")
+    mole(w, "model", "tiny", "--out", str(w / "model/tiny-qwen3-vl"))
     mole(
         w,
         "data",
@@ -74,7 +54,7 @@ def wd(tmp_path_factory):
         "--output",
         str(w / "prep/router"),
         "--model",
-        str(w / "model"),
+        str(w / "model/tiny-qwen3-vl"),
         "--min-pixels",
         "4096",
         "--max-pixels",
@@ -95,7 +75,7 @@ def wd(tmp_path_factory):
         "eval",
         "router",
         "--checkpoint",
-        str(w / "ckpt/router"),
+        str(w / "checkpoints/router"),
         "--test-data",
         str(w / "data/routing/routing_data.jsonl"),
         "--output",
@@ -105,9 +85,9 @@ def wd(tmp_path_factory):
         w,
         "deploy",
         "--checkpoint",
-        str(w / "ckpt/router"),
+        str(w / "checkpoints/router"),
         "--experts",
-        str(w / "ckpt/experts"),
+        str(w / "checkpoints/experts"),
         "--bucket",
         str(w / "deploy"),
     )
@@ -115,7 +95,8 @@ def wd(tmp_path_factory):
 
 
 def test_model_and_data(wd):
-    assert (wd / "model/config.json").is_file() and (wd / "model/tokenizer.json").is_file()
+    assert (wd / "model/tiny-qwen3-vl/config.json").is_file()
+    assert (wd / "model/tiny-qwen3-vl/tokenizer.json").is_file()
     label_map = json.loads((wd / "data/routing/label_map.json").read_text())
     assert label_map == {n: i for i, n in enumerate(NAMES)}
     meta = json.loads((wd / "prep/router/meta.json").read_text())
@@ -128,18 +109,18 @@ def test_experts_are_plain_peft_adapters(wd):
     from mole_trainer.model.loading import load_base
 
     for n in NAMES:
-        info = json.loads((wd / f"ckpt/experts/{n}/expert_info.json").read_text())
+        info = json.loads((wd / f"checkpoints/experts/{n}/expert_info.json").read_text())
         assert info["metric"] and info["value"] is not None and info["base_value"] is not None
     model = PeftModel.from_pretrained(
-        load_base(str(wd / "model"), "float32", "cpu"), wd / "ckpt/experts/ocr/adapter"
+        load_base(str(wd / "model/tiny-qwen3-vl"), "float32", "cpu"), wd / "checkpoints/experts/ocr/adapter"
     )
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
 def test_router_and_eval_report(wd):
-    info = json.loads((wd / "ckpt/router/router_info.json").read_text())
+    info = json.loads((wd / "checkpoints/router/router_info.json").read_text())
     assert 0.0 <= info["best"]["val_accuracy"] <= 1.0
-    assert json.loads((wd / "ckpt/router/adapter/label_map.json").read_text())["ocr"] == 3
+    assert json.loads((wd / "checkpoints/router/adapter/label_map.json").read_text())["ocr"] == 3
     report = json.loads((wd / "eval/report.json").read_text())
     assert report["n"] == 12 and set(report["top_k"]) == {"1", "2"}
     assert report["top_k"]["2"] >= report["top_k"]["1"] == report["accuracy"]
@@ -249,10 +230,26 @@ def test_eval_rejects_label_outside_the_map(wd, tmp_path):
                 "eval",
                 "router",
                 "--checkpoint",
-                str(wd / "ckpt/router"),
+                str(wd / "checkpoints/router"),
                 "--test-data",
                 str(bad),
             ]
         )
         == 2
     )
+
+
+def test_best_checkpoint_and_log_written(wd):
+    for folder, info in (
+        (wd / "checkpoints/router", "router_info.json"),
+        (wd / "checkpoints/experts/calendar", "expert_info.json"),
+    ):
+        log = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in log] == [0, 2, 4]
+        best_step = json.loads((folder / info).read_text())["best_step"]
+        best = folder / "checkpoints/best"
+        if best_step:
+            assert json.loads((best / "state.json").read_text())["step"] == best_step
+            assert (best / "adapter_model.safetensors").is_file()
+        else:
+            assert not best.exists()

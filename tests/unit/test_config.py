@@ -72,3 +72,19 @@ def test_per_expert_overrides(tmp_path):
     cfg = load_config(write(tmp_path, text), LorasConfig)
     assert cfg.resolved("a1")[1].steps == 9
     assert cfg.resolved("b1")[1].steps == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("train: {eval_every: 0}\n", "train.eval_every: must be >= 1"),
+        ("train: {lr: 0}\n", "train.lr: must be > 0"),
+        ("train: {schedule: linear}\n", "train.schedule: must be 'cosine' or 'constant'"),
+        ("lora: {targets: [qkv]}\n", "lora.targets: unknown module(s) ['qkv']"),
+        ("image: {min_pixels: 100, max_pixels: 10}\n", "image.max_pixels"),
+    ],
+)
+def test_out_of_range_values_name_the_key(tmp_path, text, fragment):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, text), RouterConfig)
+    assert fragment in str(e.value)

@@ -279,7 +279,8 @@ def deploy(
 def main(config_dir: str):
     """Upload CONFIG_DIR/{dataset,loras,router}.yaml to the data Volume, then run the demo pipeline on Modal."""
     from mole_trainer.config import RouterConfig, load_config
-    from mole_trainer.pipeline import CONFIG_FILES, DEMO_SEED, DEMO_SYNTH_COUNTS
+    from mole_trainer.configs import CONFIG_FILES
+    from mole_trainer.pipeline import DEMO_SEED, DEMO_SYNTH_COUNTS
 
     with VOLUMES[DATA].batch_upload(force=True) as batch:
         for name in CONFIG_FILES:

@@ -121,6 +121,7 @@ def train_experts(
             evaluate,
             lower_is_better("val_loss", spec.min_delta),
             out / "train_log.jsonl",
+            out / "checkpoints",
         )
         preds = generate(model, processor, test_samples, entry.max_new_tokens) if test_samples else []
         score = task_score(test_samples, preds) if test_samples else None

@@ -43,10 +43,6 @@ def lr_lambda(spec: TrainSpec, total_steps: int) -> Callable[[int], float]:
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    if spec.schedule not in ("cosine", "constant"):
-        from ..errors import UserError
-
-        raise UserError(f"train.schedule must be 'cosine' or 'constant', got '{spec.schedule}'")
     return f
 
 
@@ -69,12 +65,13 @@ def train_loop(
     evaluate: Callable[[], dict],
     better: Callable[[dict, dict], bool],
     log_path: str | Path | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train `model`'s trainable parameters on `examples`; returns with the best weights loaded.
 
     `evaluate()` returns a metrics dict; `better(new, best)` says whether `new` beats `best` by
-    more than the configured min delta.
+    more than the configured min delta. With `checkpoint_dir`, each new best is also saved there
+    (`best/`, a PEFT adapter plus `state.json`), so a crashed run leaves its best weights on disk.
     """
     import torch
 
@@ -85,16 +82,17 @@ def train_loop(
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(spec, spec.steps))
     stream = batches(len(examples), spec.batch_size, spec.seed)
     log: list[dict] = []
-    logf = Path(log_path).open("w") if log_path else None  # noqa: SIM115 (closed at the end of the loop)
+    if log_path:
+        Path(log_path).write_text("")
 
     def snapshot():
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def record(entry: dict):
         log.append(entry)
-        if logf:
-            logf.write(json.dumps(entry) + "\n")
-            logf.flush()
+        if log_path:
+            with Path(log_path).open("a") as fh:
+                fh.write(json.dumps(entry) + "\n")
 
     best_metrics = evaluate()
     best_state, best_step, bad_evals, stopped = snapshot(), 0, 0, False
@@ -115,8 +113,6 @@ def train_loop(
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optim.step()
         sched.step()
-        if on_step:
-            on_step(step, total)
         if step % spec.eval_every == 0 or step == spec.steps:
             model.eval()
             metrics = evaluate()
@@ -124,6 +120,8 @@ def train_loop(
             record({"step": step, "train_loss": total, "lr": sched.get_last_lr()[0], **metrics})
             if better(metrics, best_metrics):
                 best_metrics, best_state, best_step, bad_evals = metrics, snapshot(), step, 0
+                if checkpoint_dir:
+                    save_best(model, Path(checkpoint_dir), step, metrics)
             else:
                 bad_evals += 1
                 if spec.patience and bad_evals >= spec.patience:
@@ -134,9 +132,19 @@ def train_loop(
         named = dict(model.named_parameters())
         for n, value in best_state.items():
             named[n].copy_(value)
-    if logf:
-        logf.close()
     return TrainResult(step, best_step, best_metrics, stopped, time.perf_counter() - start, seen, log)
+
+
+def save_best(model, checkpoint_dir: Path, step: int, metrics: dict) -> None:
+    """Write the adapter to checkpoint_dir/best via a temporary folder and a rename."""
+    import shutil
+
+    tmp, final = checkpoint_dir / "best.tmp", checkpoint_dir / "best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
 
 
 def lower_is_better(key: str, min_delta: float) -> Callable[[dict, dict], bool]:

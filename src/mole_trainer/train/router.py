@@ -69,6 +69,7 @@ def train_router(
         evaluate,
         higher_is_better("val_accuracy", spec.min_delta, tie_key="val_loss"),
         out / "train_log.jsonl",
+        out / "checkpoints",
     )
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)
