@@ -24,9 +24,12 @@ def find_adapter_dir(path: str | Path) -> Path:
     raise UserError(f"{path}: no PEFT adapter here (expected adapter_config.json in it or in adapter/)")
 
 
-def read_adapter_info(adapter_dir: str | Path) -> dict:
-    """The mole_adapter.json of an adapter folder."""
+def read_adapter_info(adapter_dir: str | Path, role: str | None = None) -> dict:
+    """The mole_adapter.json of an adapter folder; with `role`, it must be that kind of adapter."""
     f = Path(adapter_dir) / ADAPTER_INFO_FILE
     if not f.is_file():
         raise UserError(f"{adapter_dir}: missing {ADAPTER_INFO_FILE} (was this adapter trained by mole?)")
-    return json.loads(f.read_text())
+    info = json.loads(f.read_text())
+    if role is not None and info.get("role") != role:
+        raise UserError(f"{adapter_dir}: this adapter is a '{info.get('role')}', expected a '{role}'")
+    return info

@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="re-run every stage even if its inputs did not change"
     )
 
+    init = sub.add_parser(
+        "init", help="write the config files of a work directory (demo or a real-model preset)"
+    )
+    init.add_argument("--workdir", dest="init_workdir", required=True, help="work directory to create")
+    init.add_argument("--preset", default="demo", help="demo (tiny model), qwen3-vl-2b or qwen3-vl-8b")
+    init.add_argument("--force", action="store_true", help="overwrite existing config files")
+
     model = sub.add_parser("model", help="base models").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -172,6 +179,11 @@ def run(args: argparse.Namespace) -> int:
         from .pipeline import run_demo
 
         run_demo(args.demo_workdir, force=args.force)
+    elif cmd[0] == "init":
+        from .configs import init_workdir
+
+        for path in init_workdir(args.init_workdir, args.preset, args.force):
+            print(f"wrote {path}")
     elif cmd == ("model", "tiny"):
         _print_json(stages.model_tiny(args.out, wd, args.seed))
     elif cmd == ("data", "synth"):

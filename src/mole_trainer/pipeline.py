@@ -245,6 +245,10 @@ def _demo_inference(wd: WorkDir, out: Path) -> dict:
     }
 
 
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _print_summary(console, summary: dict) -> None:
     from rich.table import Table
 
@@ -253,10 +257,10 @@ def _print_summary(console, summary: dict) -> None:
     t.add_column("value", justify="right")
     t.add_column("untrained base", justify="right")
     router = summary["router"]
-    t.add_row("router test accuracy", f"{router['test_accuracy']:.3f}", "")
-    t.add_row("router top-2 accuracy", f"{router['top2_accuracy']:.3f}", "")
+    t.add_row("router test accuracy", _num(router["test_accuracy"]), "")
+    t.add_row("router top-2 accuracy", _num(router["top2_accuracy"]), "")
     for name, e in summary["experts"].items():
-        t.add_row(f"{name}: {e['metric']}", f"{e['value']:.3f}", f"{e['base_value']:.3f}")
+        t.add_row(f"{name}: {e['metric']}", _num(e["value"]), _num(e["base_value"]))
     st = summary["stacked_inference"]
     t.add_row("stacked inference routed correctly", f"{st['routed_correctly']}/{st['requests']}", "")
     for stage, sec in summary["stage_seconds"].items():

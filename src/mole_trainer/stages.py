@@ -226,11 +226,12 @@ def deploy(checkpoint: str | Path, experts_dir: str | Path, dest: str, workdir: 
     from .train.experts import EXPERT_INFO_FILE
 
     router = find_adapter_dir(checkpoint)
-    label_map = read_adapter_info(router)["label_map"]
+    label_map = read_adapter_info(router, "router")["label_map"]
     experts, metadata = {}, {}
     for name in label_map:
         folder = Path(experts_dir) / name
         experts[name] = str(find_adapter_dir(folder))
+        read_adapter_info(experts[name], "expert")
         info_file = folder / EXPERT_INFO_FILE
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         metadata[name] = {k: info.get(k) for k in ("metric", "value", "base_value", "data", "steps")}

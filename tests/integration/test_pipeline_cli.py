@@ -253,3 +253,72 @@ def test_best_checkpoint_and_log_written(wd):
             assert (best / "adapter_model.safetensors").is_file()
         else:
             assert not best.exists()
+
+
+def test_wrong_artifacts_are_user_errors(wd, tmp_path, capsys):
+    ckpt = wd / "checkpoints"
+    cases = [
+        (
+            [
+                "deploy",
+                "--checkpoint",
+                str(ckpt / "experts/ocr"),
+                "--experts",
+                str(ckpt / "experts"),
+                "--bucket",
+                str(tmp_path / "d"),
+            ],
+            "is a 'expert', expected a 'router'",
+        ),
+        (
+            [
+                "eval",
+                "router",
+                "--checkpoint",
+                str(ckpt / "experts/ocr"),
+                "--test-data",
+                str(wd / "data/routing/routing_data.jsonl"),
+            ],
+            "expected a 'router'",
+        ),
+        (
+            [
+                "train",
+                "router",
+                "--dataset-path",
+                str(ckpt / "experts/ocr/prep"),
+                "--config",
+                str(wd / "config/router.yaml"),
+            ],
+            "preprocessed for task 'sft', expected 'router'",
+        ),
+        (
+            [
+                "data",
+                "preprocess",
+                "--input",
+                str(wd / "data/experts/ocr"),
+                "--output",
+                str(tmp_path / "p"),
+                "--model",
+                "Qwen/Qwen3-VL-8B-Instruct",
+            ],
+            "Qwen/Qwen3-VL-8B-Instruct: cannot load the processor",
+        ),
+        (
+            [
+                "infer",
+                "--deployment",
+                str(tmp_path / "nothing"),
+                "--image",
+                str(next((wd / "data/experts/ocr/images").iterdir())),
+                "--prompt",
+                "Read it",
+            ],
+            "no manifest.json",
+        ),
+    ]
+    for args, fragment in cases:
+        capsys.readouterr()
+        assert main(["--workdir", str(tmp_path), *args]) == 2, args
+        assert fragment in capsys.readouterr().err, args

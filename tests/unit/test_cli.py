@@ -9,7 +9,7 @@ import pytest
 
 from mole_trainer.cli import build_parser, main
 
-STAGES = ["demo", "model", "data", "train", "eval", "deploy", "infer", "history"]
+STAGES = ["demo", "init", "model", "data", "train", "eval", "deploy", "infer", "history"]
 
 
 def run_mole(*args, cwd=None):
@@ -144,3 +144,24 @@ def test_history_show_on_empty_workdir(tmp_path, capsys):
     assert "no runs recorded" in capsys.readouterr().out
     assert main(["--workdir", str(tmp_path), "history", "show", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+@pytest.mark.parametrize("preset", ["demo", "qwen3-vl-2b", "qwen3-vl-8b"])
+def test_init_writes_valid_configs_for_every_preset(tmp_path, capsys, preset):
+    from mole_trainer.config import DatasetConfig, LorasConfig, RouterConfig, load_config
+
+    wd = tmp_path / "w"
+    assert main(["init", "--workdir", str(wd), "--preset", preset]) == 0
+    loras = load_config(wd / "config/loras.yaml", LorasConfig)
+    router = load_config(wd / "config/router.yaml", RouterConfig)
+    load_config(wd / "config/dataset.yaml", DatasetConfig)
+    if preset != "demo":
+        expected = {"qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct", "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct"}[
+            preset
+        ]
+        assert loras.base_model == router.base_model == expected
+        assert loras.lora.rank >= 32 and router.image.max_pixels > 76800
+        assert set(loras.experts) == {"calendar", "chart-screen", "login-window", "ocr"}
+    assert main(["init", "--workdir", str(wd)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["init", "--workdir", str(wd), "--preset", "nope"]) == 2

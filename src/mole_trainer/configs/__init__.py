@@ -14,6 +14,25 @@ def default_text(name: str) -> str:
     return resources.files(__name__).joinpath(name).read_text()
 
 
+def presets() -> list[str]:
+    """Names of the packaged presets (override files for real base models)."""
+    folder = resources.files(__name__).joinpath("presets")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_overrides(name: str) -> dict[str, dict]:
+    """The per-file overrides of a preset ('demo' is the defaults themselves)."""
+    import yaml
+
+    from ..errors import UserError
+
+    if name == "demo":
+        return {}
+    if name not in presets():
+        raise UserError(f"unknown preset '{name}' (choose from demo, {', '.join(presets())})")
+    return yaml.safe_load(resources.files(__name__).joinpath("presets", f"{name}.yaml").read_text())
+
+
 def merged(base: dict, overrides: dict) -> dict:
     """`base` with `overrides` merged in, recursively for nested mappings."""
     out = copy.deepcopy(base)
@@ -46,3 +65,16 @@ def write_configs(
         if name in every_expert:
             data["experts"] = {e: merged(v, every_expert[name]) for e, v in data["experts"].items()}
         (folder / name).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def init_workdir(workdir: str | Path, preset: str = "demo", force: bool = False) -> list[Path]:
+    """Write WORKDIR/config/{dataset,loras,router}.yaml for a preset; never overwrite without `force`."""
+    from ..errors import UserError
+
+    overrides = preset_overrides(preset)
+    config_dir = Path(workdir) / "config"
+    existing = [config_dir / n for n in CONFIG_FILES if (config_dir / n).exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]} exists; pass --force to overwrite the configs in {config_dir}")
+    write_configs(config_dir, overrides)
+    return [config_dir / n for n in CONFIG_FILES]

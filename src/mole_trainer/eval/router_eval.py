@@ -21,9 +21,7 @@ def load_router(
     from ..model.loading import load_base, load_processor
 
     adapter = find_adapter_dir(checkpoint)
-    info = read_adapter_info(adapter)
-    if info.get("role") != "router":
-        raise UserError(f"{adapter}: this adapter is a '{info.get('role')}', not a router")
+    info = read_adapter_info(adapter, "router")
     base = base_model or info["base_model"]
     processor = load_processor(base, info["min_pixels"], info["max_pixels"])
     model = PeftModel.from_pretrained(load_base(base, dtype, device), adapter).eval()

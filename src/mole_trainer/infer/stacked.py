@@ -37,7 +37,7 @@ class StackedModel:
         dep = load_deployment(deployment, cache_dir=cache_dir)
         self.label_map = dep["label_map"]
         self.names = label_names(self.label_map)
-        router_info = read_adapter_info(dep["router"])
+        router_info = read_adapter_info(dep["router"], "router")
         base = load_base(router_info["base_model"], dtype, device)
         self.model = PeftModel.from_pretrained(base, dep["router"], adapter_name=ROUTER_ADAPTER).eval()
         self.processors = {}
@@ -45,7 +45,7 @@ class StackedModel:
         self.expert_processor, self.max_new_tokens = {}, {}
         for name in self.names:
             path = dep["experts"][name]
-            info = read_adapter_info(path)
+            info = read_adapter_info(path, "expert")
             self.model.load_adapter(path, adapter_name=expert_adapter(name))
             self.expert_processor[name] = self._processor(info, load_processor)
             self.max_new_tokens[name] = info.get("max_new_tokens", 64)
