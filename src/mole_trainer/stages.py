@@ -162,7 +162,9 @@ def train_experts(
     with record_run(_db(workdir), "train.experts", to_dict(cfg), digest) as run:
         results = run_experts(cfg, only, device, dtype, report)
         for name, r in results.items():
-            run.metrics[name] = {k: r[k] for k in ("metric", "value", "base_value", "best_val_loss")}
+            run.metrics[f"{name}.{r['metric']}"] = r["value"]
+            run.metrics[f"{name}.base_{r['metric']}"] = r["base_value"]
+            run.metrics[f"{name}.best_val_loss"] = r["best_val_loss"]
             run.artifacts[name] = r["adapter"]
     return results
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,22 @@ def load_preprocessed(path: str | Path, split: str) -> tuple[dict, dict]:
     f = path / f"{split}.pt"
     if not f.is_file():
         raise UserError(f"{path}: split file {f.name} is missing")
-    payload = torch.load(f, weights_only=True)
-    payload["examples"] = [expand_frames(e, meta["temporal_patch_size"]) for e in payload["examples"]]
+    # memory-mapped: tensors are read from disk when a batch touches them, not all at once
+    payload = torch.load(f, weights_only=True, mmap=True)
+    payload["examples"] = CachedExamples(payload["examples"], meta["temporal_patch_size"])
     return meta, payload
+
+
+class CachedExamples(Sequence):
+    """Examples of a cache split; each one's pixel patches are expanded when it is accessed."""
+
+    def __init__(self, stored: list[dict], temporal: int):
+        self.stored, self.temporal = stored, temporal
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return expand_frames(dict(self.stored[index]), self.temporal)
