@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evr.add_argument("--output", default=None, help="report JSON (default CHECKPOINT/eval_report.json)")
     evr.add_argument("--batch-size", type=_positive, default=8)
+    evr.add_argument(
+        "--consistency",
+        action="store_true",
+        help="also measure routing consistency (alone vs batched, benign perturbations)",
+    )
     device_opts(evr)
 
     dep = sub.add_parser("deploy", help="copy router + experts + label map + checksummed manifest to storage")
@@ -224,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
             args.batch_size,
             args.device,
             args.dtype,
+            args.consistency,
         )
         print(format_router_report(report))
     elif cmd[0] == "deploy":

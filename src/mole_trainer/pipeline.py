@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from . import __version__
 from .configs import CONFIG_FILES, default_text
 from .layout import LABEL_MAP_FILE, SUMMARY_FILE, WorkDir
 
@@ -47,7 +48,7 @@ class StageRunner:
         from .history import History
 
         self.index += 1
-        fp = fingerprint(name, parts)
+        fp = fingerprint(name, parts, __version__)  # a new release of the tool re-runs every stage
         record = self.wd.stages_dir / f"{name}.json"
         label = f"[{self.index}/{self.total}] {title}"
         if not self.force and record.is_file() and all(p.exists() for p in outputs):
@@ -154,7 +155,9 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
         "eval",
         "evaluate the router on the test split",
         [fp_router, fp_routing],
-        lambda: stages.eval_router(wd.router_ckpt, wd.routing_file, report_path, "test", root),
+        lambda: stages.eval_router(
+            wd.router_ckpt, wd.routing_file, report_path, "test", root, consistency=True
+        ),
         [report_path],
     )
     _, fp_deploy = r.run(
@@ -184,6 +187,7 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
             "ece": report["calibration"]["ece"],
             "n_test": report["n"],
             "best_val_accuracy": router["best"]["val_accuracy"],
+            "consistency": report.get("consistency"),
         },
         "experts": {
             n: {

@@ -200,21 +200,32 @@ def eval_router(
     batch_size: int = 8,
     device: str = "auto",
     dtype: str = "auto",
+    consistency: bool = False,
 ) -> dict:
     """Evaluate a router checkpoint on routing records and write the JSON report."""
     from .eval.router_eval import evaluate_router
 
-    config = {"checkpoint": str(checkpoint), "test_data": str(test_data), "split": split}
+    config = {
+        "checkpoint": str(checkpoint),
+        "test_data": str(test_data),
+        "split": split,
+        "consistency": consistency,
+    }
     with record_run(_db(workdir), "eval.router", config, data_hash(test_data)) as run:
-        report = evaluate_router(checkpoint, test_data, output, split, batch_size, device, dtype)
+        report = evaluate_router(
+            checkpoint, test_data, output, split, batch_size, device, dtype, consistency=consistency
+        )
         run.metrics.update(
             {
                 "accuracy": report["accuracy"],
-                "top_k": report["top_k"],
                 "macro_f1": report["macro_f1"],
                 "ece": report["calibration"]["ece"],
             }
         )
+        run.metrics.update({f"top{k}": v for k, v in report["top_k"].items() if k != "1"})
+        if consistency:
+            run.metrics["batch_invariance"] = report["consistency"]["batch_invariance"]
+            run.metrics["perturbation_consistency"] = report["consistency"]["perturbation_mean"]
         run.artifacts["report"] = report["report_path"]
     return report
 

@@ -80,6 +80,7 @@ def wd(tmp_path_factory):
         str(w / "data/routing/routing_data.jsonl"),
         "--output",
         str(w / "eval/report.json"),
+        "--consistency",
     )
     mole(
         w,
@@ -125,6 +126,9 @@ def test_router_and_eval_report(wd):
     assert report["n"] == 12 and set(report["top_k"]) == {"1", "2"}
     assert report["top_k"]["2"] >= report["top_k"]["1"] == report["accuracy"]
     assert sum(map(sum, report["confusion"]["matrix"])) == 12
+    consistency = report["consistency"]
+    assert set(consistency["perturbations"]) == {"jpeg", "resize", "brightness", "whitespace"}
+    assert all(0 <= v <= 1 for v in [consistency["batch_invariance"], *consistency["perturbations"].values()])
     preds = (wd / "eval/report.predictions.jsonl").read_text().splitlines()
     assert len(preds) == 12
 

@@ -20,6 +20,10 @@ def format_router_report(report: dict) -> str:
     lines.append(" " * 16 + "".join(f"{n[: width - 1]:>{width}}" for n in names))
     for n, row in zip(names, report["confusion"]["matrix"], strict=True):
         lines.append(f"{n:<16}" + "".join(f"{v:>{width}}" for v in row))
+    if "consistency" in report:
+        c = report["consistency"]
+        pert = "  ".join(f"{k} {v:.3f}" for k, v in c["perturbations"].items())
+        lines.append(f"consistency: alone vs batched {c['batch_invariance']:.3f}; perturbed: {pert}")
     if "report_path" in report:
         lines.append(f"report: {report['report_path']}")
     return "\n".join(lines)

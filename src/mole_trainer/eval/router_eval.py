@@ -55,8 +55,13 @@ def evaluate_router(
     device: str = "auto",
     dtype: str = "auto",
     ks: tuple[int, ...] = (1, 2),
+    consistency: bool = False,
 ) -> dict:
-    """Score every test record in one forward pass per batch and write the JSON report."""
+    """Score every test record in one forward pass per batch and write the JSON report.
+
+    With `consistency`, also route each record alone and under benign perturbations (see
+    eval/consistency.py) and report the agreement rates.
+    """
     from ..eval.metrics import router_report
     from ..infer.scoring import route_probs
 
@@ -66,6 +71,13 @@ def evaluate_router(
     probs = route_probs(model, processor, samples, names, batch_size).numpy()
     labels = [label_map[s.expert] for s in samples]
     report = router_report(probs, labels, names, ks=ks)
+    if consistency:
+        from .consistency import consistency_report
+
+        def route(batch, bs):
+            return route_probs(model, processor, batch, names, bs)
+
+        report["consistency"] = consistency_report(route, samples, probs.argmax(-1).tolist(), batch_size)
     report["checkpoint"] = str(checkpoint)
     report["test_data"] = str(test_data)
     report["split"] = split
