@@ -25,6 +25,8 @@ def label_names(label_map: dict[str, int]) -> list[str]:
 
 def router_messages(request: str, n_images: int, names: list[str]) -> list[dict]:
     """The user turn the router answers: the request's images plus the routing instruction."""
-    text = ROUTER_INSTRUCTION.format(experts=", ".join(names), request=request)
+    # whitespace is canonicalised: the route must not depend on spacing or line breaks (measured by
+    # the consistency evaluation: 0.72 agreement under extra whitespace before this)
+    text = ROUTER_INSTRUCTION.format(experts=", ".join(names), request=" ".join(request.split()))
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
     return [{"role": "user", "content": content}]

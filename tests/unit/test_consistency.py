@@ -45,3 +45,10 @@ def test_rates_count_unchanged_routes(tmp_path):
     assert report["batch_invariance"] == 1.0
     assert report["perturbations"] == {"jpeg": 1.0, "resize": 0.0, "brightness": 1.0, "whitespace": 1.0}
     assert report["perturbation_mean"] == 0.75
+
+
+def test_router_prompt_ignores_whitespace():
+    from mole_trainer.router_prompt import router_messages
+
+    names = ["a1", "b2"]
+    assert router_messages("Click  on\nthe 3rd ", 1, names) == router_messages("Click on the 3rd", 1, names)
