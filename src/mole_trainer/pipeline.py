@@ -1,9 +1,10 @@
 """The whole pipeline in order on the embedded default (`mole demo`), skipping unchanged stages.
 
-Each stage has a fingerprint made of its own settings and the fingerprints of the stages it reads
-from; a stage whose fingerprint matches its last successful run (and whose outputs still exist) is
-skipped. The default configs are copied into WORKDIR/config on the first run and read from there,
-so editing them there re-runs exactly the stages they feed.
+Each stage has a fingerprint made of its own settings, the fingerprints of the stages it reads
+from and a digest of the tool's own code; a stage whose fingerprint matches its last successful
+run (and whose outputs still exist) is skipped. The default configs are copied into
+WORKDIR/config on the first run and read from there, so editing them there re-runs exactly the
+stages they feed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-from . import __version__
 from .configs import CONFIG_FILES, default_text
 from .layout import LABEL_MAP_FILE, SUMMARY_FILE, WorkDir
 
@@ -30,6 +30,17 @@ def write_default_configs(config_dir: Path) -> None:
             dest.write_text(default_text(name))
 
 
+def code_digest() -> str:
+    """sha256 of this package's code and packaged configs: any change to the tool re-runs the stages."""
+    import hashlib
+
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 class StageRunner:
     """Runs stages in order, with fingerprints, timings, a progress display and skip records."""
 
@@ -37,6 +48,7 @@ class StageRunner:
         from rich.console import Console
 
         self.wd, self.force, self.total = wd, force, total
+        self.code = code_digest()
         self.console = Console(highlight=False)
         self.seconds: dict[str, float] = {}
         self.skipped: list[str] = []
@@ -48,7 +60,7 @@ class StageRunner:
         from .history import History
 
         self.index += 1
-        fp = fingerprint(name, parts, __version__)  # a new release of the tool re-runs every stage
+        fp = fingerprint(name, parts, self.code)
         record = self.wd.stages_dir / f"{name}.json"
         label = f"[{self.index}/{self.total}] {title}"
         if not self.force and record.is_file() and all(p.exists() for p in outputs):
