@@ -88,11 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data.add_parser("synth", help="write synthetic GUI expert datasets")
     synth.add_argument("--out", required=True)
     synth.add_argument("--experts", type=_csv, default=None, help="comma-separated subset (default: all)")
-    synth.add_argument("--train", type=_positive, default=120)
-    synth.add_argument("--val", type=_positive, default=16)
-    synth.add_argument("--test", type=_positive, default=32)
+    for split, n in (("train", 120), ("val", 16), ("test", 32)):
+        synth.add_argument(
+            f"--{split}", type=_positive, default=None, help=f"{split} records per expert ({n})"
+        )
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--size", type=_size, default=(448, 336), help="image size WIDTHxHEIGHT")
+    synth.add_argument("--size", type=_size, default=None, help="image size WIDTHxHEIGHT (448x336)")
     routing = data.add_parser("routing", help="merge expert datasets into a balanced routing dataset")
     routing.add_argument("--config", required=True, help="dataset.yaml")
     routing.add_argument(

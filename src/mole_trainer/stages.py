@@ -54,12 +54,15 @@ def data_synth(
     out: str | Path,
     workdir: str | Path = ".",
     experts: list[str] | None = None,
-    counts: dict[str, int] | None = None,
+    counts: dict[str, int | None] | None = None,
     seed: int = 0,
-    image_size: tuple[int, int] = (448, 336),
+    image_size: tuple[int, int] | None = None,
 ) -> dict:
-    """Write the synthetic GUI expert datasets into `out/<expert>/`."""
-    from .data.synth import SYNTH_EXPERTS, synthesize
+    """Write the synthetic GUI expert datasets into `out/<expert>/` (splits not given: synth's defaults)."""
+    from .data.synth import DEFAULT_COUNTS, DEFAULT_IMAGE_SIZE, SYNTH_EXPERTS, synthesize
+
+    counts = {**DEFAULT_COUNTS, **{k: v for k, v in (counts or {}).items() if v is not None}}
+    image_size = image_size or DEFAULT_IMAGE_SIZE
 
     config = {
         "experts": list(experts or SYNTH_EXPERTS),

@@ -165,3 +165,14 @@ def test_init_writes_valid_configs_for_every_preset(tmp_path, capsys, preset):
     assert main(["init", "--workdir", str(wd)]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["init", "--workdir", str(wd), "--preset", "nope"]) == 2
+
+
+def test_synth_help_states_the_synthesizers_defaults(capsys):
+    from mole_trainer.data.synth import DEFAULT_COUNTS, DEFAULT_IMAGE_SIZE
+
+    with pytest.raises(SystemExit):
+        main(["data", "synth", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for split, n in DEFAULT_COUNTS.items():
+        assert f"{split} records per expert ({n})" in text
+    assert "({}x{})".format(*DEFAULT_IMAGE_SIZE) in text

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 import modal
 
 from mole_trainer import stages
-from mole_trainer.data.synth import DEFAULT_COUNTS
+from mole_trainer.data.synth import DEFAULT_COUNTS, DEFAULT_IMAGE_SIZE
 from mole_trainer.errors import UserError
 
 APP_NAME = "mole-trainer"
@@ -156,8 +156,8 @@ def data_synth(
     val: int = DEFAULT_COUNTS["val"],
     test: int = DEFAULT_COUNTS["test"],
     seed: int = 0,
-    width: int = 448,
-    height: int = 336,
+    width: int = DEFAULT_IMAGE_SIZE[0],
+    height: int = DEFAULT_IMAGE_SIZE[1],
     workdir: str = ".",
 ) -> dict:
     """Write the synthetic expert datasets (`experts`: comma-separated, default all) into the data Volume."""

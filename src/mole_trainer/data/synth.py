@@ -35,6 +35,7 @@ from .formats import write_jsonl
 
 SYNTH_EXPERTS: tuple[str, ...] = ("calendar", "login-window", "chart-screen", "ocr")
 DEFAULT_COUNTS = {"train": 120, "val": 16, "test": 32}
+DEFAULT_IMAGE_SIZE = (448, 336)  # width, height
 MIN_IMAGE_SIZE = (320, 240)
 
 RGB = tuple[int, int, int]
@@ -60,7 +61,7 @@ def synthesize(
     experts: Iterable[str] = SYNTH_EXPERTS,
     counts: dict[str, int] | None = None,
     seed: int = 0,
-    image_size: tuple[int, int] = (448, 336),
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
 ) -> dict[str, dict[str, int]]:
     """Write synthetic expert datasets under out_dir/<expert>/ and return {expert: {split: n}}.
 
