@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 def build_deployment(root: Path) -> tuple[str, list]:
     """Tiny model, synthetic data, experts + router trained for a few steps, deployed (demo layout)."""
     from mole_trainer import stages
-    from mole_trainer.config import RouterConfig, load_config
+    from mole_trainer.config import LorasConfig, RouterConfig, load_config
     from mole_trainer.configs import write_configs
     from mole_trainer.data.formats import load_jsonl_samples
     from mole_trainer.layout import WorkDir
@@ -55,7 +55,9 @@ def build_deployment(root: Path) -> tuple[str, list]:
     quiet = lambda *_: None  # noqa: E731
     stages.train_experts(wd.config_dir / "loras.yaml", root, report=quiet)
     stages.train_router(wd.prep_dir / "router", wd.config_dir / "router.yaml", root, report=quiet)
-    stages.deploy(wd.router_ckpt, wd.experts_ckpt, str(wd.deploy_dir), root)
+    experts_dir = load_config(wd.config_dir / "loras.yaml", LorasConfig).output_dir
+    router_dir = load_config(wd.config_dir / "router.yaml", RouterConfig).output_dir
+    stages.deploy(router_dir, experts_dir, str(wd.deploy_dir), root)
     requests = [s for s in load_jsonl_samples(wd.routing_file) if s.split == "test"]
     return str(wd.deploy_dir), requests
 

@@ -47,14 +47,6 @@ class WorkDir:
         return self.root / "prep"
 
     @property
-    def experts_ckpt(self) -> Path:
-        return self.root / "checkpoints" / "experts"
-
-    @property
-    def router_ckpt(self) -> Path:
-        return self.root / "checkpoints" / "router"
-
-    @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
 

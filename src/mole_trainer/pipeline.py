@@ -102,8 +102,9 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     cfg_files = {n: wd.config_dir / n for n in CONFIG_FILES}
     # read every config before the first stage, so a broken edit fails at once
     load_config(cfg_files["dataset.yaml"], DatasetConfig)
-    load_config(cfg_files["loras.yaml"], LorasConfig)
+    experts_ckpt = Path(load_config(cfg_files["loras.yaml"], LorasConfig).output_dir)
     router_cfg = load_config(cfg_files["router.yaml"], RouterConfig)
+    router_ckpt = Path(router_cfg.output_dir)
     r = StageRunner(wd, force, total=9)
     root = str(wd.root)
 
@@ -153,30 +154,28 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
         "train the expert LoRAs",
         [fp_synth, fp_model, _config_text(cfg_files["loras.yaml"])],
         lambda: stages.train_experts(cfg_files["loras.yaml"], root, report=say),
-        [wd.experts_ckpt],
+        [experts_ckpt],
     )
     router, fp_router = r.run(
         "router",
         "train the router",
         [fp_prep, _config_text(cfg_files["router.yaml"])],
         lambda: stages.train_router(prep_router, cfg_files["router.yaml"], root, report=say),
-        [wd.router_ckpt],
+        [router_ckpt],
     )
     report_path = wd.eval_dir / "router_report.json"
     report, _ = r.run(
         "eval",
         "evaluate the router on the test split",
         [fp_router, fp_routing],
-        lambda: stages.eval_router(
-            wd.router_ckpt, wd.routing_file, report_path, "test", root, consistency=True
-        ),
+        lambda: stages.eval_router(router_ckpt, wd.routing_file, report_path, "test", root, consistency=True),
         [report_path],
     )
     _, fp_deploy = r.run(
         "deploy",
         "deploy router + experts",
         [fp_router, fp_experts],
-        lambda: stages.deploy(wd.router_ckpt, wd.experts_ckpt, str(wd.deploy_dir), root),
+        lambda: stages.deploy(router_ckpt, experts_ckpt, str(wd.deploy_dir), root),
         [wd.deploy_dir],
     )
     infer_path = wd.eval_dir / "stacked_inference.jsonl"
