@@ -26,14 +26,22 @@ def _size(value: str) -> tuple[int, int]:
     return w, h
 
 
-def _positive(value: str) -> int:
+def _whole(value: str, least: int) -> int:
     try:
         n = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got '{value}'") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {n}")
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected a number >= {least}, got {n}")
     return n
+
+
+def _positive(value: str) -> int:
+    return _whole(value, 0)
+
+
+def _at_least_one(value: str) -> int:
+    return _whole(value, 1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data.add_parser("preprocess", help="chat template + processor + label masks, cached for training")
     prep.add_argument("--input", required=True, help="expert dataset folder or routing JSONL")
     prep.add_argument("--output", required=True)
-    prep.add_argument("--model", required=True, help="base model folder or hub id (its processor is used)")
+    prep.add_argument("--model", default=None, help="base model folder or hub id (its processor is used)")
+    prep.add_argument(
+        "--config",
+        default=None,
+        help="router.yaml (or loras.yaml): its base_model and image pixel budget are the defaults",
+    )
     prep.add_argument(
         "--task",
         choices=["sft", "router"],
@@ -112,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--label-map", default=None, help="label map (default: label_map.json beside the input)"
     )
-    prep.add_argument("--min-pixels", type=_positive, default=None)
-    prep.add_argument("--max-pixels", type=_positive, default=None)
+    prep.add_argument("--min-pixels", type=_at_least_one, default=None)
+    prep.add_argument("--max-pixels", type=_at_least_one, default=None)
 
     train = sub.add_parser("train", help="training").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -137,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default="test", help="records of this split when records carry one (default test)"
     )
     evr.add_argument("--output", default=None, help="report JSON (default CHECKPOINT/eval_report.json)")
-    evr.add_argument("--batch-size", type=_positive, default=8)
+    evr.add_argument("--batch-size", type=_at_least_one, default=8)
+    evr.add_argument("--base-model", default=None, help="base to load instead of the one the router recorded")
     evr.add_argument(
         "--consistency",
         action="store_true",
@@ -157,8 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--input", default=None, help="requests JSONL ({image, prompt} lines)")
     inf.add_argument("--output", default=None, help="write results as JSONL here")
     inf.add_argument("--expert", default=None, help="skip routing and use this expert")
-    inf.add_argument("--batch-size", type=_positive, default=8)
-    inf.add_argument("--max-new-tokens", type=_positive, default=None)
+    inf.add_argument("--batch-size", type=_at_least_one, default=8)
+    inf.add_argument("--max-new-tokens", type=_at_least_one, default=None)
+    inf.add_argument(
+        "--base-model",
+        default=None,
+        help="base to load instead of the recorded one (a deployment moved to another machine)",
+    )
     device_opts(inf)
 
     hist = sub.add_parser("history", help="run history").add_subparsers(
@@ -204,7 +223,15 @@ def run(args: argparse.Namespace) -> int:
 
         task = args.task or ("router" if Path(args.input).is_file() else "sft")
         meta = stages.data_preprocess(
-            args.input, args.output, args.model, task, args.label_map, args.min_pixels, args.max_pixels, wd
+            args.input,
+            args.output,
+            args.model,
+            task,
+            args.label_map,
+            args.min_pixels,
+            args.max_pixels,
+            wd,
+            config=args.config,
         )
         _print_json(meta)
     elif cmd == ("train", "experts"):
@@ -231,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
             args.device,
             args.dtype,
             args.consistency,
+            args.base_model,
         )
         print(format_router_report(report))
     elif cmd[0] == "deploy":
@@ -261,6 +289,10 @@ def _infer(args, stages, wd) -> None:
         samples = [request_sample(args.image, args.prompt)]
     else:
         raise UserError("infer needs --image IMG --prompt TEXT, or --input requests.jsonl")
+    if args.output:  # fail before the model work, not after it
+        from pathlib import Path
+
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     results = stages.infer(
         args.deployment,
         samples,
@@ -270,6 +302,7 @@ def _infer(args, stages, wd) -> None:
         args.device,
         args.dtype,
         args.max_new_tokens,
+        args.base_model,
     )
     for r in results:
         prob = "forced" if r["probability"] is None else f"p={r['probability']:.3f}"

@@ -115,6 +115,23 @@ class LorasConfig:
     experts: dict[str, ExpertEntry] = field(default_factory=dict)
     eval_records: int = 32  # test records per expert for the task metric (0 = all)
 
+    @staticmethod
+    def inherit(raw: dict) -> dict:
+        """Per-expert `lora`/`train` mappings override single keys of the file's defaults."""
+        experts = raw.get("experts")
+        if not isinstance(experts, dict):
+            return raw
+        out = dict(raw, experts=dict(experts))
+        for name, entry in experts.items():
+            if not isinstance(entry, dict):
+                continue
+            entry = dict(entry)
+            for key in ("lora", "train"):
+                if isinstance(entry.get(key), dict) and isinstance(raw.get(key, {}), dict):
+                    entry[key] = {**raw.get(key, {}), **entry[key]}
+            out["experts"][name] = entry
+        return out
+
     def resolved(self, name: str) -> tuple[LoraSpec, TrainSpec]:
         """The LoRA and training settings of one expert (its overrides on top of the defaults)."""
         entry = self.experts[name]
@@ -180,6 +197,8 @@ def from_dict(cls: type, data: Any, source: str = "<config>", prefix: str = "") 
     """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: {prefix or 'top level'}: expected a mapping, got {_kind(data)}")
+    if hasattr(cls, "inherit"):
+        data = cls.inherit(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -193,8 +212,8 @@ def from_dict(cls: type, data: Any, source: str = "<config>", prefix: str = "") 
     obj = cls(**kwargs)
     problems = obj.problems() if hasattr(obj, "problems") else {}
     if problems:
-        key, msg = next(iter(problems.items()))
-        raise UserError(f"{source}: {prefix + '.' if prefix else ''}{key}: {msg}")
+        where = f"{prefix}." if prefix else ""
+        raise UserError(f"{source}: " + "; ".join(f"{where}{key}: {msg}" for key, msg in problems.items()))
     return obj
 
 

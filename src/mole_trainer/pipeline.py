@@ -30,17 +30,6 @@ def write_default_configs(config_dir: Path) -> None:
             dest.write_text(default_text(name))
 
 
-def code_digest() -> str:
-    """sha256 of this package's code and packaged configs: any change to the tool re-runs the stages."""
-    import hashlib
-
-    root = Path(__file__).parent
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
 class StageRunner:
     """Runs stages in order, with fingerprints, timings, a progress display and skip records."""
 
@@ -48,6 +37,8 @@ class StageRunner:
         from rich.console import Console
 
         self.wd, self.force, self.total = wd, force, total
+        from .data.preprocess import code_digest
+
         self.code = code_digest()
         self.console = Console(highlight=False)
         self.seconds: dict[str, float] = {}

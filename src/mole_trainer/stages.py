@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import DatasetConfig, LorasConfig, RouterConfig, load_config, to_dict
+from .config import DatasetConfig, ImageSpec, LorasConfig, RouterConfig, load_config, to_dict
 from .errors import UserError
 from .history import record_run
 from .layout import HISTORY_DB, LABEL_MAP_FILE, SPLITS
@@ -98,19 +98,35 @@ def data_routing(config: str | Path, output: str | Path, workdir: str | Path = "
 def data_preprocess(
     input: str | Path,
     output: str | Path,
-    model: str,
+    model: str | None,
     task: str = "sft",
     label_map: str | Path | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     workdir: str | Path = ".",
     progress=None,
+    config: str | Path | None = None,
 ) -> dict:
-    """Preprocess an expert dataset folder or a routing JSONL into a training cache folder."""
+    """Preprocess an expert dataset folder or a routing JSONL into a training cache folder.
+
+    With `config` (router.yaml for task 'router', loras.yaml for 'sft'), the base model and the pixel
+    budget default to the config's, so the data matches what that training run checks for.
+    """
+    if config is not None:
+        cfg = load_config(config, RouterConfig if task == "router" else LorasConfig)
+        model = model or cfg.base_model
+        min_pixels = cfg.image.min_pixels if min_pixels is None else min_pixels
+        max_pixels = cfg.image.max_pixels if max_pixels is None else max_pixels
+    if not model:
+        raise UserError(
+            "preprocess needs --model (a base folder or hub id) or --config (router.yaml / loras.yaml)"
+        )
     from .data.formats import load_expert_dataset, load_jsonl_samples
     from .data.preprocess import preprocess_splits
     from .data.routing import load_label_map
 
+    if min_pixels is not None and max_pixels is not None and ImageSpec(min_pixels, max_pixels).problems():
+        raise UserError(f"--min-pixels {min_pixels} must not exceed --max-pixels {max_pixels}")
     input = Path(input)
     if input.is_dir():
         splits = load_expert_dataset(input)
@@ -204,6 +220,7 @@ def eval_router(
     device: str = "auto",
     dtype: str = "auto",
     consistency: bool = False,
+    base_model: str | None = None,
 ) -> dict:
     """Evaluate a router checkpoint on routing records and write the JSON report."""
     from .eval.router_eval import evaluate_router
@@ -216,7 +233,15 @@ def eval_router(
     }
     with record_run(_db(workdir), "eval.router", config, data_hash(test_data)) as run:
         report = evaluate_router(
-            checkpoint, test_data, output, split, batch_size, device, dtype, consistency=consistency
+            checkpoint,
+            test_data,
+            output,
+            split,
+            batch_size,
+            device,
+            dtype,
+            consistency=consistency,
+            base_model=base_model,
         )
         run.metrics.update(
             {
@@ -268,13 +293,14 @@ def infer(
     device: str = "auto",
     dtype: str = "auto",
     max_new_tokens: int | None = None,
+    base_model: str | None = None,
 ) -> list[dict]:
-    """Route and generate for request samples with a deployment."""
+    """Route and generate for request samples with a deployment (`base_model` overrides the recorded one)."""
     from .infer.stacked import StackedModel
 
-    config = {"deployment": deployment, "requests": len(samples), "expert": expert}
+    config = {"deployment": deployment, "requests": len(samples), "expert": expert, "base_model": base_model}
     with record_run(_db(workdir), "infer", config) as run:
-        model = StackedModel(deployment, device, dtype)
+        model = StackedModel(deployment, device, dtype, base_model=base_model)
         results = model(samples, batch_size, max_new_tokens, expert)
         run.metrics["requests"] = len(results)
     return results

@@ -53,12 +53,8 @@ def wd(tmp_path_factory):
         str(w / "data/routing/routing_data.jsonl"),
         "--output",
         str(w / "prep/router"),
-        "--model",
-        str(w / "model/tiny-qwen3-vl"),
-        "--min-pixels",
-        "4096",
-        "--max-pixels",
-        "20000",
+        "--config",
+        str(w / "config/router.yaml"),
     )
     mole(w, "train", "experts", "--config", str(w / "config/loras.yaml"), "--device", "cpu")
     mole(
@@ -102,6 +98,7 @@ def test_model_and_data(wd):
     assert label_map == {n: i for i, n in enumerate(NAMES)}
     meta = json.loads((wd / "prep/router/meta.json").read_text())
     assert meta["task"] == "router" and meta["counts"] == {"train": 32, "val": 8, "test": 12}
+    assert (meta["min_pixels"], meta["max_pixels"]) == (4096, 20000)  # from router.yaml
 
 
 def test_experts_are_plain_peft_adapters(wd):
@@ -308,6 +305,10 @@ def test_wrong_artifacts_are_user_errors(wd, tmp_path, capsys):
                 "Qwen/Qwen3-VL-8B-Instruct",
             ],
             "Qwen/Qwen3-VL-8B-Instruct: cannot load the processor",
+        ),
+        (
+            ["data", "preprocess", "--input", str(wd / "data/experts/ocr"), "--output", str(tmp_path / "p")],
+            "preprocess needs --model",
         ),
         (
             [

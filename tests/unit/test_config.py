@@ -69,8 +69,14 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_per_expert_overrides(tmp_path):
     text = "train: {steps: 5}\nexperts:\n  a1: {data: d, train: {steps: 9}}\n  b1: {data: d}\n"
+    text = (
+        "train: {steps: 5, lr: 0.003, batch_size: 8}\nlora: {rank: 32}\nexperts:\n"
+        "  a1: {data: d, train: {steps: 9}, lora: {alpha: 8}}\n  b1: {data: d}\n"
+    )
     cfg = load_config(write(tmp_path, text), LorasConfig)
-    assert cfg.resolved("a1")[1].steps == 9
+    lora_a, train_a = cfg.resolved("a1")
+    assert (train_a.steps, train_a.lr, train_a.batch_size) == (9, 0.003, 8)  # only steps overridden
+    assert (lora_a.rank, lora_a.alpha) == (32, 8.0)
     assert cfg.resolved("b1")[1].steps == 5
 
 

@@ -51,6 +51,10 @@ def test_valid_record_loads(ds):
         ({**record(rid="r2"), "images": "images/a.png"}, "'images' must be a non-empty list"),
         ({**record(rid="r2"), "messages": [{"role": "user", "content": "hi"}]}, "'messages' must be a list"),
         ({"images": ["images/a.png"]}, "'id' must be a non-empty string"),
+        (
+            {**record(rid="r2"), "messages": [*record()["messages"], {"role": "user", "content": "and?"}]},
+            "exactly two turns",
+        ),
     ],
 )
 def test_bad_records_name_file_and_line(ds, bad, fragment):
@@ -79,3 +83,23 @@ def test_empty_dataset_and_missing_folder(tmp_path):
 def test_missing_jsonl_file(tmp_path):
     with pytest.raises(UserError, match="file not found"):
         load_jsonl_samples(tmp_path / "x.jsonl")
+
+
+def test_sharegpt_style_string_content_with_placeholder(ds):
+    rec = record()
+    rec["messages"][0]["content"] = "<image>\nClick on the 3rd"
+    write_lines(ds / "train.jsonl", [rec])
+    (s,) = load_expert_dataset(ds)["train"]
+    assert s.instruction == "Click on the 3rd" and s.answer == "click(x=1, y=2)"
+
+
+def test_records_without_a_task_are_scored_by_character_similarity(ds):
+    from mole_trainer.train.experts import task_score
+
+    write_lines(ds / "train.jsonl", [record()])
+    samples = load_expert_dataset(ds)["train"]
+    result = task_score(samples, ["click(x=1, y=2)"])
+    assert result["metric"] == "char_similarity" and result["value"] == 1.0
+    samples[0].metadata["task"] = "weather"
+    with pytest.raises(UserError, match="metadata.task 'weather'"):
+        task_score(samples, ["x"])

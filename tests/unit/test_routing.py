@@ -35,34 +35,50 @@ def test_balanced_disjoint_and_labelled(synth_data, tmp_path):
     # nothing is lost: kept + duplicates + unused = input
     for name in names:
         kept = sum(stats["counts"][name].values())
-        assert (
-            kept + stats["duplicates_dropped"][name] + stats["unused_for_balance"][name]
-            == stats["input_records"][name]
-        )
+        dropped = stats["duplicates_dropped"][name] + stats["conflicts_dropped"][name]
+        assert kept + dropped + stats["unused_for_balance"][name] == stats["input_records"][name]
 
 
-def test_same_image_under_two_experts_never_straddles_splits(synth_data, tmp_path):
-    # copy "ocr" as a second expert whose images are the same bytes under other names
+def make_twin(synth_data, tmp_path, instruction_prefix=""):
+    """The "ocr" dataset again as another expert: same image bytes under other file names."""
     twin = tmp_path / "twin"
     shutil.copytree(synth_data / "ocr", twin)
     for f in (twin / "images").iterdir():
         f.rename(f.with_name("copy-" + f.name))
     for split in ("train", "val", "test"):
-        lines = (twin / f"{split}.jsonl").read_text().replace("images/", "images/copy-")
-        (twin / f"{split}.jsonl").write_text(lines)
-    cfg = DatasetConfig(
+        lines = []
+        for line in (twin / f"{split}.jsonl").read_text().splitlines():
+            rec = json.loads(line.replace("images/", "images/copy-"))
+            rec["messages"][0]["content"][-1]["text"] = (
+                instruction_prefix + rec["messages"][0]["content"][-1]["text"]
+            )
+            lines.append(json.dumps(rec))
+        (twin / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return DatasetConfig(
         experts={"ocr": ExpertSource(str(synth_data / "ocr")), "twin": ExpertSource(str(twin))},
         train_per_expert=50,
         val_per_expert=3,
         test_per_expert=4,
     )
+
+
+def test_same_image_under_two_experts_never_straddles_splits(synth_data, tmp_path):
     out = tmp_path / "r.jsonl"
-    build_routing_dataset(cfg, out)
+    build_routing_dataset(make_twin(synth_data, tmp_path, "Please: "), out)
     by_image = {}
     for s in load_jsonl_samples(out):
         by_image.setdefault(s.images[0].name, set()).add((s.split, s.expert))
     assert all(len({sp for sp, _ in v}) == 1 for v in by_image.values())
     assert any(len(v) == 2 for v in by_image.values())  # the shared images are kept once per expert
+
+
+def test_same_request_claimed_by_two_experts_is_dropped_and_counted(synth_data, tmp_path):
+    stats = build_routing_dataset(make_twin(synth_data, tmp_path), tmp_path / "r.jsonl")
+    n = stats["input_records"]["ocr"]
+    assert stats["conflicts_dropped"] == {"ocr": n, "twin": n}
+    assert stats["records"] == 0 or all(
+        c == {"train": 0, "val": 0, "test": 0} for c in stats["counts"].values()
+    )
 
 
 def test_deterministic_and_independent_of_file_order(synth_data, tmp_path):

@@ -23,6 +23,7 @@ REFERENCES = {
     "action": 'type(x=300, y=400, text="jdoe")',
     "chart_qa": "42",
     "ocr": "Coffee 3.50\nTotal 3.50",
+    "text": "The form has two fields.",
 }
 
 

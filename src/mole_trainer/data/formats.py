@@ -79,7 +79,8 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
 def _text_of(content: Any, where: str) -> tuple[str, int]:
     """Text and number of image parts of a message content (a string or a list of parts)."""
     if isinstance(content, str):
-        return content, content.count("<image>")
+        n = content.count("<image>")  # ShareGPT-style placeholders: the images come from 'images'
+        return (content.replace("<image>", "").strip() if n else content), n
     if not isinstance(content, list):
         raise UserError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
     texts, n_images = [], 0
@@ -133,8 +134,11 @@ def parse_record(obj: dict, path: Path, lineno: int, root: Path, decode: bool = 
     if not isinstance(images, list) or not images:
         raise UserError(f"{where}: field 'images' must be a non-empty list of paths")
     messages = obj.get("messages")
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise UserError(f"{where}: field 'messages' must be a list with a user turn and an assistant answer")
+    if not isinstance(messages, list) or len(messages) != 2:
+        raise UserError(
+            f"{where}: field 'messages' must be a list of exactly two turns, the user request and the "
+            f"assistant answer (got {len(messages) if isinstance(messages, list) else type(messages).__name__})"
+        )
     user, assistant = messages[0], messages[-1]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:

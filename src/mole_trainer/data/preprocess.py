@@ -79,9 +79,12 @@ def encode_example(processor, messages: list[dict], answer: str, images) -> dict
 
 def encode_sample(processor, sample: Sample, task: str, names: list[str] | None = None) -> dict[str, Any]:
     """One training example for a sample (task 'sft' for experts, 'router' for the router)."""
-    return encode_example(
-        processor, prompt_messages(sample, task, names), target_text(sample, task), load_images(sample)
-    )
+    try:
+        return encode_example(
+            processor, prompt_messages(sample, task, names), target_text(sample, task), load_images(sample)
+        )
+    except ValueError as exc:
+        raise UserError(f"{sample.source}: cannot encode this record ({exc})") from None
 
 
 def collate(examples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
@@ -181,7 +184,7 @@ def preprocess_splits(
     """Encode every split and write the cache folder; returns the metadata written to meta.json."""
     import torch
 
-    from ..model.loading import load_processor
+    from ..model.loading import load_processor, processor_digest
 
     if task not in TASKS:
         raise UserError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
@@ -222,6 +225,7 @@ def preprocess_splits(
         "format": CACHE_FORMAT,
         "task": task,
         "model": model,
+        "processor_digest": processor_digest(model),
         "min_pixels": size["shortest_edge"],
         "max_pixels": size["longest_edge"],
         "counts": counts,
@@ -234,6 +238,17 @@ def preprocess_splits(
     return meta
 
 
+def code_digest() -> str:
+    """sha256 of this package's code and packaged configs: any change to the tool re-runs the stages."""
+    import hashlib
+
+    root = Path(__file__).parent.parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def dataset_digest(root: str | Path) -> str:
     """sha256 over every file below a dataset folder (names and bytes), for cache invalidation."""
     root = Path(root)
@@ -242,6 +257,23 @@ def dataset_digest(root: str | Path) -> str:
         h.update(str(f.relative_to(root)).encode() + b"\0")
         h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
+
+
+def check_compatible(meta: dict, task: str, base_model: str, image, where: str | Path) -> None:
+    """Preprocessed data must match the training run: task, tokenizer/processor, pixel budget."""
+    from ..model.loading import processor_digest
+
+    if meta["task"] != task:
+        raise UserError(
+            f"{where}: preprocessed for task '{meta['task']}', expected '{task}' "
+            f"(run 'mole data preprocess --task {task}')"
+        )
+    if meta.get("processor_digest") != processor_digest(base_model):
+        raise UserError(
+            f"{where}: preprocessed with the processor of {meta['model']}, which differs from "
+            f"{base_model}'s; preprocess again with --model {base_model}"
+        )
+    check_pixels(meta, image, where)
 
 
 def check_pixels(meta: dict, image, where: str | Path) -> None:

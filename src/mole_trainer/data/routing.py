@@ -79,19 +79,28 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
 
     hashes: dict[Path, str] = {}
     groups = _Groups()
-    kept: list[tuple[str, Sample, list[str]]] = []
     duplicates: dict[str, int] = defaultdict(int)
-    seen = set()
+    conflicts: dict[str, int] = defaultdict(int)
+    # the same (image, instruction) is one request: kept once, and dropped everywhere when two
+    # experts claim it (its label would contradict itself)
+    by_request: dict[tuple, list[tuple[str, Sample, list[str]]]] = {}
     for name, samples in per_expert.items():
         for s in samples:
             hs = [hashes.setdefault(p, sha256_file(p)) for p in s.images]
-            key = (name, tuple(hs), " ".join(s.instruction.split()).lower())
-            if key in seen:
+            key = (tuple(hs), " ".join(s.instruction.split()).lower())
+            claims = by_request.setdefault(key, [])
+            if any(n == name for n, _, _ in claims):
                 duplicates[name] += 1
-                continue
-            seen.add(key)
-            groups.union(hs)
-            kept.append((name, s, hs))
+            else:
+                claims.append((name, s, hs))
+    kept: list[tuple[str, Sample, list[str]]] = []
+    for claims in by_request.values():
+        if len(claims) > 1:
+            for name, _, _ in claims:
+                conflicts[name] += 1
+            continue
+        groups.union(claims[0][2])
+        kept.append(claims[0])
 
     by_group: dict[str, list[int]] = defaultdict(list)
     for i, (_, _, hs) in enumerate(kept):
@@ -159,6 +168,7 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
         "counts": counts,
         "input_records": {e: len(v) for e, v in per_expert.items()},
         "duplicates_dropped": {e: duplicates[e] for e in per_expert},
+        "conflicts_dropped": {e: conflicts[e] for e in per_expert},
         "unused_for_balance": {e: unused[e] for e in per_expert},
         "imbalance_ratio": round(max(train_counts) / max(min(train_counts), 1), 3),
         "image_groups": len(order),
@@ -181,6 +191,11 @@ def load_label_map(path: str | Path) -> dict[str, int]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or sorted(data.values()) != list(range(len(data))):
+    indices = list(data.values()) if isinstance(data, dict) else []
+    if (
+        not isinstance(data, dict)
+        or not all(type(i) is int for i in indices)
+        or sorted(indices) != list(range(len(data)))
+    ):
         raise UserError(f"{path}: a label map must map each expert name to a distinct index 0..K-1")
     return data

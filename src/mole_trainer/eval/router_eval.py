@@ -56,6 +56,7 @@ def evaluate_router(
     dtype: str = "auto",
     ks: tuple[int, ...] = (1, 2),
     consistency: bool = False,
+    base_model: str | None = None,
 ) -> dict:
     """Score every test record in one forward pass per batch and write the JSON report.
 
@@ -65,7 +66,7 @@ def evaluate_router(
     from ..eval.metrics import router_report
     from ..infer.scoring import route_probs
 
-    model, processor, label_map, info = load_router(checkpoint, device, dtype)
+    model, processor, label_map, info = load_router(checkpoint, device, dtype, base_model)
     names = label_names(label_map)
     samples = load_routing_records(test_data, split, label_map)
     probs = route_probs(model, processor, samples, names, batch_size).numpy()

@@ -19,6 +19,7 @@ TASK_METRICS: dict[str, str] = {
     "action": "action_score",
     "chart_qa": "answer_score",
     "ocr": "char_similarity",
+    "text": "char_similarity",  # any other dataset: free text compared character by character
 }
 CLICK_RADIUS = 250  # distance in 0-1000 units at which click credit reaches 0
 
@@ -145,6 +146,7 @@ _SCORERS: dict[str, Callable[[str, str], float]] = {
     "action": action_score,
     "chart_qa": answer_score,
     "ocr": char_similarity,
+    "text": char_similarity,
 }
 
 

@@ -27,8 +27,15 @@ class StackedModel:
     """Base + router + experts, loaded from a deployment folder or URL."""
 
     def __init__(
-        self, deployment: str, device: str = "auto", dtype: str = "auto", cache_dir: str | None = None
+        self,
+        deployment: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        cache_dir: str | None = None,
+        base_model: str | None = None,
     ):
+        """Load a deployment; `base_model` replaces the recorded base (e.g. a deployment moved to
+        another machine, where the base lives at another path or under its hub id)."""
         from peft import PeftModel
 
         from ..deploy import load_deployment
@@ -38,7 +45,8 @@ class StackedModel:
         self.label_map = dep["label_map"]
         self.names = label_names(self.label_map)
         router_info = read_adapter_info(dep["router"], "router")
-        base = load_base(router_info["base_model"], dtype, device)
+        self.base_model = base_model or router_info["base_model"]
+        base = load_base(self.base_model, dtype, device)
         self.model = PeftModel.from_pretrained(base, dep["router"], adapter_name=ROUTER_ADAPTER).eval()
         self.processors = {}
         self.router_processor = self._processor(router_info, load_processor)
@@ -46,13 +54,18 @@ class StackedModel:
         for name in self.names:
             path = dep["experts"][name]
             info = read_adapter_info(path, "expert")
+            if info["base_model"] != router_info["base_model"]:
+                raise UserError(
+                    f"{path}: expert '{name}' was trained on {info['base_model']}, the router on "
+                    f"{router_info['base_model']}; one deployment serves one base"
+                )
             self.model.load_adapter(path, adapter_name=expert_adapter(name))
             self.expert_processor[name] = self._processor(info, load_processor)
-            self.max_new_tokens[name] = info.get("max_new_tokens", 64)
+            self.max_new_tokens[name] = info["max_new_tokens"]
         self.model.eval()
 
     def _processor(self, info: dict, load_processor):
-        key = (info["base_model"], info["min_pixels"], info["max_pixels"])
+        key = (self.base_model, info["min_pixels"], info["max_pixels"])
         if key not in self.processors:
             self.processors[key] = load_processor(*key)
         return self.processors[key]

@@ -29,12 +29,36 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'."""
+    """'auto' -> 'cuda' when available, else 'cpu'; a CUDA device without CUDA is a user error."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
     return device
+
+
+def processor_digest(path_or_hub_id: str) -> str:
+    """Identity of a base's processor: sha256 of its tokenizer/processor files, or the hub id itself.
+
+    Preprocessed data records it; training checks it, so token ids made by one tokenizer are never
+    trained on another base.
+    """
+    import hashlib
+
+    root = Path(path_or_hub_id)
+    if not root.is_dir():
+        return path_or_hub_id
+    h = hashlib.sha256()
+    for f in sorted(root.iterdir()):
+        if f.is_file() and any(
+            k in f.name for k in ("tokenizer", "processor", "chat_template", "vocab", "merges")
+        ):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def _check_source(path_or_hub_id: str) -> None:

@@ -5,19 +5,10 @@ from __future__ import annotations
 import re
 
 from ..config import LoraSpec
-from ..errors import UserError
-
-_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
-_MLP = {"gate_proj", "up_proj", "down_proj"}
 
 
 def target_regex(targets: list[str]) -> str:
-    """Regex matching the chosen projections inside the language-model layers only."""
-    unknown = [t for t in targets if t not in _ATTN | _MLP]
-    if unknown or not targets:
-        raise UserError(
-            f"lora.targets: unknown module(s) {unknown or '[]'}; choose from {sorted(_ATTN | _MLP)}"
-        )
+    """Regex matching the chosen projections (validated by LoraSpec) inside the language-model layers."""
     names = "|".join(re.escape(t) for t in targets)
     return rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
 

@@ -14,7 +14,8 @@ from ..adapter_info import write_adapter_info
 from ..config import LorasConfig, to_dict
 from ..data.formats import Sample, load_expert_dataset
 from ..data.preprocess import (
-    check_pixels,
+    check_compatible,
+    code_digest,
     dataset_digest,
     fingerprint,
     is_preprocessed,
@@ -26,6 +27,7 @@ from ..errors import UserError
 from ..eval.task_metrics import TASK_METRICS, score_many
 from ..infer.generate import generate
 from ..layout import PREPROCESS_META_FILE
+from ..model.loading import processor_digest
 
 EXPERT_INFO_FILE = "expert_info.json"
 DEFAULT_TASK = "text"  # records without metadata.task are scored by character similarity
@@ -43,7 +45,14 @@ def prepared_data(name: str, data: str, cache: Path, model: str, cfg: LorasConfi
             raise UserError(
                 f"{data}: expert '{name}' has no {split} records ({split}.jsonl missing or empty)"
             )
-    source = fingerprint(dataset_digest(data), model, cfg.image.min_pixels, cfg.image.max_pixels)
+    # the cache is reused only for the same data, processor, pixel budget and code
+    source = fingerprint(
+        dataset_digest(data),
+        processor_digest(model),
+        cfg.image.min_pixels,
+        cfg.image.max_pixels,
+        code_digest(),
+    )
     if (
         is_preprocessed(cache)
         and json.loads((cache / PREPROCESS_META_FILE).read_text()).get("source") == source
@@ -62,7 +71,9 @@ def task_score(samples: list[Sample], predictions: list[str]) -> dict:
         raise UserError(f"test records mix tasks {sorted(tasks)}: one expert dataset must have one task")
     (task,) = tasks
     if task not in TASK_METRICS:
-        task = DEFAULT_TASK
+        raise UserError(
+            f"{samples[0].source}: metadata.task '{task}' is not one of {', '.join(TASK_METRICS)}"
+        )
     return score_many(task, predictions, [s.answer for s in samples])
 
 
@@ -91,13 +102,13 @@ def train_experts(
         out = out_root / name
         prep = prepared_data(name, entry.data, out / "prep", cfg.base_model, cfg)
         meta, train = load_preprocessed(prep, "train")
-        check_pixels(meta, cfg.image, prep)
+        check_compatible(meta, "sft", cfg.base_model, cfg.image, prep)
         processor = load_processor(cfg.base_model, meta["min_pixels"], meta["max_pixels"])
         pad_id = processor.tokenizer.pad_token_id
         _, val = load_preprocessed(prep, "val")
         _, test = load_preprocessed(prep, "test")
-        if not train["examples"]:
-            raise UserError(f"{prep}: expert '{name}' has no training examples")
+        if not train["examples"] or not val["examples"]:
+            raise UserError(f"{prep}: expert '{name}' needs train and val examples (keep-best reads val)")
         test_samples = [sample_from_dict(d) for d in test["samples"]]
         if cfg.eval_records:
             test_samples = test_samples[: cfg.eval_records]

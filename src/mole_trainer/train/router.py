@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..adapter_info import write_adapter_info
 from ..config import RouterConfig, to_dict
-from ..data.preprocess import check_pixels, load_preprocessed, sample_from_dict
+from ..data.preprocess import check_compatible, load_preprocessed, sample_from_dict
 from ..errors import UserError
 from ..layout import LABEL_MAP_FILE
 from ..router_prompt import label_names
@@ -31,15 +31,10 @@ def train_router(
     from .loop import eval_loss, higher_is_better, train_loop
 
     meta, train = load_preprocessed(dataset_path, "train")
-    if meta["task"] != "router":
-        raise UserError(
-            f"{dataset_path}: preprocessed for task '{meta['task']}', expected 'router' "
-            "(run 'mole data preprocess --task router')"
-        )
+    check_compatible(meta, "router", cfg.base_model, cfg.image, dataset_path)
     _, val = load_preprocessed(dataset_path, "val")
     if not train["examples"] or not val["examples"]:
         raise UserError(f"{dataset_path}: the router needs train and val examples")
-    check_pixels(meta, cfg.image, dataset_path)
     label_map = meta["label_map"]
     names = label_names(label_map)
     spec = cfg.train
