@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workdir",
-        default=os.environ.get("MOLE_WORKDIR", "."),
+        default=None,
         help="folder holding the run history (history.sqlite); default $MOLE_WORKDIR or '.'",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="run the whole pipeline on the embedded default (tiny model, synthetic data)"
     )
-    demo.add_argument("--workdir", dest="demo_workdir", default="runs/demo", help="where everything goes")
+    demo.add_argument(
+        "--workdir",
+        dest="demo_workdir",
+        default=None,
+        help="where everything goes (default: the global --workdir if given, else runs/demo)",
+    )
     demo.add_argument(
         "--force", action="store_true", help="re-run every stage even if its inputs did not change"
     )
@@ -198,12 +203,15 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch parsed arguments to the stage functions."""
     from . import stages
 
-    wd = args.workdir
+    wd = args.workdir or os.environ.get("MOLE_WORKDIR") or "."
     cmd = (args.command, getattr(args, "action", None))
     if cmd[0] == "demo":
         from .pipeline import run_demo
 
-        run_demo(args.demo_workdir, force=args.force)
+        run_demo(
+            args.demo_workdir or args.workdir or os.environ.get("MOLE_WORKDIR") or "runs/demo",
+            force=args.force,
+        )
     elif cmd[0] == "init":
         from .configs import init_workdir
 
@@ -270,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
         from .history import History, format_runs_table
         from .layout import HISTORY_DB
 
-        runs = History(os.path.join(wd, HISTORY_DB)).runs(args.stage, None, args.limit)
+        db = os.path.join(wd, HISTORY_DB)
+        runs = History(db).runs(args.stage, None, args.limit) if os.path.exists(db) else []
         if args.json:
             _print_json(runs)
         else:

@@ -264,7 +264,7 @@ def deploy(checkpoint: str | Path, experts_dir: str | Path, dest: str, workdir: 
 
     from .adapter_info import find_adapter_dir, read_adapter_info
     from .deploy import deploy as run_deploy
-    from .train.experts import EXPERT_INFO_FILE
+    from .layout import EXPERT_INFO_FILE
 
     router = find_adapter_dir(checkpoint)
     label_map = read_adapter_info(router, "router")["label_map"]

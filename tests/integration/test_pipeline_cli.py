@@ -118,13 +118,15 @@ def test_experts_are_plain_peft_adapters(wd):
 def test_router_and_eval_report(wd):
     info = json.loads((wd / "checkpoints/router/router_info.json").read_text())
     assert 0.0 <= info["best"]["val_accuracy"] <= 1.0
+    first = json.loads((wd / "checkpoints/router/train_log.jsonl").read_text().splitlines()[0])
+    assert info["best"]["val_loss"] < first["val_loss"]  # four steps already teach the label format
     assert json.loads((wd / "checkpoints/router/adapter/label_map.json").read_text())["ocr"] == 3
     report = json.loads((wd / "eval/report.json").read_text())
     assert report["n"] == 12 and set(report["top_k"]) == {"1", "2"}
     assert report["top_k"]["2"] >= report["top_k"]["1"] == report["accuracy"]
     assert sum(map(sum, report["confusion"]["matrix"])) == 12
     consistency = report["consistency"]
-    assert set(consistency["perturbations"]) == {"jpeg", "resize", "brightness", "whitespace"}
+    assert set(consistency["perturbations"]) == {"jpeg", "resize", "brightness", "punctuation"}
     assert all(0 <= v <= 1 for v in [consistency["batch_invariance"], *consistency["perturbations"].values()])
     preds = (wd / "eval/report.predictions.jsonl").read_text().splitlines()
     assert len(preds) == 12

@@ -144,6 +144,7 @@ def test_history_show_on_empty_workdir(tmp_path, capsys):
     assert "no runs recorded" in capsys.readouterr().out
     assert main(["--workdir", str(tmp_path), "history", "show", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+    assert not (tmp_path / "history.sqlite").exists()  # reading creates nothing
 
 
 @pytest.mark.parametrize("preset", ["demo", "qwen3-vl-2b", "qwen3-vl-8b"])

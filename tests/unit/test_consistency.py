@@ -22,12 +22,9 @@ def test_perturbations_keep_the_request_and_change_the_input(tmp_path):
         with Image.open(q.images[0]) as im:
             im.load()
             assert im.size[0] <= 40
-    w = perturbed(s, "whitespace", tmp_path)
-    assert (
-        w.images == s.images
-        and w.instruction != s.instruction
-        and w.instruction.split() == s.instruction.split()
-    )
+    p = perturbed(s, "punctuation", tmp_path)
+    assert p.images == s.images and p.instruction == s.instruction + "."
+    assert perturbed(p, "punctuation", tmp_path).instruction == s.instruction
 
 
 def test_rates_count_unchanged_routes(tmp_path):
@@ -43,7 +40,7 @@ def test_rates_count_unchanged_routes(tmp_path):
 
     report = consistency_report(route, samples, [0, 0, 0, 0], batch_size=2)
     assert report["batch_invariance"] == 1.0
-    assert report["perturbations"] == {"jpeg": 1.0, "resize": 0.0, "brightness": 1.0, "whitespace": 1.0}
+    assert report["perturbations"] == {"jpeg": 1.0, "resize": 0.0, "brightness": 1.0, "punctuation": 1.0}
     assert report["perturbation_mean"] == 0.75
 
 

@@ -3,7 +3,9 @@
 An example is a dict of tensors (input_ids, attention_mask, mm_token_type_ids, labels,
 pixel_values, image_grid_thw). Only the assistant answer (and its end-of-turn token) is
 supervised; everything before it is masked with -100. The cache folder holds one `<split>.pt`
-per split and `meta.json` describing what made it, so training never re-runs the processor.
+per split and `meta.json` describing what made it (task, base, processor digest, pixel budget), so
+training steps never re-run the processor; only generation-based scoring (validation routing
+accuracy, expert task metrics) re-encodes the prompts of the records it scores.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..adapter_info import find_adapter_dir, read_adapter_info
 from ..data.formats import Sample, load_jsonl_samples
 from ..errors import UserError
+from ..layout import EVAL_REPORT_FILE
 from ..router_prompt import label_names
 
 
@@ -82,7 +83,7 @@ def evaluate_router(
     report["checkpoint"] = str(checkpoint)
     report["test_data"] = str(test_data)
     report["split"] = split
-    out = Path(output) if output else Path(checkpoint) / "eval_report.json"
+    out = Path(output) if output else Path(checkpoint) / EVAL_REPORT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     with out.with_suffix(".predictions.jsonl").open("w") as fh:

@@ -1,7 +1,8 @@
 """Router scoring: the log-probability of every label, for a batch of requests, in one forward pass.
 
-For each request the router prompt is encoded once (image processed once); each label's tokens plus
-the end-of-turn token are appended to make K rows that run through the model together. The sum of
+For each request the router prompt is encoded once (the image processor runs once); each label's
+tokens plus the end-of-turn token are appended to make K rows that run through the model together,
+so the vision tower sees the image K times (sharing the prompt's KV cache would remove that). The sum of
 the label-token log-probabilities gives a score per expert; a softmax over experts gives the
 routing distribution (top-k, calibration and abstention need a full distribution, not a sample).
 """

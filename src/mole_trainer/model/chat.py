@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# Qwen's 14 special tokens, in Qwen's order (their ids follow the BPE vocabulary in the tiny model).
+# Qwen's 14 special tokens, listed in Qwen's order (in the tiny model their ids follow the BPE vocabulary).
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",

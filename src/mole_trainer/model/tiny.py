@@ -45,7 +45,7 @@ _CORPUS_LINES = [
 class TinySpec:
     """Sizes of the tiny model; the defaults train a router and experts on a CPU in minutes."""
 
-    vocab_size: int = 1024  # BPE vocabulary before Qwen's special tokens
+    vocab_size: int = 1024  # BPE vocabulary cap before Qwen's special tokens (the small corpus stops earlier)
     hidden_size: int = 256
     intermediate_size: int = 512
     num_layers: int = 2

@@ -26,10 +26,9 @@ from ..data.preprocess import (
 from ..errors import UserError
 from ..eval.task_metrics import TASK_METRICS, score_many
 from ..infer.generate import generate
-from ..layout import PREPROCESS_META_FILE
+from ..layout import CHECKPOINTS_DIR, EXPERT_INFO_FILE, PREPROCESS_META_FILE, TRAIN_LOG_FILE
 from ..model.loading import processor_digest
 
-EXPERT_INFO_FILE = "expert_info.json"
 DEFAULT_TASK = "text"  # records without metadata.task are scored by character similarity
 
 
@@ -131,8 +130,8 @@ def train_experts(
             pad_id,
             evaluate,
             lower_is_better("val_loss", spec.min_delta),
-            out / "train_log.jsonl",
-            out / "checkpoints",
+            out / TRAIN_LOG_FILE,
+            out / CHECKPOINTS_DIR,
         )
         preds = generate(model, processor, test_samples, entry.max_new_tokens) if test_samples else []
         score = task_score(test_samples, preds) if test_samples else None

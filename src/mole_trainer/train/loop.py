@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import TrainSpec
-from ..data.preprocess import collate
+from ..data.preprocess import IGNORE_INDEX, collate
 
 
 @dataclass
@@ -172,7 +172,7 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += model(**batch).loss.item() * n
             tokens += n
     return total / max(tokens, 1)

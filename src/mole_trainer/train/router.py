@@ -14,10 +14,8 @@ from ..adapter_info import write_adapter_info
 from ..config import RouterConfig, to_dict
 from ..data.preprocess import check_compatible, load_preprocessed, sample_from_dict
 from ..errors import UserError
-from ..layout import LABEL_MAP_FILE
+from ..layout import CHECKPOINTS_DIR, LABEL_MAP_FILE, ROUTER_INFO_FILE, TRAIN_LOG_FILE
 from ..router_prompt import label_names
-
-ROUTER_INFO_FILE = "router_info.json"
 
 
 def train_router(
@@ -63,8 +61,8 @@ def train_router(
         pad_id,
         evaluate,
         higher_is_better("val_accuracy", spec.min_delta, tie_key="val_loss"),
-        out / "train_log.jsonl",
-        out / "checkpoints",
+        out / TRAIN_LOG_FILE,
+        out / CHECKPOINTS_DIR,
     )
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)
