@@ -78,10 +78,6 @@ class StageRunner:
         return result, fp
 
 
-def _config_text(path: Path) -> str:
-    return path.read_text()
-
-
 def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     """Run every stage on the tiny model and synthetic data; writes WORKDIR/summary.json."""
     from . import stages
@@ -119,7 +115,7 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     routing_stats, fp_routing = r.run(
         "routing",
         "build the routing dataset",
-        [fp_synth, _config_text(cfg_files["dataset.yaml"])],
+        [fp_synth, cfg_files["dataset.yaml"].read_text()],
         lambda: stages.data_routing(cfg_files["dataset.yaml"], wd.routing_file, root),
         [wd.routing_file],
     )
@@ -143,14 +139,14 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     experts, fp_experts = r.run(
         "experts",
         "train the expert LoRAs",
-        [fp_synth, fp_model, _config_text(cfg_files["loras.yaml"])],
+        [fp_synth, fp_model, cfg_files["loras.yaml"].read_text()],
         lambda: stages.train_experts(cfg_files["loras.yaml"], root, report=say),
         [experts_ckpt],
     )
     router, fp_router = r.run(
         "router",
         "train the router",
-        [fp_prep, _config_text(cfg_files["router.yaml"])],
+        [fp_prep, cfg_files["router.yaml"].read_text()],
         lambda: stages.train_router(prep_router, cfg_files["router.yaml"], root, report=say),
         [router_ckpt],
     )

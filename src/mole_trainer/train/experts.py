@@ -80,7 +80,6 @@ def train_experts(
     cfg: LorasConfig, only: list[str] | None = None, device: str = "auto", dtype: str = "auto", report=print
 ) -> dict:
     """Train every expert of the config (or `only` those); returns {expert: result dict}."""
-    import torch
 
     from ..model.loading import load_base, load_processor
     from ..model.lora import attach_lora, detach_lora
@@ -174,5 +173,4 @@ def train_experts(
         results[name] = info
         base = detach_lora(model)
         del model
-        torch.manual_seed(0)
     return results
