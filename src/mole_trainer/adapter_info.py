@@ -33,3 +33,12 @@ def read_adapter_info(adapter_dir: str | Path, role: str | None = None) -> dict:
     if role is not None and info.get("role") != role:
         raise UserError(f"{adapter_dir}: this adapter is a '{info.get('role')}', expected a '{role}'")
     return info
+
+
+def check_same_base(expert_info: dict, router_info: dict, where: str | Path) -> None:
+    """Router and experts of one deployment must be adapters of the same base model."""
+    if expert_info["base_model"] != router_info["base_model"]:
+        raise UserError(
+            f"{where}: expert '{expert_info.get('expert')}' was trained on {expert_info['base_model']}, the "
+            f"router on {router_info['base_model']}; one deployment serves one base"
+        )

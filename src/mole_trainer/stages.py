@@ -262,17 +262,18 @@ def deploy(checkpoint: str | Path, experts_dir: str | Path, dest: str, workdir: 
     """Deploy the router checkpoint and every expert it routes to into `dest`."""
     import json
 
-    from .adapter_info import find_adapter_dir, read_adapter_info
+    from .adapter_info import check_same_base, find_adapter_dir, read_adapter_info
     from .deploy import deploy as run_deploy
     from .layout import EXPERT_INFO_FILE
 
     router = find_adapter_dir(checkpoint)
-    label_map = read_adapter_info(router, "router")["label_map"]
+    router_info = read_adapter_info(router, "router")
+    label_map = router_info["label_map"]
     experts, metadata = {}, {}
     for name in label_map:
         folder = Path(experts_dir) / name
         experts[name] = str(find_adapter_dir(folder))
-        read_adapter_info(experts[name], "expert")
+        check_same_base(read_adapter_info(experts[name], "expert"), router_info, experts[name])
         info_file = folder / EXPERT_INFO_FILE
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         metadata[name] = {k: info.get(k) for k in ("metric", "value", "base_value", "data", "steps")}

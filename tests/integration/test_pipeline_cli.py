@@ -329,3 +329,49 @@ def test_wrong_artifacts_are_user_errors(wd, tmp_path, capsys):
         capsys.readouterr()
         assert main(["--workdir", str(tmp_path), *args]) == 2, args
         assert fragment in capsys.readouterr().err, args
+
+
+def test_moved_deployment_with_base_model_override_and_mixed_bases(wd, tmp_path, capsys):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(wd / "deploy", moved)
+    model_copy = tmp_path / "elsewhere/tiny"
+    shutil.copytree(wd / "model/tiny-qwen3-vl", model_copy)
+    image = next((wd / "data/experts/ocr/images").iterdir())
+    request = ["--image", str(image), "--prompt", "Read the note", "--max-new-tokens", "2"]
+    capsys.readouterr()
+    mole(tmp_path, "infer", "--deployment", str(moved), "--base-model", str(model_copy), *request)
+    assert capsys.readouterr().out.strip().split("\t")[1] in NAMES
+    # an expert trained on another base cannot join this deployment
+    info_path = moved / "loras/ocr/adapter/mole_adapter.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "base_model": "Qwen/Qwen3-VL-8B-Instruct"}))
+    from mole_trainer.deploy import deploy
+
+    # `mole deploy` refuses it ...
+    assert (
+        main(
+            [
+                "--workdir",
+                str(tmp_path),
+                "deploy",
+                "--checkpoint",
+                str(moved / "routing"),
+                "--experts",
+                str(moved / "loras"),
+                "--bucket",
+                str(tmp_path / "refused"),
+            ]
+        )
+        == 2
+    )
+    assert "one deployment serves one base" in capsys.readouterr().err
+    # ... and a deployment assembled by hand fails to load with the same message
+    experts = {n: str(moved / f"loras/{n}/adapter") for n in NAMES}
+    label_map = json.loads((moved / "label_map.json").read_text())
+    deploy(str(moved / "routing/adapter"), experts, label_map, str(tmp_path / "by-hand"))
+    assert (
+        main(["--workdir", str(tmp_path), "infer", "--deployment", str(tmp_path / "by-hand"), *request]) == 2
+    )
+    assert "one deployment serves one base" in capsys.readouterr().err

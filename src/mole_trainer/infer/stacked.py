@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..adapter_info import read_adapter_info
+from ..adapter_info import check_same_base, read_adapter_info
 from ..data.formats import Sample
 from ..errors import UserError
 from ..router_prompt import label_names
@@ -54,11 +54,7 @@ class StackedModel:
         for name in self.names:
             path = dep["experts"][name]
             info = read_adapter_info(path, "expert")
-            if info["base_model"] != router_info["base_model"]:
-                raise UserError(
-                    f"{path}: expert '{name}' was trained on {info['base_model']}, the router on "
-                    f"{router_info['base_model']}; one deployment serves one base"
-                )
+            check_same_base(info, router_info, path)
             self.model.load_adapter(path, adapter_name=expert_adapter(name))
             self.expert_processor[name] = self._processor(info, load_processor)
             self.max_new_tokens[name] = info["max_new_tokens"]
