@@ -67,8 +67,25 @@ def route_probs(model, processor, samples: list[Sample], names: list[str], batch
 
     label_ids = label_token_ids(processor.tokenizer, names)
     pad_id = processor.tokenizer.pad_token_id
-    out = []
-    for i in range(0, len(samples), batch_size):
-        prompts = encode_router_prompts(processor, samples[i : i + batch_size], names)
-        out.append(torch.softmax(score_encoded(model, prompts, label_ids, pad_id), dim=-1))
+    out = [
+        encoded_probs(
+            model,
+            encode_router_prompts(processor, samples[i : i + batch_size], names),
+            label_ids,
+            pad_id,
+            batch_size,
+        )
+        for i in range(0, len(samples), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, len(names))
+
+
+def encoded_probs(model, prompts: list[dict], label_ids: list[list[int]], pad_id: int, batch_size: int = 8):
+    """route_probs for prompts encoded beforehand (a validation set scored at every evaluation)."""
+    import torch
+
+    out = [
+        torch.softmax(score_encoded(model, prompts[i : i + batch_size], label_ids, pad_id), dim=-1)
+        for i in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0, len(label_ids))

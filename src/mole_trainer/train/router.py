@@ -23,7 +23,7 @@ def train_router(
 ) -> dict:
     """Train the router adapter on a preprocessed router dataset; returns the run summary."""
     from ..eval.metrics import accuracy
-    from ..infer.scoring import route_probs
+    from ..infer.scoring import encode_router_prompts, encoded_probs, label_token_ids
     from ..model.loading import load_base, load_processor
     from ..model.lora import attach_lora
     from .loop import eval_loss, higher_is_better, train_loop
@@ -44,8 +44,12 @@ def train_router(
         val_samples = val_samples[: cfg.eval_max_records]
     val_labels = [label_map[s.expert] for s in val_samples]
 
+    # encoded once: the processor would otherwise re-run on every validation image at every evaluation
+    val_prompts = encode_router_prompts(processor, val_samples, names)
+    label_ids = label_token_ids(processor.tokenizer, names)
+
     def evaluate():
-        probs = route_probs(model, processor, val_samples, names, spec.batch_size)
+        probs = encoded_probs(model, val_prompts, label_ids, pad_id, spec.batch_size)
         return {
             "val_loss": eval_loss(model, val["examples"], pad_id, spec.batch_size),
             "val_accuracy": accuracy(probs.numpy(), val_labels),
