@@ -150,22 +150,89 @@ class RouterConfig:
     eval_max_records: int = 0  # validation records scored at each evaluation (0 = all)
 
 
+ROUTING_STRATEGIES = ("balanced", "proportional")
+DEFAULT_TRAIN_PER_EXPERT = 100  # the equal share of the balanced strategy when not given
+DEFAULT_VAL_PER_EXPERT = 16  # when neither val_per_expert nor val_fraction is given
+
+
 @dataclass
 class ExpertSource:
-    """One expert dataset feeding the routing dataset."""
+    """One expert dataset feeding the routing dataset, with an optional train target.
+
+    `target` asks for that many train records; `weight` scales the strategy's share (the equal
+    share under `balanced`, the expert's own available records under `proportional`).
+    """
 
     path: str = ""
+    target: int | None = None
+    weight: float | None = None
+
+    def problems(self) -> dict[str, str]:
+        """Invalid values, by key."""
+        out = {}
+        if self.target is not None and self.weight is not None:
+            out["target"] = "give either target (a count) or weight (a factor), not both"
+        elif self.target is not None and self.target < 1:
+            out["target"] = "must be >= 1"
+        elif self.weight is not None and self.weight <= 0:
+            out["weight"] = "must be > 0"
+        return out
 
 
 @dataclass
 class DatasetConfig:
-    """dataset.yaml: which expert datasets make the routing dataset and how it is split."""
+    """dataset.yaml: which expert datasets make the routing dataset and how it is split.
+
+    Test and val records are taken per expert first (`test_per_expert`, then `val_per_expert`
+    records or `val_fraction` of what is left); the train split then follows `strategy`:
+    `balanced` gives every expert `train_per_expert` records (times its weight, or its own
+    target), `proportional` keeps each expert's available records (times its weight, or its
+    target). `max_records_per_expert` caps every expert's train records; `oversample` repeats
+    train records (seeded) to reach a target that the data cannot fill.
+    """
 
     experts: dict[str, ExpertSource] = field(default_factory=dict)
-    train_per_expert: int = 100
-    val_per_expert: int = 16
+    strategy: str = "balanced"
+    train_per_expert: int | None = None
+    max_records_per_expert: int | None = None
+    oversample: bool = False
+    val_per_expert: int | None = None
+    val_fraction: float | None = None
     test_per_expert: int = 24
     seed: int = 0
+
+    def problems(self) -> dict[str, str]:
+        """Invalid values, by key."""
+        out = {}
+        if self.strategy not in ROUTING_STRATEGIES:
+            out["strategy"] = f"must be one of {', '.join(ROUTING_STRATEGIES)}, got {self.strategy!r}"
+        elif self.strategy == "proportional" and self.train_per_expert is not None:
+            out["train_per_expert"] = (
+                "applies to strategy 'balanced' only; cap 'proportional' with max_records_per_expert"
+            )
+        if self.train_per_expert is not None and self.train_per_expert < 1:
+            out["train_per_expert"] = "must be >= 1"
+        if self.max_records_per_expert is not None and self.max_records_per_expert < 1:
+            out["max_records_per_expert"] = "must be >= 1"
+        if self.val_per_expert is not None and self.val_fraction is not None:
+            out["val_fraction"] = "give either val_per_expert (a count) or val_fraction, not both"
+        elif self.val_per_expert is not None and self.val_per_expert < 0:
+            out["val_per_expert"] = "must be >= 0"
+        elif self.val_fraction is not None and not 0 <= self.val_fraction < 1:
+            out["val_fraction"] = "must be in [0, 1)"
+        if self.test_per_expert < 0:
+            out["test_per_expert"] = "must be >= 0"
+        return out
+
+    def train_share(self) -> int:
+        """The equal per-expert train share of the balanced strategy."""
+        return DEFAULT_TRAIN_PER_EXPERT if self.train_per_expert is None else self.train_per_expert
+
+    def val_wanted(self, pool: int) -> int:
+        """Val records wanted for an expert with `pool` records left once its test records are taken."""
+        if self.val_fraction is not None:
+            return int(self.val_fraction * pool + 0.5)
+        return DEFAULT_VAL_PER_EXPERT if self.val_per_expert is None else self.val_per_expert
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from pathlib import Path
 
 # files inside artifacts
 LABEL_MAP_FILE = "label_map.json"
+ROUTING_STATS_SUFFIX = ".stats.json"  # beside a routing JSONL: routing_data.jsonl -> routing_data.stats.json
 MANIFEST_FILE = "manifest.json"
 DEPLOY_METADATA_FILE = "deploy_metadata.json"
 PREPROCESS_META_FILE = "meta.json"

@@ -1,24 +1,30 @@
-"""Building the routing dataset: expert datasets merged, balanced, split image-disjointly, labelled.
+"""Building the routing dataset: expert datasets merged, split image-disjointly, sampled, labelled.
 
 Records are grouped by the sha256 of their image bytes (records sharing any image form one group,
 even across experts or under different file names), and whole groups go to one split, so no image
 straddles train/val/test. Group order comes from the hashes and the seed, never from file order.
-Images are stored once, content-addressed (`images/<sha256>.<ext>`), beside the output file, with
-the label map (sorted expert names -> 0..K-1), the one source of expert names and indices.
+Test and val records are taken per expert first; the train split then follows the config's
+strategy (`balanced` or `proportional`), per-expert targets or weights, the cap and, with
+`oversample`, seeded repeats of train records (repeats never leave the train split). Images are
+stored once, content-addressed (`images/<sha256>.<ext>`), beside the output file, with the label
+map (sorted expert names -> 0..K-1), the one source of expert names and indices, and the stats.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import random
 import re
 import shutil
 from collections import defaultdict
+from fractions import Fraction
 from pathlib import Path
 
 from ..config import DatasetConfig
 from ..errors import UserError
-from ..layout import LABEL_MAP_FILE, SPLITS
+from ..layout import LABEL_MAP_FILE, ROUTING_STATS_SUFFIX, SPLITS
 from .formats import Sample, load_expert_dataset, sample_to_record, write_jsonl
 
 EXPERT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -62,10 +68,21 @@ class _Groups:
             self.parent[r] = roots[0]
 
 
+def routing_stats_path(output: str | Path) -> Path:
+    """The stats JSON written beside a routing JSONL."""
+    return Path(output).with_suffix(ROUTING_STATS_SUFFIX)
+
+
 def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = "dataset config") -> dict:
-    """Write the routing JSONL, images, label map and stats; return the stats."""
+    """Write the routing JSONL, images, label map and stats; return the stats.
+
+    Every input record is accounted for: kept (train, val or test), dropped as an exact
+    duplicate, dropped as a conflict (the same request claimed by two experts) or left unused by
+    the train sampling; oversampled repeats are counted apart.
+    """
     if not cfg.experts:
         raise UserError(f"{source}: 'experts' lists no expert datasets")
+    _check_values(cfg, source)
     output = Path(output)
     per_expert: dict[str, list[Sample]] = {}
     for name, src in cfg.experts.items():
@@ -76,13 +93,161 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
         per_expert[name] = [s for split in SPLITS for s in splits[split]]
         if not per_expert[name]:
             raise UserError(f"{source}: experts.{name}: no records in {src.path}")
+        _check_unique_ids(per_expert[name], f"{source}: experts.{name}")
 
-    hashes: dict[Path, str] = {}
+    kept, duplicates, conflicts = _drop_duplicates_and_conflicts(per_expert)
     groups = _Groups()
+    for _, _, hs in kept:
+        groups.union(hs)
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, (_, _, hs) in enumerate(kept):
+        by_group[groups.find(hs[0])].append(i)
+    order = sorted(by_group, key=lambda g: hashlib.sha256(f"{cfg.seed}:{g}".encode()).hexdigest())
+    rank = {g: r for r, g in enumerate(order)}
+
+    # test, then val, per expert: a group goes to a split only while all of its experts want more
+    n_kept = {e: 0 for e in per_expert}
+    for name, _, _ in kept:
+        n_kept[name] += 1
+    want = {
+        "test": {e: cfg.test_per_expert for e in per_expert},
+        "val": {e: cfg.val_wanted(max(n_kept[e] - cfg.test_per_expert, 0)) for e in per_expert},
+    }
+    have = {split: defaultdict(int) for split in SPLITS}
+    split_of: dict[int, str] = {}
+    for g in order:
+        members = by_group[g]
+        experts = {kept[i][0] for i in members}
+        split = next(
+            (sp for sp in ("test", "val") if all(have[sp][e] < want[sp][e] for e in experts)), "train"
+        )
+        for i in members:
+            split_of[i] = split
+            have[split][kept[i][0]] += 1
+
+    # train candidates of each expert in the seeded group order
+    candidates: dict[str, list[int]] = {e: [] for e in per_expert}
+    for i in sorted(split_of, key=lambda i: (rank[groups.find(kept[i][2][0])], kept[i][1].id)):
+        if split_of[i] == "train":
+            candidates[kept[i][0]].append(i)
+    available = {e: len(c) for e, c in candidates.items()}
+    targets = _train_targets(cfg, available)
+    n_train, warnings = _train_counts(cfg, targets, available)
+
+    images_dir = output.parent / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    unused = {e: 0 for e in per_expert}
+    oversampled = {e: 0 for e in per_expert}
+    chosen = [i for i, sp in split_of.items() if sp != "train"]
+    repeats: list[tuple[int, int]] = []  # (record index, repeat number)
+    for e, cands in candidates.items():
+        n = n_train[e]
+        chosen.extend(cands[:n])
+        unused[e] = max(len(cands) - n, 0)
+        if n > len(cands) and cands:
+            # seeded order of repeats: every candidate once per round, rounds until the target
+            rng = random.Random(f"{cfg.seed}:{e}")
+            shuffled = list(cands)
+            rng.shuffle(shuffled)
+            extra = n - len(cands)
+            repeats.extend((shuffled[j % len(cands)], j // len(cands) + 1) for j in range(extra))
+            oversampled[e] = extra
+    for i, repeat in [(i, 0) for i in chosen] + repeats:
+        name, s, hs = kept[i]
+        rel = []
+        for p, h in zip(s.images, hs, strict=True):
+            dest = images_dir / f"{h}{p.suffix.lower()}"
+            if not dest.exists():
+                shutil.copyfile(p, dest)
+            rel.append(f"images/{dest.name}")
+        metadata = {**s.metadata, "source": s.source, "source_id": s.id}
+        if repeat:
+            metadata["oversample_repeat"] = repeat
+        rec_sample = Sample(
+            id=f"{name}/{s.id}" + (f"#repeat{repeat}" if repeat else ""),
+            images=s.images,
+            instruction=s.instruction,
+            answer=s.answer,
+            metadata=metadata,
+            expert=name,
+            split=split_of[i],
+        )
+        records.append(sample_to_record(rec_sample, rel))
+    records.sort(key=lambda r: (SPLITS.index(r["split"]), r["expert"], r["id"]))
+    write_jsonl(output, records)
+    label_map = make_label_map(list(per_expert))
+    (output.parent / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n")
+
+    counts = {e: {sp: 0 for sp in SPLITS} for e in per_expert}
+    for r in records:
+        counts[r["expert"]][r["split"]] += 1
+    train_counts = [c["train"] for c in counts.values()]
+    stats = {
+        "output": str(output),
+        "records": len(records),
+        "label_map": label_map,
+        "strategy": cfg.strategy,
+        "oversample": cfg.oversample,
+        "seed": cfg.seed,
+        "counts": counts,
+        "input_records": {e: len(v) for e, v in per_expert.items()},
+        "duplicates_dropped": {e: duplicates[e] for e in per_expert},
+        "conflicts_dropped": {e: conflicts[e] for e in per_expert},
+        "train_available": available,
+        "train_targets": targets,
+        "unused_for_balance": unused,
+        "oversampled": oversampled,
+        "imbalance_ratio": round(max(train_counts) / min(train_counts), 3) if min(train_counts) else None,
+        "image_groups": len(order),
+    }
+    for e in per_expert:
+        unique = counts[e]["train"] - oversampled[e] + counts[e]["val"] + counts[e]["test"]
+        lost = duplicates[e] + conflicts[e] + unused[e]
+        if unique + lost != len(per_expert[e]):  # a bug in this module, never a user mistake
+            raise RuntimeError(
+                f"routing counts of {e} do not reconcile: {unique} + {lost} != {len(per_expert[e])}"
+            )
+        short = [sp for sp in ("val", "test") if counts[e][sp] < want[sp][e]]
+        if short:
+            warnings.append(f"{e}: fewer {'/'.join(short)} records than asked")
+    if stats["imbalance_ratio"] is None:
+        warnings.append("an expert has no train records (imbalance ratio undefined)")
+    if warnings:
+        stats["warnings"] = warnings
+    routing_stats_path(output).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def _check_values(cfg: DatasetConfig, source: str) -> None:
+    """The config's value checks, also for configs built in code rather than loaded from a file."""
+    problems = {k: v for k, v in cfg.problems().items()}
+    for name, src in cfg.experts.items():
+        problems.update({f"experts.{name}.{k}": v for k, v in src.problems().items()})
+    if problems:
+        raise UserError(f"{source}: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
+
+
+def _check_unique_ids(samples: list[Sample], where: str) -> None:
+    """Routing ids are '<expert>/<id>', so an id may appear once across an expert's split files."""
+    seen: dict[str, str] = {}
+    for s in samples:
+        if s.id in seen:
+            raise UserError(f"{where}: id '{s.id}' appears twice ({seen[s.id]} and {s.source})")
+        seen[s.id] = s.source
+
+
+def _drop_duplicates_and_conflicts(
+    per_expert: dict[str, list[Sample]],
+) -> tuple[list[tuple[str, Sample, list[str]]], dict[str, int], dict[str, int]]:
+    """Kept (expert, sample, image hashes) and, per expert, duplicates and conflicts dropped.
+
+    The same (image bytes, instruction) is one request: kept once, and dropped everywhere when two
+    experts claim it (its label would contradict itself).
+    """
+    hashes: dict[Path, str] = {}
     duplicates: dict[str, int] = defaultdict(int)
     conflicts: dict[str, int] = defaultdict(int)
-    # the same (image, instruction) is one request: kept once, and dropped everywhere when two
-    # experts claim it (its label would contradict itself)
     by_request: dict[tuple, list[tuple[str, Sample, list[str]]]] = {}
     for name, samples in per_expert.items():
         for s in samples:
@@ -93,93 +258,69 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
                 duplicates[name] += 1
             else:
                 claims.append((name, s, hs))
-    kept: list[tuple[str, Sample, list[str]]] = []
+    kept = []
     for claims in by_request.values():
         if len(claims) > 1:
             for name, _, _ in claims:
                 conflicts[name] += 1
-            continue
-        groups.union(claims[0][2])
-        kept.append(claims[0])
+        else:
+            kept.append(claims[0])
+    return kept, duplicates, conflicts
 
-    by_group: dict[str, list[int]] = defaultdict(list)
-    for i, (_, _, hs) in enumerate(kept):
-        by_group[groups.find(hs[0])].append(i)
-    order = sorted(by_group, key=lambda g: hashlib.sha256(f"{cfg.seed}:{g}".encode()).hexdigest())
 
-    want = {"test": cfg.test_per_expert, "val": cfg.val_per_expert}
-    have = {split: defaultdict(int) for split in SPLITS}
-    split_of: dict[int, str] = {}
-    for g in order:
-        members = by_group[g]
-        experts = {kept[i][0] for i in members}
-        split = next((sp for sp in ("test", "val") if all(have[sp][e] < want[sp] for e in experts)), "train")
-        for i in members:
-            split_of[i] = split
-            have[split][kept[i][0]] += 1
+def _train_targets(cfg: DatasetConfig, available: dict[str, int]) -> dict[str, int]:
+    """Train records wanted per expert: strategy share, times weight or replaced by target, capped."""
+    out = {}
+    for e, src in cfg.experts.items():
+        base = cfg.train_share() if cfg.strategy == "balanced" else available[e]
+        if src.target is not None:
+            t = src.target
+        elif src.weight is not None:
+            t = int(base * src.weight + 0.5)
+        else:
+            t = base
+        if cfg.max_records_per_expert is not None:
+            t = min(t, cfg.max_records_per_expert)
+        out[e] = t
+    return out
 
-    # balanced train split: the same number of records for every expert
-    available = {e: have["train"][e] for e in per_expert}
-    n_train = min(cfg.train_per_expert, *available.values())
-    taken: dict[str, int] = defaultdict(int)
-    unused: dict[str, int] = defaultdict(int)
-    records = []
-    images_dir = output.parent / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    rank = {g: r for r, g in enumerate(order)}
-    for i in sorted(split_of, key=lambda i: (kept[i][0], rank[groups.find(kept[i][2][0])], kept[i][1].id)):
-        name, s, hs = kept[i]
-        split = split_of[i]
-        if split == "train":
-            if taken[name] >= n_train:
-                unused[name] += 1
-                continue
-            taken[name] += 1
-        rel = []
-        for p, h in zip(s.images, hs, strict=True):
-            dest = images_dir / f"{h}{p.suffix.lower()}"
-            if not dest.exists():
-                shutil.copyfile(p, dest)
-            rel.append(f"images/{dest.name}")
-        rec_sample = Sample(
-            id=f"{name}/{s.id}",
-            images=s.images,
-            instruction=s.instruction,
-            answer=s.answer,
-            metadata={**s.metadata, "source": s.source, "source_id": s.id},
-            expert=name,
-            split=split,
-        )
-        records.append(sample_to_record(rec_sample, rel))
-    records.sort(key=lambda r: (SPLITS.index(r["split"]), r["expert"], r["id"]))
-    write_jsonl(output, records)
-    label_map = make_label_map(list(per_expert))
-    (output.parent / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n")
 
-    counts = {
-        e: {sp: sum(1 for r in records if r["expert"] == e and r["split"] == sp) for sp in SPLITS}
-        for e in per_expert
-    }
-    train_counts = [c["train"] for c in counts.values()]
-    stats = {
-        "output": str(output),
-        "records": len(records),
-        "label_map": label_map,
-        "counts": counts,
-        "input_records": {e: len(v) for e, v in per_expert.items()},
-        "duplicates_dropped": {e: duplicates[e] for e in per_expert},
-        "conflicts_dropped": {e: conflicts[e] for e in per_expert},
-        "unused_for_balance": {e: unused[e] for e in per_expert},
-        "imbalance_ratio": round(max(train_counts) / max(min(train_counts), 1), 3),
-        "image_groups": len(order),
-        "seed": cfg.seed,
-    }
-    for e in per_expert:
-        short = [sp for sp in ("val", "test") if counts[e][sp] < want[sp]]
-        if short:
-            stats.setdefault("warnings", []).append(f"{e}: fewer {'/'.join(short)} records than asked")
-    output.with_suffix(".stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
+def _train_counts(
+    cfg: DatasetConfig, targets: dict[str, int], available: dict[str, int]
+) -> tuple[dict[str, int], list[str]]:
+    """Train records per expert (repeats included) and warnings about targets not reached.
+
+    With `oversample`, every target is reached (when the expert has any train record). Without,
+    `balanced` scales every target by the same factor so that the expert shortest of its target
+    fills it with all it has (equal targets stay equal); `proportional` takes what each has.
+    """
+    warnings = []
+    if cfg.oversample:
+        counts = {e: t if available[e] else 0 for e, t in targets.items()}
+        warnings += [
+            f"{e}: no train records to oversample" for e, t in targets.items() if t and not available[e]
+        ]
+        return counts, warnings
+    if cfg.strategy == "balanced":
+        scale = min([Fraction(1)] + [Fraction(available[e], t) for e, t in targets.items() if t])
+        counts = {e: math.floor(t * scale) for e, t in targets.items()}
+        if scale < 1:
+            short = min(
+                (e for e, t in targets.items() if t), key=lambda e: Fraction(available[e], targets[e])
+            )
+            warnings.append(
+                f"balanced: train targets scaled by {float(scale):.3f} because {short} has "
+                f"{available[short]} train records for a target of {targets[short]} "
+                "(set oversample: true to repeat records instead)"
+            )
+        return counts, warnings
+    counts = {e: min(t, available[e]) for e, t in targets.items()}
+    warnings += [
+        f"{e}: {available[e]} train records for a target of {t} (set oversample: true to repeat records)"
+        for e, t in targets.items()
+        if t > available[e]
+    ]
+    return counts, warnings
 
 
 def load_label_map(path: str | Path) -> dict[str, int]:
