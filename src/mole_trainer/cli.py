@@ -13,6 +13,8 @@ import sys
 
 from .errors import UserError
 
+RESUME_HELP = "continue from the newest checkpoint in the output folder (exactly, as if never stopped)"
+
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -139,10 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     experts = train.add_parser("experts", help="train one LoRA per expert of loras.yaml")
     experts.add_argument("--config", required=True, help="loras.yaml")
     experts.add_argument("--only", type=_csv, default=None, help="comma-separated subset of experts")
+    experts.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    experts.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="train all experts together in one pass over one copy of the base (one batch mixes them)",
+    )
     device_opts(experts)
     router = train.add_parser("router", help="train the router adapter")
     router.add_argument("--dataset-path", required=True, help="preprocessed router dataset folder")
     router.add_argument("--config", required=True, help="router.yaml")
+    router.add_argument("--resume", action="store_true", help=RESUME_HELP)
     device_opts(router)
 
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(
@@ -243,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
         )
         _print_json(meta)
     elif cmd == ("train", "experts"):
-        results = stages.train_experts(args.config, wd, args.only, args.device, args.dtype)
+        results = stages.train_experts(
+            args.config, wd, args.only, args.device, args.dtype, resume=args.resume, concurrent=args.concurrent
+        )
         _print_json(
             {
                 n: {k: r[k] for k in ("adapter", "metric", "value", "base_value", "best_val_loss")}
@@ -251,7 +262,9 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     elif cmd == ("train", "router"):
-        info = stages.train_router(args.dataset_path, args.config, wd, args.device, args.dtype)
+        info = stages.train_router(
+            args.dataset_path, args.config, wd, args.device, args.dtype, resume=args.resume
+        )
         _print_json({k: info[k] for k in ("adapter", "best", "best_step", "steps", "label_map")})
     elif cmd == ("eval", "router"):
         from .eval.report import format_router_report

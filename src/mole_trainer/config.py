@@ -60,12 +60,15 @@ class TrainSpec:
     patience: int = 0  # evaluations without improvement before stopping; 0 disables
     min_delta: float = 0.0
     seed: int = 0
+    save_every: int = 0  # optimiser steps between resumable checkpoints; 0 = at every evaluation
+    keep_checkpoints: int = 2  # newest resumable checkpoints kept (the best adapter is kept apart)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
 
     def problems(self) -> dict[str, str]:
         """Invalid values, by key."""
         out = {
             k: "must be >= 1"
-            for k in ("steps", "batch_size", "grad_accum", "eval_every")
+            for k in ("steps", "batch_size", "grad_accum", "eval_every", "keep_checkpoints")
             if getattr(self, k) < 1
         }
         if self.lr <= 0:
@@ -76,6 +79,8 @@ class TrainSpec:
             out["schedule"] = "must be 'cosine' or 'constant'"
         if self.patience < 0:
             out["patience"] = "must be >= 0"
+        if self.save_every < 0:
+            out["save_every"] = "must be >= 0 (0 = at every evaluation)"
         return out
 
 
@@ -148,6 +153,7 @@ class RouterConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     eval_max_records: int = 0  # validation records scored at each evaluation (0 = all)
+    class_balanced: bool = False  # sample training records in inverse proportion to their expert's count
 
 
 ROUTING_STRATEGIES = ("balanced", "proportional")

@@ -19,6 +19,18 @@ def _db(workdir: str | Path) -> Path:
     return Path(workdir) / HISTORY_DB
 
 
+def _record_run(workdir: str | Path, stage: str, config: dict, digest: str):
+    """record_run on rank 0; under torchrun the other ranks record nothing (one row per run)."""
+    from contextlib import nullcontext
+
+    from .history import RunRecord
+    from .train.distributed import env_rank
+
+    if env_rank() != 0:
+        return nullcontext(RunRecord(run_id=""))
+    return record_run(_db(workdir), stage, config, digest)
+
+
 def data_hash(*paths: str | Path) -> str:
     """sha256 over the given inputs (files by bytes, folders by every file's name and bytes)."""
     import hashlib
@@ -168,8 +180,13 @@ def train_experts(
     device: str = "auto",
     dtype: str = "auto",
     report=print,
+    resume: bool = False,
+    concurrent: bool = False,
 ) -> dict:
-    """Train the expert LoRAs of loras.yaml."""
+    """Train the expert LoRAs of loras.yaml (continuing from their checkpoints with `resume`).
+
+    With `concurrent`, all experts train together in one pass over one copy of the base.
+    """
     from .train.experts import train_experts as run_experts
 
     cfg = load_config(config, LorasConfig)
@@ -178,8 +195,8 @@ def train_experts(
         if entry is not None and (not entry.data or not Path(entry.data).is_dir()):
             raise UserError(f"{config}: experts.{name}.data: folder {entry.data or '(empty)'} not found")
     digest = data_hash(*(cfg.experts[n].data for n in only or cfg.experts if n in cfg.experts))
-    with record_run(_db(workdir), "train.experts", to_dict(cfg), digest) as run:
-        results = run_experts(cfg, only, device, dtype, report)
+    with _record_run(workdir, "train.experts", {**to_dict(cfg), "concurrent": concurrent}, digest) as run:
+        results = run_experts(cfg, only, device, dtype, report, resume=resume, concurrent=concurrent)
         for name, r in results.items():
             run.metrics[f"{name}.{r['metric']}"] = r["value"]
             run.metrics[f"{name}.base_{r['metric']}"] = r["base_value"]
@@ -195,16 +212,17 @@ def train_router(
     device: str = "auto",
     dtype: str = "auto",
     report=print,
+    resume: bool = False,
 ) -> dict:
-    """Train the router adapter on a preprocessed router dataset."""
+    """Train the router adapter on a preprocessed router dataset (from its checkpoint with `resume`)."""
     from .train.router import train_router as run_router
 
     cfg = load_config(config, RouterConfig)
     if not Path(dataset_path).is_dir():
         raise UserError(f"{dataset_path}: preprocessed router dataset not found")
     config_record = {**to_dict(cfg), "dataset": str(dataset_path)}
-    with record_run(_db(workdir), "train.router", config_record, data_hash(dataset_path)) as run:
-        info = run_router(dataset_path, cfg, device, dtype, report)
+    with _record_run(workdir, "train.router", config_record, data_hash(dataset_path)) as run:
+        info = run_router(dataset_path, cfg, device, dtype, report, resume=resume)
         run.metrics.update(info["best"])
         run.artifacts["adapter"] = info["adapter"]
     return info

@@ -26,7 +26,7 @@ from ..data.preprocess import (
 from ..errors import UserError
 from ..eval.task_metrics import TASK_METRICS, score_many
 from ..infer.generate import generate
-from ..layout import CHECKPOINTS_DIR, EXPERT_INFO_FILE, PREPROCESS_META_FILE, TRAIN_LOG_FILE
+from ..layout import CHECKPOINTS_DIR, EXPERT_INFO_FILE, PREPROCESS_META_FILE, TENSORBOARD_DIR, TRAIN_LOG_FILE
 from ..model.loading import processor_digest
 
 DEFAULT_TASK = "text"  # records without metadata.task are scored by character similarity
@@ -91,66 +91,147 @@ def train_experts(
         raise UserError(f"unknown expert(s) {missing}; the config has {list(cfg.experts)}")
     if not names:
         raise UserError("the config lists no experts")
-    out_root = Path(cfg.output_dir)
+    return names
+
+
+def prepare_expert(cfg: LorasConfig, name: str) -> ExpertJob:
+    """Preprocess (or reuse) an expert's data, check it against the config and load its splits."""
+    from ..model.loading import load_processor
+
+    entry = cfg.experts[name]
+    lora, spec = cfg.resolved(name)
+    out = Path(cfg.output_dir) / name
+    prep = prepared_data(name, entry.data, out / "prep", cfg.base_model, cfg)
+    meta, train = load_preprocessed(prep, "train")
+    check_compatible(meta, "sft", cfg.base_model, cfg.image, prep)
+    processor = load_processor(cfg.base_model, meta["min_pixels"], meta["max_pixels"])
+    _, val = load_preprocessed(prep, "val")
+    _, test = load_preprocessed(prep, "test")
+    if not train["examples"] or not val["examples"]:
+        raise UserError(f"{prep}: expert '{name}' needs train and val examples (keep-best reads val)")
+    test_samples = [sample_from_dict(d) for d in test["samples"]]
+    if cfg.eval_records:
+        test_samples = test_samples[: cfg.eval_records]
+    return ExpertJob(
+        name,
+        entry,
+        lora,
+        spec,
+        out,
+        meta,
+        train["examples"],
+        val["examples"],
+        test_samples,
+        processor,
+        processor.tokenizer.pad_token_id,
+    )
+
+
+def score_base(base, job: ExpertJob, report=print) -> None:
+    """Score the untrained base on the expert's test records (stored on the job)."""
+    report(f"[{job.name}] scoring the untrained base on {len(job.test_samples)} test records")
+    if job.test_samples:
+        job.base_preds = generate(base, job.processor, job.test_samples, job.entry.max_new_tokens)
+        job.base_score = task_score(job.test_samples, job.base_preds)
+
+
+def score_and_save(model, job: ExpertJob, cfg: LorasConfig, stats: dict, report=print) -> dict:
+    """Score the trained expert (a PEFT model), save its adapter + metadata; returns expert_info.
+
+    `stats` holds the training figures: steps, best_step, best_val_loss, stopped_early,
+    train_seconds, samples_per_s (and whatever else the caller records, e.g. the mode).
+    """
+    samples = job.test_samples
+    preds = generate(model, job.processor, samples, job.entry.max_new_tokens) if samples else []
+    score = task_score(samples, preds) if samples else None
+    adapter_dir = job.out / "adapter"
+    model.save_pretrained(adapter_dir)
+    write_adapter_info(
+        adapter_dir,
+        {
+            "role": "expert",
+            "expert": job.name,
+            "base_model": cfg.base_model,
+            "min_pixels": job.meta["min_pixels"],
+            "max_pixels": job.meta["max_pixels"],
+            "max_new_tokens": job.entry.max_new_tokens,
+        },
+    )
+    info = {
+        "expert": job.name,
+        "data": job.entry.data,
+        "adapter": str(adapter_dir),
+        **stats,
+        "metric": score["metric"] if score else None,
+        "value": score["value"] if score else None,
+        "base_value": job.base_score["value"] if job.base_score else None,
+        "test_records": len(samples),
+        "examples": [
+            {"id": s.id, "reference": s.answer, "base": b, "expert": p}
+            for s, b, p in list(zip(samples, job.base_preds, preds, strict=True))[:5]
+        ],
+        "lora": to_dict(job.lora),
+        "train": to_dict(job.spec),
+    }
+    (job.out / EXPERT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    report(f"[{job.name}] {info['metric']}: base {info['base_value']} -> expert {info['value']}")
+    return info
+
+
+def train_experts(
+    cfg: LorasConfig,
+    only: list[str] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    report=print,
+    resume: bool = False,
+    concurrent: bool = False,
+) -> dict:
+    """Train every expert of the config (or `only` those); returns {expert: result dict}.
+
+    With `resume`, each expert continues from the newest checkpoint in its output folder (an
+    expert whose run had finished is restored from its final checkpoint without training).
+    With `concurrent`, all experts train together in one pass over one base (train/concurrent.py).
+    """
+    names = expert_names(cfg, only)
+    if concurrent:
+        if resume:
+            raise UserError("--resume is not supported with --concurrent (train them again, or sequentially)")
+        from .concurrent import train_experts_concurrent
+
+        return train_experts_concurrent(cfg, names, device, dtype, report)
+
+    from ..model.loading import load_base
+    from ..model.lora import attach_lora, detach_lora
+    from .loop import eval_loss, lower_is_better, train_loop
+
     base = load_base(cfg.base_model, dtype, device)
     results = {}
     for name in names:
-        entry = cfg.experts[name]
-        lora, spec = cfg.resolved(name)
-        out = out_root / name
-        prep = prepared_data(name, entry.data, out / "prep", cfg.base_model, cfg)
-        meta, train = load_preprocessed(prep, "train")
-        check_compatible(meta, "sft", cfg.base_model, cfg.image, prep)
-        processor = load_processor(cfg.base_model, meta["min_pixels"], meta["max_pixels"])
-        pad_id = processor.tokenizer.pad_token_id
-        _, val = load_preprocessed(prep, "val")
-        _, test = load_preprocessed(prep, "test")
-        if not train["examples"] or not val["examples"]:
-            raise UserError(f"{prep}: expert '{name}' needs train and val examples (keep-best reads val)")
-        test_samples = [sample_from_dict(d) for d in test["samples"]]
-        if cfg.eval_records:
-            test_samples = test_samples[: cfg.eval_records]
-        report(f"[{name}] scoring the untrained base on {len(test_samples)} test records")
-        base_preds = generate(base, processor, test_samples, entry.max_new_tokens) if test_samples else []
-        base_score = task_score(test_samples, base_preds) if test_samples else None
+        job = prepare_expert(cfg, name)
+        score_base(base, job, report)
+        spec = job.spec
+        model = attach_lora(base, job.lora, spec.seed)
 
-        model = attach_lora(base, lora, spec.seed)
-        val_examples = val["examples"]
-
-        def evaluate(model=model, val_examples=val_examples, spec=spec, pad_id=pad_id):
-            return {"val_loss": eval_loss(model, val_examples, pad_id, spec.batch_size)}
+        def evaluate(model=model, job=job):
+            return {"val_loss": eval_loss(model, job.val_examples, job.pad_id, job.spec.batch_size)}
 
         report(f"[{name}] training {spec.steps} steps, batch {spec.batch_size}x{spec.grad_accum}")
-        out.mkdir(parents=True, exist_ok=True)
+        job.out.mkdir(parents=True, exist_ok=True)
         result = train_loop(
             model,
-            train["examples"],
+            job.train_examples,
             spec,
-            pad_id,
+            job.pad_id,
             evaluate,
             lower_is_better("val_loss", spec.min_delta),
-            out / TRAIN_LOG_FILE,
-            out / CHECKPOINTS_DIR,
+            job.out / TRAIN_LOG_FILE,
+            job.out / CHECKPOINTS_DIR,
+            resume=resume,
+            tensorboard_dir=job.out / TENSORBOARD_DIR,
+            report=report,
         )
-        preds = generate(model, processor, test_samples, entry.max_new_tokens) if test_samples else []
-        score = task_score(test_samples, preds) if test_samples else None
-        adapter_dir = out / "adapter"
-        model.save_pretrained(adapter_dir)
-        write_adapter_info(
-            adapter_dir,
-            {
-                "role": "expert",
-                "expert": name,
-                "base_model": cfg.base_model,
-                "min_pixels": meta["min_pixels"],
-                "max_pixels": meta["max_pixels"],
-                "max_new_tokens": entry.max_new_tokens,
-            },
-        )
-        info = {
-            "expert": name,
-            "data": entry.data,
-            "adapter": str(adapter_dir),
+        stats = {
             "steps": result.steps,
             "best_step": result.best_step,
             "best_val_loss": result.best_metrics["val_loss"],

@@ -3,6 +3,8 @@
 Gradient accumulation, warmup + cosine or constant schedule, gradient clipping, evaluation every
 N optimiser steps, early stopping (patience, min delta) and keep-best on a chosen metric. Only the
 trainable (LoRA) parameters are optimised; the best ones are kept in memory and restored at the end.
+With a checkpoint folder it also writes resumable checkpoints (train/checkpoint.py) and resumes
+exactly from the newest one; under torchrun it trains data-parallel (train/distributed.py).
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import TrainSpec
+from ..config import TrainSpec, to_dict
 from ..data.preprocess import IGNORE_INDEX, collate
+from ..errors import UserError
+from . import checkpoint as ckpt
+from .distributed import all_sum, barrier, current
 
 
 @dataclass
@@ -29,6 +35,7 @@ class TrainResult:
     seconds: float
     samples_seen: int
     log: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
 
 
 def lr_lambda(spec: TrainSpec, total_steps: int) -> Callable[[int], float]:
@@ -46,15 +53,105 @@ def lr_lambda(spec: TrainSpec, total_steps: int) -> Callable[[int], float]:
     return f
 
 
-def batches(n: int, batch_size: int, seed: int):
-    """Endless stream of index batches: a fresh seeded permutation per epoch."""
-    import torch
+class BatchStream:
+    """Endless seeded stream of index batches whose position can be saved and restored exactly.
 
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(n, generator=gen).tolist()
-        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            yield order[i : i + batch_size]
+    Without weights: a fresh permutation per epoch, cut into full batches (the tail of an epoch
+    that does not fill a batch is skipped). With per-example weights: each batch is drawn with
+    replacement in proportion to them (class-balanced sampling).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, weights=None):
+        import torch
+
+        self.n, self.batch_size = n, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.order: list[int] = []
+        self.pos = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[int]:
+        import torch
+
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.batch_size, True, generator=self.gen).tolist()
+        stop = self.n - self.batch_size + 1 if self.n >= self.batch_size else 1
+        if not self.order or self.pos >= stop:
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen).tolist(), 0
+        out = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return out
+
+    def state_dict(self) -> dict:
+        """Generator state and position within the current epoch."""
+        return {"gen": self.gen.get_state(), "order": list(self.order), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state_dict` was taken."""
+        self.gen.set_state(state["gen"])
+        self.order, self.pos = list(state["order"]), int(state["pos"])
+
+
+def batches(n: int, batch_size: int, seed: int) -> BatchStream:
+    """Endless stream of index batches: a fresh seeded permutation per epoch."""
+    return BatchStream(n, batch_size, seed)
+
+
+def token_loss_sum(logits, labels):
+    """Summed next-token cross-entropy over the supervised (non-ignored) positions, in fp32."""
+    import torch.nn.functional as F
+
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def supervised_tokens(labels) -> int:
+    """Number of positions the loss is computed on."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass instead of storing them (less memory, more compute)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+class _Writer:
+    """The run's log: in memory, as JSONL, and as TensorBoard scalars (rank 0 writes files)."""
+
+    def __init__(self, log_path, tensorboard_dir, main: bool, log: list[dict], purge_step: int | None):
+        self.log, self.path, self.tb = log, Path(log_path) if log_path and main else None, None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(json.dumps(e) + "\n" for e in log))
+        if tensorboard_dir and main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote after the checkpoint we resume from
+            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=purge_step)
+
+    def record(self, entry: dict) -> None:
+        self.log.append(entry)
+        if self.path:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        if self.tb:
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, entry["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
 
 
 def train_loop(
@@ -66,48 +163,128 @@ def train_loop(
     better: Callable[[dict, dict], bool],
     log_path: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    tensorboard_dir: str | Path | None = None,
+    sample_weights=None,
+    report=print,
 ) -> TrainResult:
     """Train `model`'s trainable parameters on `examples`; returns with the best weights loaded.
 
     `evaluate()` returns a metrics dict; `better(new, best)` says whether `new` beats `best` by
-    more than the configured min delta. With `checkpoint_dir`, each new best is also saved there
-    (`best/`, a PEFT adapter plus `state.json`), so a crashed run leaves its best weights on disk.
+    more than the configured min delta. With `checkpoint_dir`, each new best is saved there as a
+    PEFT adapter (`best/`), and a resumable checkpoint every `spec.save_every` steps (default: at
+    every evaluation); `resume=True` continues from the newest one, giving the same weights as an
+    uninterrupted run. `sample_weights` switches to weighted sampling with replacement.
+    Under torchrun each rank takes its share of every global batch; the loss is normalised by the
+    global number of supervised tokens, so the update equals one process on the whole batch.
     """
     import torch
 
+    dist = current()
+    if dist.world > 1 and spec.batch_size % dist.world:
+        raise UserError(f"train.batch_size {spec.batch_size} must be divisible by the {dist.world} processes")
+    if resume and not checkpoint_dir:
+        raise UserError("--resume needs a checkpoint folder")
     torch.manual_seed(spec.seed)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(spec, spec.steps))
-    stream = batches(len(examples), spec.batch_size, spec.seed)
-    log: list[dict] = []
-    if log_path:
-        Path(log_path).write_text("")
+    stream = BatchStream(len(examples), spec.batch_size, spec.seed, sample_weights)
+    net = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    settings = {**to_dict(spec), "examples": len(examples), "weighted": sample_weights is not None}
+    root = Path(checkpoint_dir) if checkpoint_dir else None
+    save_every = spec.save_every or spec.eval_every
 
     def snapshot():
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.detach().clone() for n, p in named.items()}
 
-    def record(entry: dict):
-        log.append(entry)
-        if log_path:
-            with Path(log_path).open("a") as fh:
-                fh.write(json.dumps(entry) + "\n")
+    loaded = ckpt.load_latest(root, report) if resume else None
+    if loaded:
+        state, meta, folder = loaded
+        ckpt.check_resumable(meta, settings, folder)
+        with torch.no_grad():
+            for n, value in state["trainable"].items():
+                named[n].copy_(value)
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["stream"])
+        ckpt.restore_rng(state["rng"])
+        best_state = state["best"]
+        best_metrics, best_step, bad_evals = meta["best_metrics"], meta["best_step"], meta["bad_evals"]
+        stopped, finished, seen, start = meta["stopped"], meta["finished"], meta["seen"], meta["step"]
+        writer = _Writer(log_path, tensorboard_dir, dist.main, meta["log"], start + 1)
+        if dist.main:
+            ckpt.remove_partial(root)
+        report(f"resuming from {folder} (step {start} of {spec.steps})")
+    else:
+        if resume:
+            report(f"no checkpoint in {root} to resume from; starting at step 0")
+        if root and dist.main:
+            ckpt.clear_checkpoints(root)
+        writer = _Writer(log_path, tensorboard_dir, dist.main, [], None)
+        best_metrics = evaluate()
+        best_state, best_step, bad_evals, stopped, finished, seen, start = (
+            snapshot(),
+            0,
+            0,
+            False,
+            False,
+            0,
+            0,
+        )
+        writer.record({"step": 0, **best_metrics})
 
-    best_metrics = evaluate()
-    best_state, best_step, bad_evals, stopped = snapshot(), 0, 0, False
-    record({"step": 0, **best_metrics})
-    start, seen, step = time.perf_counter(), 0, 0
+    def save(step: int, done: bool) -> None:
+        if dist.main:
+            state = {
+                "trainable": snapshot(),
+                "best": best_state,
+                "optimizer": optim.state_dict(),
+                "scheduler": sched.state_dict(),
+                "stream": stream.state_dict(),
+                "rng": ckpt.rng_states(),
+            }
+            meta = {
+                "step": step,
+                "seen": seen,
+                "best_step": best_step,
+                "best_metrics": best_metrics,
+                "bad_evals": bad_evals,
+                "stopped": stopped,
+                "finished": done,
+                "settings": settings,
+                "log": writer.log,
+            }
+            ckpt.save_checkpoint(root, step, state, meta, spec.keep_checkpoints)
+        barrier(dist)
+
+    t0, step = time.perf_counter(), start
     model.train()
-    for step in range(1, spec.steps + 1):
+    for step in range(start + 1, spec.steps + 1 if not finished else start + 1):
         optim.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(spec.grad_accum):
+        for micro in range(spec.grad_accum):
             idx = next(stream)
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            loss = model(**batch).loss / spec.grad_accum
-            loss.backward()
-            total += loss.item()
+            batch = {
+                k: v.to(device) for k, v in collate([examples[i] for i in dist.shard(idx)], pad_id).items()
+            }
+            labels = batch.pop("labels")
+            denom = max(all_sum(supervised_tokens(labels), dist, device), 1.0) * spec.grad_accum
+            sync = dist.world == 1 or micro == spec.grad_accum - 1
+            with net.no_sync() if not sync else nullcontext():
+                # DDP averages gradients over ranks; scaling by world keeps the global token mean
+                loss = token_loss_sum(net(**batch).logits, labels) * (dist.world / denom)
+                loss.backward()
+            total += loss.item() / dist.world
             seen += len(idx)
         if spec.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
@@ -117,34 +294,47 @@ def train_loop(
             model.eval()
             metrics = evaluate()
             model.train()
-            record({"step": step, "train_loss": total, "lr": sched.get_last_lr()[0], **metrics})
+            train_loss = all_sum(total, dist, device)
+            writer.record({"step": step, "train_loss": train_loss, "lr": sched.get_last_lr()[0], **metrics})
             if better(metrics, best_metrics):
                 best_metrics, best_state, best_step, bad_evals = metrics, snapshot(), step, 0
-                if checkpoint_dir:
-                    save_best(model, Path(checkpoint_dir), step, metrics)
+                if root and dist.main:
+                    save_best(model, root, step, metrics)
             else:
                 bad_evals += 1
-                if spec.patience and bad_evals >= spec.patience:
-                    stopped = True
-                    break
+                stopped = bool(spec.patience and bad_evals >= spec.patience)
+        done = stopped or step == spec.steps
+        if root and (done or step % save_every == 0):
+            save(step, done)
+        if stopped:
+            break
     model.eval()
+    writer.close()
     with torch.no_grad():
-        named = dict(model.named_parameters())
         for n, value in best_state.items():
             named[n].copy_(value)
-    return TrainResult(step, best_step, best_metrics, stopped, time.perf_counter() - start, seen, log)
+    return TrainResult(
+        step, best_step, best_metrics, stopped, time.perf_counter() - t0, seen, writer.log, start
+    )
 
 
 def save_best(model, checkpoint_dir: Path, step: int, metrics: dict) -> None:
-    """Write the adapter to checkpoint_dir/best via a temporary folder and a rename."""
+    """Write the adapter to checkpoint_dir/best via a temporary folder and renames.
+
+    The previous best is moved aside before the new one is renamed into place and removed after,
+    so a kill at any moment leaves a complete adapter in `best/` or in `.best.old/`.
+    """
     import shutil
 
-    tmp, final = checkpoint_dir / "best.tmp", checkpoint_dir / "best"
+    tmp, final, old = checkpoint_dir / ".best.tmp", checkpoint_dir / "best", checkpoint_dir / ".best.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def lower_is_better(key: str, min_delta: float) -> Callable[[dict, dict], bool]:
@@ -172,7 +362,7 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += model(**batch).loss.item() * n
-            tokens += n
+            labels = batch.pop("labels")
+            total += token_loss_sum(model(**batch).logits, labels).item()
+            tokens += supervised_tokens(labels)
     return total / max(tokens, 1)

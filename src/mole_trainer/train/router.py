@@ -14,18 +14,36 @@ from ..adapter_info import write_adapter_info
 from ..config import RouterConfig, to_dict
 from ..data.preprocess import check_compatible, load_preprocessed, sample_from_dict
 from ..errors import UserError
-from ..layout import CHECKPOINTS_DIR, LABEL_MAP_FILE, ROUTER_INFO_FILE, TRAIN_LOG_FILE
+from ..layout import CHECKPOINTS_DIR, LABEL_MAP_FILE, ROUTER_INFO_FILE, TENSORBOARD_DIR, TRAIN_LOG_FILE
 from ..router_prompt import label_names
 
 
+def class_weights(experts: list[str]) -> list[float]:
+    """Per-record sampling weights that give every expert the same expected share of a batch."""
+    from collections import Counter
+
+    counts = Counter(experts)
+    return [1.0 / counts[e] for e in experts]
+
+
 def train_router(
-    dataset_path: str | Path, cfg: RouterConfig, device: str = "auto", dtype: str = "auto", report=print
+    dataset_path: str | Path,
+    cfg: RouterConfig,
+    device: str = "auto",
+    dtype: str = "auto",
+    report=print,
+    resume: bool = False,
 ) -> dict:
-    """Train the router adapter on a preprocessed router dataset; returns the run summary."""
+    """Train the router adapter on a preprocessed router dataset; returns the run summary.
+
+    With `resume`, training continues from the newest checkpoint under the output folder.
+    Under torchrun the ranks share each batch and only rank 0 writes files.
+    """
     from ..eval.metrics import accuracy
     from ..infer.scoring import encode_router_prompts, encoded_probs, label_token_ids
-    from ..model.loading import load_base, load_processor
+    from ..model.loading import load_base, load_processor, resolve_device
     from ..model.lora import attach_lora
+    from .distributed import init_distributed
     from .loop import eval_loss, higher_is_better, train_loop
 
     meta, train = load_preprocessed(dataset_path, "train")
@@ -38,6 +56,7 @@ def train_router(
     spec = cfg.train
     processor = load_processor(cfg.base_model, meta["min_pixels"], meta["max_pixels"])
     pad_id = processor.tokenizer.pad_token_id
+    dist, device = init_distributed(resolve_device(device))
     model = attach_lora(load_base(cfg.base_model, dtype, device), cfg.lora, spec.seed)
     val_samples = [sample_from_dict(d) for d in val["samples"]]
     if cfg.eval_max_records:
@@ -57,7 +76,11 @@ def train_router(
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report(f"[router] training {spec.steps} steps on {len(train['examples'])} examples, {len(names)} experts")
+    weights = class_weights([d["expert"] for d in train["samples"]]) if cfg.class_balanced else None
+    report(
+        f"[router] training {spec.steps} steps on {len(train['examples'])} examples, {len(names)} experts"
+        + (f", {dist.world} processes" if dist.world > 1 else "")
+    )
     result = train_loop(
         model,
         train["examples"],
@@ -67,8 +90,30 @@ def train_router(
         higher_is_better("val_accuracy", spec.min_delta, tie_key="val_loss"),
         out / TRAIN_LOG_FILE,
         out / CHECKPOINTS_DIR,
+        resume=resume,
+        tensorboard_dir=out / TENSORBOARD_DIR,
+        sample_weights=weights,
+        report=report,
     )
     adapter_dir = out / "adapter"
+    info = {
+        "adapter": str(adapter_dir),
+        "label_map": label_map,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best": result.best_metrics,
+        "stopped_early": result.stopped_early,
+        "resumed_from": result.resumed_from,
+        "train_seconds": round(result.seconds, 2),
+        "samples_per_s": round(result.samples_seen / max(result.seconds, 1e-9), 2),
+        "processes": dist.world,
+        "lora": to_dict(cfg.lora),
+        "train": to_dict(spec),
+        "class_balanced": cfg.class_balanced,
+        "dataset": str(dataset_path),
+    }
+    if not dist.main:
+        return info
     model.save_pretrained(adapter_dir)
     (adapter_dir / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n")
     write_adapter_info(
@@ -81,19 +126,6 @@ def train_router(
             "max_pixels": meta["max_pixels"],
         },
     )
-    info = {
-        "adapter": str(adapter_dir),
-        "label_map": label_map,
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "best": result.best_metrics,
-        "stopped_early": result.stopped_early,
-        "train_seconds": round(result.seconds, 2),
-        "samples_per_s": round(result.samples_seen / max(result.seconds, 1e-9), 2),
-        "lora": to_dict(cfg.lora),
-        "train": to_dict(spec),
-        "dataset": str(dataset_path),
-    }
     (out / ROUTER_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     report(f"[router] best val accuracy {result.best_metrics['val_accuracy']:.3f} at step {result.best_step}")
     return info

@@ -1,0 +1,144 @@
+"""Resumable training checkpoints, written atomically.
+
+A checkpoint is a folder `step-NNNNNNNN/` holding `state.pt` (trainable weights, the best weights
+so far, optimizer, scheduler, batch-stream position, RNG states) and `trainer_state.json` (step,
+best metrics, early-stopping counter, the log so far, the settings it was made with). It is written
+into a hidden temporary folder, every file fsync'd, then renamed into place, so a kill during a save
+leaves the previous checkpoint as the newest complete one. Only the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import UserError
+
+STATE_FILE = "state.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+# Fault injection for the kill-during-save test: seconds to sleep between the two files of a save.
+SAVE_DELAY_ENV = "MOLE_TEST_CHECKPOINT_SAVE_DELAY"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """Folder of the checkpoint taken after optimiser step `step`."""
+    return root / f"step-{step:08d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_states() -> dict:
+    """Every random generator training can touch: torch (CPU and CUDA), Python and NumPy."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: dict) -> None:
+    """Put back the generators saved by `rng_states`."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, state: dict, trainer_state: dict, keep: int) -> Path:
+    """Write a checkpoint atomically and prune all but the newest `keep`; returns its folder."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(state, tmp / STATE_FILE)
+    _fsync(tmp / STATE_FILE)
+    delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)
+    (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+    _fsync(tmp / TRAINER_STATE_FILE)
+    _fsync(tmp)
+    if final.exists():  # the same step saved again after a resume from an older checkpoint
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first (temporary folders are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_latest(root: Path, report=print) -> tuple[dict, dict, Path] | None:
+    """(state, trainer_state, folder) of the newest loadable checkpoint, or None when there is none.
+
+    A checkpoint that fails to load (e.g. a disk error after it was written) is reported and the
+    next older one is tried.
+    """
+    import torch
+
+    for folder in reversed(list_checkpoints(root)):
+        try:
+            trainer_state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a damaged checkpoint must not hide an older good one
+            report(f"warning: checkpoint {folder} cannot be read ({exc}); trying an older one")
+            continue
+        return state, trainer_state, folder
+    return None
+
+
+def check_resumable(trainer_state: dict, settings: dict, folder: Path) -> None:
+    """Refuse to resume from a checkpoint made with other settings (the result would not be exact)."""
+    saved = trainer_state.get("settings", {})
+    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+        raise UserError(
+            f"{folder}: cannot resume, this run's settings differ from the checkpoint's ({detail}); "
+            "restore them or start without --resume"
+        )
+
+
+def remove_partial(root: Path) -> None:
+    """Remove what a save killed half-way left behind (never a complete checkpoint)."""
+    if root.is_dir():
+        for p in root.glob(".step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def clear_checkpoints(root: Path) -> None:
+    """Remove resumable checkpoints (a fresh run must not be resumed into later by mistake)."""
+    for p in list_checkpoints(root):
+        shutil.rmtree(p, ignore_errors=True)
+    remove_partial(root)
