@@ -18,6 +18,8 @@ TENSORBOARD_DIR = "tensorboard"  # inside a training output folder: TensorBoard 
 EVAL_REPORT_FILE = "eval_report.json"
 HISTORY_DB = "history.sqlite"
 SUMMARY_FILE = "summary.json"
+OCR_UNLABELED_FILE = "unlabeled.jsonl"  # OCR crops whose text is unknown (requests, not training records)
+OCR_SUMMARY_FILE = "ocr_crops.json"  # what `mole data ocr-crops` did (counts, options, skipped images)
 SPLITS = ("train", "val", "test")
 
 # deployment layout (what the serving side reads)

@@ -1,28 +1,90 @@
-"""Plain-text tables of routing dataset statistics."""
+"""Tables of the routing dataset: the builder's stats and the `mole data check` summary (rich)."""
 
 from __future__ import annotations
 
 from ..layout import SPLITS
 
 
-def format_routing_stats(stats: dict) -> str:
-    """Per-expert counts per split, duplicates and conflicts dropped, records left out for balance."""
-    head = (
-        f"{'expert':<16}"
-        + "".join(f"{s:>7}" for s in SPLITS)
-        + f"{'input':>8}{'dupes':>7}{'conflict':>9}{'unused':>8}"
+def routing_stats_table(stats: dict):
+    """A rich Table: per expert the records per split, what was dropped, left unused and repeated."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(
+        title=f"routing dataset ({stats['strategy']}, oversample {'on' if stats['oversample'] else 'off'}, "
+        f"seed {stats['seed']})",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
     )
-    lines = [head, "-" * len(head)]
+    t.add_column("expert", no_wrap=True)
+    for sp in SPLITS:
+        t.add_column(sp, justify="right")
+    for col in ("input", "dupes", "conflicts", "unused", "repeats"):
+        t.add_column(col, justify="right")
     for e, c in stats["counts"].items():
-        lines.append(
-            f"{e:<16}"
-            + "".join(f"{c[s]:>7}" for s in SPLITS)
-            + f"{stats['input_records'][e]:>8}{stats['duplicates_dropped'][e]:>7}"
-            + f"{stats['conflicts_dropped'][e]:>9}"
-            + f"{stats['unused_for_balance'][e]:>8}"
+        t.add_row(
+            e,
+            *(str(c[sp]) for sp in SPLITS),
+            str(stats["input_records"][e]),
+            str(stats["duplicates_dropped"][e]),
+            str(stats["conflicts_dropped"][e]),
+            str(stats["unused_for_balance"][e]),
+            str(stats["oversampled"][e]),
         )
-    lines.append(
-        f"{stats['records']} records -> {stats['output']}; imbalance ratio {stats['imbalance_ratio']}"
+    return t
+
+
+def print_routing_stats(stats: dict, console=None) -> None:
+    """Print the stats table, the totals line and any warnings (repeats: oversampled train copies)."""
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    console.print(routing_stats_table(stats))
+    ratio = stats["imbalance_ratio"]
+    console.print(
+        f"{stats['records']} records -> {stats['output']}; imbalance ratio (max/min train) "
+        f"{'undefined' if ratio is None else ratio}",
+        markup=False,
+        soft_wrap=True,
     )
-    lines.extend(f"warning: {w}" for w in stats.get("warnings", []))
-    return "\n".join(lines)
+    for w in stats.get("warnings", []):
+        console.print(f"warning: {w}", markup=False, soft_wrap=True, style="yellow")
+
+
+def print_check_report(report: dict, console=None) -> None:
+    """Print the `mole data check` summary: records per expert and split, images, warnings, verdict."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(highlight=False)
+    label_map = report["label_map"] or {}
+    t = Table(title=f"routing dataset check: {report['folder']}", box=box.SIMPLE_HEAD)
+    t.add_column("expert", no_wrap=True)
+    t.add_column("label", justify="right")
+    for sp in SPLITS:
+        t.add_column(sp, justify="right")
+    for e in sorted(
+        set(label_map) | set(report["counts"]), key=lambda e: (label_map.get(e, len(label_map)), e)
+    ):
+        c = report["counts"].get(e, {})
+        t.add_row(e, str(label_map.get(e, "-")), *(str(c.get(sp, 0)) for sp in SPLITS))
+    console.print(t)
+    console.print(
+        f"{report['records']} records in {len(report['files'])} file(s), {report['images']} image files "
+        f"({report['distinct_images']} distinct by content), "
+        f"{report['oversampled_repeats']} oversampled repeats",
+        markup=False,
+        soft_wrap=True,
+    )
+    for w in report["warnings"]:
+        console.print(f"warning: {w}", markup=False, soft_wrap=True, style="yellow")
+    n = len(report["violations"])
+    if n:
+        console.print(f"{n} violation(s)", style="bold red")
+    else:
+        console.print(
+            "ok: records parse, experts are in the label map, images decode, no image in two splits",
+            style="green",
+            soft_wrap=True,
+        )

@@ -1,0 +1,418 @@
+"""OCR crops: cut text lines out of screens and documents into an OCR expert dataset.
+
+Input is an expert dataset folder (train/val/test.jsonl + images) or a folder of images. A record whose
+metadata carries its text lines and their pixel boxes (``lines`` + ``boxes``, as the synthetic ``ocr``
+expert writes) is cropped at those boxes and each crop is labelled with its line. Any other image goes
+through a classical text-line detector (OpenCV morphology + connected components); its crops have no
+known text, so they cannot be training targets and are written as requests to ``unlabeled.jsonl``
+(``mole infer --input DIR/unlabeled.jsonl --expert ocr`` reads it as it is).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..layout import OCR_SUMMARY_FILE, OCR_UNLABELED_FILE, SPLITS
+from .formats import load_expert_dataset, write_jsonl
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 / y1 exclusive
+
+# The one OCR request: every crop asks it, and the synthetic ocr expert asks it among its prompts.
+OCR_PROMPT = "Read the text in the image."
+OCR_TASK = "ocr"  # metadata.task of the crops (eval/task_metrics.py scores it by character similarity)
+DEFAULT_PADDING = 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# detector
+
+
+@dataclass(frozen=True)
+class DetectorParams:
+    """Knobs of detect_text_lines (pixel sizes are for screens of a few hundred pixels a side)."""
+
+    min_height: int = 6  # a line box lower than this is noise (a rule, a dot)
+    max_height: int = 48  # a taller box is a picture, a bar or a merged paragraph, not one line
+    min_width: int = 6
+    min_fill: float = 0.35  # share of the box covered by text pixels after the horizontal closing
+    char_gap: int = 5  # horizontal closing: joins letters and words of one line
+    row_gap: float = 10.0  # boxes on one row closer than this many line heights become one line
+    min_columns: float = 0.4  # share of columns with an edge in the middle half of the line's height
+    line_length: int = 40  # straight runs at least this long are rules or frames, not text
+
+
+def detect_text_lines(image, params: DetectorParams | None = None) -> list[Box]:
+    """Boxes of the text lines of an image (PIL image or RGB / grey numpy array), top to bottom.
+
+    Edges (morphological gradient, so dark-on-light and light-on-dark text look alike) are binarised
+    with Otsu, long straight rules and frames are removed, letters are joined into lines by a
+    horizontal closing, and the connected components that are line-shaped (height, width, fill) are
+    kept; pieces of one row separated by a wide gap (a receipt's item and its price) are merged.
+    """
+    import cv2
+    import numpy as np
+
+    p = params or DetectorParams()
+    arr = np.asarray(image)
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr[..., :3].astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    grad = cv2.morphologyEx(arr, cv2.MORPH_GRADIENT, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+    _, bw = cv2.threshold(grad, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    for kernel in ((p.line_length, 1), (1, p.line_length)):
+        rules = cv2.morphologyEx(bw, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, kernel))
+        bw = cv2.subtract(bw, rules)
+    joined = cv2.morphologyEx(bw, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (p.char_gap, 1)))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(joined, connectivity=8)
+    boxes = []
+    for x, y, w, h, area in stats[1:]:
+        if not (p.min_height <= h <= p.max_height and w >= p.min_width and area >= p.min_fill * w * h):
+            continue
+        # letters put edges in most columns of the line's middle band; a hollow shape (an icon, a
+        # checkbox, a row of them) only in the few columns of its sides
+        band = bw[y + h // 4 : y + h - h // 4, x : x + w]
+        if np.count_nonzero(band.any(axis=0)) >= p.min_columns * w:
+            boxes.append((int(x), int(y), int(x + w), int(y + h)))
+    return sorted(_merge_rows(boxes, bw, p.row_gap), key=lambda b: (b[1], b[0]))
+
+
+def _merge_rows(boxes: list[Box], edges, row_gap: float) -> list[Box]:
+    """Merge boxes that share a row (mostly the same vertical span) with nothing but background between.
+
+    A receipt's item and its price form one line; two texts with a field border between them do not.
+    """
+    boxes = sorted(boxes, key=lambda b: b[0])
+    merged = True
+    while merged:
+        merged = False
+        out: list[Box] = []
+        for b in boxes:
+            for i, a in enumerate(out):
+                if _joinable(a, b, edges, row_gap):
+                    out[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    merged = True
+                    break
+            else:
+                out.append(b)
+        boxes = sorted(out, key=lambda b: b[0])
+    return boxes
+
+
+def _joinable(a: Box, b: Box, edges, row_gap: float) -> bool:
+    top, bottom = max(a[1], b[1]), min(a[3], b[3])
+    if bottom - top < 0.6 * max(a[3] - a[1], b[3] - b[1]):
+        return False
+    left, right = min(a[2], b[2]), max(a[0], b[0])
+    if right - left > row_gap * min(a[3] - a[1], b[3] - b[1]):
+        return False
+    return right <= left or not edges[top:bottom, left:right].any()
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def match_boxes(detected: list[Box], truth: list[Box], min_iou: float = 0.5) -> int:
+    """Greedy matching: detections by best IoU first, each to one unmatched true box; the match count."""
+    pairs = sorted(
+        ((box_iou(d, t), i, j) for i, d in enumerate(detected) for j, t in enumerate(truth)), reverse=True
+    )
+    used_d, used_t = set(), set()
+    for iou, i, j in pairs:
+        if iou < min_iou:
+            break
+        if i not in used_d and j not in used_t:
+            used_d.add(i)
+            used_t.add(j)
+    return len(used_t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# crops
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class _Source:
+    """One image to crop: where it is, what split it belongs to and its known text lines (None: detect)."""
+
+    path: Path
+    rel: str  # relative to the input root, with '/'
+    split: str | None
+    record_id: str | None
+    known: list[tuple[Box, str]] | None
+    where: str
+
+
+def known_text_lines(metadata: dict, where: str) -> list[tuple[Box, str]] | None:
+    """(box, text) of every text line a record's metadata gives, or None when it gives none.
+
+    Lines are known when metadata has ``lines`` (strings) and ``boxes`` ([x0, y0, x1, y1] pixels) of the
+    same length, as the synthetic ocr expert writes; other ``boxes`` (widgets, chart marks) do not count.
+    """
+    lines, boxes = metadata.get("lines"), metadata.get("boxes")
+    if not isinstance(lines, list) or not isinstance(boxes, list):
+        return None
+    if len(lines) != len(boxes):
+        raise UserError(
+            f"{where}: metadata has {len(lines)} 'lines' but {len(boxes)} 'boxes'; expected one box per line"
+        )
+    out = []
+    for i, (text, box) in enumerate(zip(lines, boxes, strict=True)):
+        if not isinstance(text, str):
+            raise UserError(f"{where}: metadata.lines[{i}] must be a string")
+        if (
+            not isinstance(box, list | tuple)
+            or len(box) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
+            or box[2] <= box[0]
+            or box[3] <= box[1]
+        ):
+            raise UserError(
+                f"{where}: metadata.boxes[{i}] must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {box!r}"
+            )
+        out.append((tuple(round(v) for v in box), text))
+    return out
+
+
+def pad_box(box: Box, padding: int, width: int, height: int) -> Box:
+    """The box grown by `padding` pixels on every side, clamped to a width x height image."""
+    return (
+        max(0, box[0] - padding),
+        max(0, box[1] - padding),
+        min(width, box[2] + padding),
+        min(height, box[3] + padding),
+    )
+
+
+def make_ocr_crops(
+    input: str | Path,
+    output: str | Path,
+    padding: int = DEFAULT_PADDING,
+    boxes_out: str | Path | None = None,
+    params: DetectorParams | None = None,
+) -> dict:
+    """Cut the text lines of an expert dataset or an image folder into an OCR dataset in `output`.
+
+    Dataset input keeps each record's split (so crops of one source image stay in one split); crops with
+    known text go to output/{train,val,test}.jsonl, detected crops (text unknown) to
+    output/unlabeled.jsonl as {"id", "image", "prompt", "split", "metadata"} requests. Crops are PNGs in
+    output/images/. `boxes_out` gets one JSONL row per box. Unreadable images in an image folder are
+    skipped and listed. Returns the summary also written to output/ocr_crops.json.
+    """
+    import hashlib
+
+    from PIL import Image
+
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise UserError(f"padding must be a whole number of pixels >= 0, got {padding!r}")
+    params = params or DetectorParams()
+    root, out = Path(input), Path(output)
+    sources, mode = _sources(root)
+    _prepare_output(out, root)
+    (out / "images").mkdir(parents=True)
+
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    unlabeled: list[dict] = []
+    box_rows: list[dict] = []
+    used_ids: set[str] = set()
+    skipped: list[dict] = []
+    counts = {"known": 0, "detected": 0, "without_text": 0, "blank_lines": 0}
+    for src in sources:
+        try:
+            with Image.open(src.path) as im:
+                image = im.convert("RGB")
+        except Exception as exc:  # a folder of images may hold a broken file: skip it, say so
+            skipped.append({"image": src.rel, "reason": f"cannot be decoded ({type(exc).__name__}: {exc})"})
+            continue
+        sha = hashlib.sha256(src.path.read_bytes()).hexdigest()
+        if src.known is not None:
+            counts["known"] += 1
+            lines = []
+            for i, (box, text) in enumerate(src.known):
+                clamped = pad_box(box, 0, *image.size)
+                if clamped[2] <= clamped[0] or clamped[3] <= clamped[1]:
+                    raise UserError(
+                        f"{src.where}: metadata.boxes[{i}] {list(box)} lies outside the {image.size[0]}x{image.size[1]} image"
+                    )
+                if not text.strip():
+                    counts["blank_lines"] += 1
+                    continue
+                lines.append((clamped, text, "known"))
+        else:
+            counts["detected"] += 1
+            lines = [(box, None, "detected") for box in detect_text_lines(image, params)]
+            counts["without_text"] += not lines
+        base = _safe_id(src.record_id if src.record_id is not None else src.rel.rsplit(".", 1)[0])
+        for k, (box, text, origin) in enumerate(lines):
+            crop_id = _unique(f"{base}-{k:03d}", used_ids)
+            crop_box = pad_box(box, padding, *image.size)
+            rel = f"images/{crop_id}.png"
+            image.crop(crop_box).save(out / rel, format="PNG")
+            meta = {
+                "task": OCR_TASK,
+                "source_image": src.rel,
+                "source_sha256": sha,
+                "source_id": src.record_id,
+                "text_box": list(box),
+                "crop_box": list(crop_box),
+                "padding": padding,
+                "box_origin": origin,
+            }
+            if text is not None:
+                splits[src.split or "train"].append(_labeled_record(crop_id, rel, text, meta))
+                target = f"{src.split or 'train'}.jsonl"
+            else:
+                unlabeled.append(
+                    {"id": crop_id, "image": rel, "prompt": OCR_PROMPT, "split": src.split, "metadata": meta}
+                )
+                target = OCR_UNLABELED_FILE
+            box_rows.append(
+                {
+                    "crop_id": crop_id,
+                    "file": target,
+                    "source_image": src.rel,
+                    "source_sha256": sha,
+                    "split": src.split,
+                    "text_box": list(box),
+                    "crop_box": list(crop_box),
+                    "text": text,
+                    "origin": origin,
+                }
+            )
+    if mode == "dataset":
+        for split, records in splits.items():
+            write_jsonl(out / f"{split}.jsonl", records)
+    write_jsonl(out / OCR_UNLABELED_FILE, unlabeled)
+    if boxes_out is not None:
+        write_jsonl(boxes_out, box_rows)
+    summary = {
+        "input": str(root),
+        "output": str(out),
+        "mode": mode,
+        "padding": padding,
+        "prompt": OCR_PROMPT,
+        "images": len(sources),
+        "images_known_boxes": counts["known"],
+        "images_detected": counts["detected"],
+        "images_skipped": len(skipped),
+        "images_detected_without_text": counts["without_text"],
+        "blank_lines_skipped": counts["blank_lines"],
+        "crops": {**{s: len(r) for s, r in splits.items()}, "unlabeled": len(unlabeled)},
+        "boxes_out": None if boxes_out is None else str(boxes_out),
+        "skipped": skipped,
+        "detector": asdict(params),
+    }
+    assert summary["images"] == counts["known"] + counts["detected"] + len(skipped)
+    (out / OCR_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _labeled_record(crop_id: str, rel: str, text: str, metadata: dict) -> dict:
+    return {
+        "id": crop_id,
+        "images": [rel],
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": OCR_PROMPT}]},
+            {"role": "assistant", "content": text},
+        ],
+        "metadata": metadata,
+    }
+
+
+def _sources(root: Path) -> tuple[list[_Source], str]:
+    """The images to crop and the input's kind: 'dataset' (split files) or 'images' (a folder of images)."""
+    if not root.exists():
+        raise UserError(f"{root}: input not found (expected an expert dataset folder or a folder of images)")
+    if not root.is_dir():
+        raise UserError(
+            f"{root}: input must be a folder (an expert dataset or a folder of images), not a file"
+        )
+    base = root.resolve()
+    if any((root / f"{s}.jsonl").is_file() for s in SPLITS):
+        sources = []
+        for split, samples in load_expert_dataset(root).items():
+            for s in samples:
+                known = known_text_lines(s.metadata, s.source) if len(s.images) == 1 else None
+                for j, path in enumerate(s.images):
+                    rid = s.id if len(s.images) == 1 else f"{s.id}-image{j}"
+                    sources.append(
+                        _Source(path, path.relative_to(base).as_posix(), split, rid, known, s.source)
+                    )
+        return sources, "dataset"
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(
+            f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) and no train/val/test.jsonl; "
+            "expected an expert dataset folder or a folder of images"
+        )
+    return [_Source(p, p.relative_to(root).as_posix(), None, None, None, str(p)) for p in paths], "images"
+
+
+def _prepare_output(out: Path, root: Path) -> None:
+    """Refuse an output inside the input or a non-empty folder; replace an earlier ocr-crops output."""
+    import shutil
+
+    o, r = out.resolve(), root.resolve()
+    if o == r or o.is_relative_to(r):
+        raise UserError(f"{out}: the output folder must not be the input folder {root} or lie inside it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / OCR_SUMMARY_FILE).is_file():
+            raise UserError(
+                f"{out}: output folder is not empty and is not an earlier ocr-crops output "
+                f"(no {OCR_SUMMARY_FILE}); choose an empty or new folder"
+            )
+        shutil.rmtree(out / "images", ignore_errors=True)
+        for name in (*(f"{s}.jsonl" for s in SPLITS), OCR_UNLABELED_FILE, OCR_SUMMARY_FILE):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
+
+
+def _unique(name: str, used: set[str]) -> str:
+    out, n = name, 1
+    while out in used:
+        n += 1
+        out = f"{name}-{n}"
+    used.add(out)
+    return out
+
+
+def format_ocr_summary(summary: dict) -> str:
+    """A few lines for the terminal: images, crops per file, skipped images, where to go next."""
+    out, crops = summary["output"], summary["crops"]
+    lines = [
+        f"ocr crops from {summary['images']} image(s) of {summary['input']}: "
+        f"{summary['images_known_boxes']} with known text lines, {summary['images_detected']} through the "
+        f"detector ({summary['images_detected_without_text']} without any text found), "
+        f"{summary['images_skipped']} skipped"
+    ]
+    if summary["mode"] == "dataset":
+        labeled = ", ".join(f"{s} {crops[s]}" for s in SPLITS)
+        lines.append(f"  labeled crops (training records): {labeled} -> {out}/{{{','.join(SPLITS)}}}.jsonl")
+    lines.append(
+        f"  unlabeled crops: {crops['unlabeled']} -> {out}/{OCR_UNLABELED_FILE} (text unknown, so not training "
+        f"targets; label them first, e.g. mole infer --input {out}/{OCR_UNLABELED_FILE} --expert ocr)"
+    )
+    if summary["blank_lines_skipped"]:
+        lines.append(f"  known lines with blank text skipped: {summary['blank_lines_skipped']}")
+    for s in summary["skipped"]:
+        lines.append(f"  skipped {s['image']}: {s['reason']}")
+    if summary["boxes_out"]:
+        lines.append(f"  boxes: {summary['boxes_out']}")
+    return "\n".join(lines)

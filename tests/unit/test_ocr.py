@@ -1,0 +1,210 @@
+"""OCR crops: the text-line detector on synthetic screens, crops from known boxes, image folders, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from mole_trainer.data.formats import load_expert_dataset
+from mole_trainer.data.ocr import (
+    OCR_PROMPT,
+    box_iou,
+    detect_text_lines,
+    known_text_lines,
+    make_ocr_crops,
+    match_boxes,
+    pad_box,
+)
+from mole_trainer.data.synth import synthesize
+from mole_trainer.errors import UserError
+from mole_trainer.layout import OCR_SUMMARY_FILE, OCR_UNLABELED_FILE, SPLITS
+
+
+@pytest.fixture(scope="module")
+def ocr_screens(tmp_path_factory):
+    """[(image, true line boxes)] of 24 seeded synthetic OCR screens at the default size."""
+    root = tmp_path_factory.mktemp("ocr-screens")
+    synthesize(root, ["ocr"], {"test": 24}, seed=11)
+    out = []
+    for s in load_expert_dataset(root / "ocr")["test"]:
+        with Image.open(s.images[0]) as im:
+            out.append((im.convert("RGB"), [tuple(b) for b in s.metadata["boxes"]]))
+    return out
+
+
+def _scores(screens, transform=lambda im: im):
+    detections = [detect_text_lines(transform(im)) for im, _ in screens]
+    hits = sum(match_boxes(d, t) for d, (_, t) in zip(detections, screens, strict=True))
+    return hits / sum(len(t) for _, t in screens), hits / max(1, sum(map(len, detections)))
+
+
+def test_detector_finds_the_lines_of_synthetic_ocr_screens(ocr_screens):
+    recall, precision = _scores(ocr_screens)
+    assert recall >= 0.9 and precision >= 0.9, (recall, precision)
+
+
+def test_detector_reads_light_text_on_dark_as_well(ocr_screens):
+    recall, precision = _scores(ocr_screens, ImageOps.invert)
+    assert recall >= 0.9 and precision >= 0.9, (recall, precision)
+
+
+def test_detector_finds_nothing_on_flat_shapes():
+    img = Image.new("RGB", (320, 240), (200, 220, 240))
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((20, 20, 300, 60), outline=(0, 0, 0))  # a frame
+    draw.line((10, 100, 310, 100), fill=(0, 0, 0))  # a rule
+    for i in range(5):  # a row of icons
+        draw.rounded_rectangle((10 + 24 * i, 200, 26 + 24 * i, 216), radius=3, fill=(30, 120, 200))
+    assert detect_text_lines(img) == []
+    assert detect_text_lines(np.zeros((50, 50), np.uint8)) == []
+
+
+def test_iou_padding_and_greedy_matching():
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    assert box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0
+    assert pad_box((2, 3, 10, 20), 4, 12, 22) == (0, 0, 12, 22)
+    assert pad_box((5, 5, 10, 10), 2, 100, 100) == (3, 3, 12, 12)
+    truth = [(0, 0, 100, 10), (0, 20, 100, 30)]
+    # two detections on the first line: only one may count; nothing matches the second line
+    assert match_boxes([(0, 0, 100, 10), (0, 0, 90, 10)], truth) == 1
+    assert match_boxes([(0, 0, 100, 10), (0, 21, 100, 31)], truth) == 2
+    assert match_boxes([(0, 0, 40, 10)], truth) == 0  # IoU 0.4
+
+
+def test_known_text_lines_only_from_lines_with_boxes():
+    assert known_text_lines({"lines": ["a b"], "boxes": [[1, 2, 30, 12]]}, "f:1") == [((1, 2, 30, 12), "a b")]
+    assert known_text_lines({"boxes": [[1, 2, 3, 4]]}, "f:1") is None  # chart marks: no text
+    assert known_text_lines({"boxes": {"login": [1, 2, 3, 4]}}, "f:1") is None  # widgets
+    with pytest.raises(UserError, match=r"f:3: metadata has 2 'lines' but 1 'boxes'"):
+        known_text_lines({"lines": ["a", "b"], "boxes": [[1, 2, 3, 4]]}, "f:3")
+    with pytest.raises(UserError, match=r"f:3: metadata.boxes\[0\] must be \[x0, y0, x1, y1\]"):
+        known_text_lines({"lines": ["a"], "boxes": [[5, 2, 3, 4]]}, "f:3")
+
+
+def test_crops_from_known_boxes_keep_splits_text_and_pixels(synth_data, tmp_path):
+    src = synth_data / "ocr"
+    source = load_expert_dataset(src)
+    out = tmp_path / "crops"
+    summary = make_ocr_crops(src, out, padding=3, boxes_out=tmp_path / "boxes.jsonl")
+
+    crops = load_expert_dataset(out)
+    for split in SPLITS:
+        expected = [t for s in source[split] for t in s.metadata["lines"]]
+        assert [c.answer for c in crops[split]] == expected
+        assert summary["crops"][split] == len(expected)
+    assert summary["crops"]["unlabeled"] == 0
+    assert summary["images"] == summary["images_known_boxes"] == sum(len(v) for v in source.values())
+
+    by_id = {s.id: s for split in source.values() for s in split}
+    split_of_source: dict[str, str] = {}
+    for split, samples in crops.items():
+        for c in samples:
+            m = c.metadata
+            assert c.instruction == OCR_PROMPT and m["task"] == "ocr" and m["box_origin"] == "known"
+            origin = by_id[m["source_id"]]
+            assert split_of_source.setdefault(m["source_image"], split) == split  # no source in two splits
+            assert (src / m["source_image"]).resolve() == origin.images[0]
+            assert m["source_sha256"] == hashlib.sha256(origin.images[0].read_bytes()).hexdigest()
+            assert m["text_box"] in origin.metadata["boxes"]
+            with Image.open(origin.images[0]) as im, Image.open(c.images[0]) as crop:
+                assert list(m["crop_box"]) == list(pad_box(tuple(m["text_box"]), 3, *im.size))
+                assert np.array_equal(
+                    np.asarray(crop.convert("RGB")), np.asarray(im.convert("RGB").crop(m["crop_box"]))
+                )
+
+    rows = [json.loads(line) for line in (tmp_path / "boxes.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(summary["crops"].values())
+    assert {r["origin"] for r in rows} == {"known"} and all(r["text"] for r in rows)
+    assert json.loads((out / OCR_SUMMARY_FILE).read_text()) == summary
+
+
+def test_records_without_text_boxes_become_unlabeled_requests(synth_data, tmp_path):
+    from mole_trainer.infer.stacked import requests_from_jsonl
+
+    src = synth_data / "calendar"
+    source = load_expert_dataset(src)
+    summary = make_ocr_crops(src, tmp_path / "crops")
+    assert summary["images_detected"] == sum(len(v) for v in source.values())
+    assert all(summary["crops"][s] == 0 for s in SPLITS) and summary["crops"]["unlabeled"] > 0
+    lines = [json.loads(x) for x in (tmp_path / "crops" / OCR_UNLABELED_FILE).read_text().splitlines()]
+    split_of = {s.id: split for split, samples in source.items() for s in samples}
+    assert all(r["split"] == split_of[r["metadata"]["source_id"]] for r in lines)
+    requests = requests_from_jsonl(tmp_path / "crops" / OCR_UNLABELED_FILE)  # `mole infer --input` reads it
+    assert len(requests) == len(lines) and {r.instruction for r in requests} == {OCR_PROMPT}
+
+
+def test_image_folder_counts_a_broken_image_as_skipped(synth_data, tmp_path):
+    folder = tmp_path / "shots"
+    (folder / "sub").mkdir(parents=True)
+    for i, p in enumerate(sorted((synth_data / "login-window" / "images").glob("*.png"))[:2]):
+        (folder / ("sub" if i else ".") / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("ignored")
+    summary = make_ocr_crops(folder, tmp_path / "crops")
+    assert summary["images"] == 3 and summary["images_detected"] == 2 and summary["images_skipped"] == 1
+    assert (
+        summary["skipped"][0]["image"] == "broken.png"
+        and "cannot be decoded" in summary["skipped"][0]["reason"]
+    )
+    assert not (tmp_path / "crops" / "train.jsonl").exists()  # no known text: no training records
+    sources = {
+        json.loads(x)["metadata"]["source_image"] for x in (tmp_path / "crops" / OCR_UNLABELED_FILE).open()
+    }
+    assert sources <= {p.relative_to(folder).as_posix() for p in folder.rglob("*.png")} and len(sources) == 2
+
+
+def test_bad_inputs_and_outputs_are_user_errors(synth_data, tmp_path):
+    with pytest.raises(UserError, match="input not found"):
+        make_ocr_crops(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        make_ocr_crops(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(UserError, match="must not be the input folder"):
+        make_ocr_crops(synth_data / "ocr", synth_data / "ocr" / "crops")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="not empty and is not an earlier ocr-crops output"):
+        make_ocr_crops(synth_data / "ocr", tmp_path / "busy")
+    with pytest.raises(UserError, match="padding"):
+        make_ocr_crops(synth_data / "ocr", tmp_path / "out", padding=-1)
+
+
+def test_rerun_replaces_an_earlier_output(synth_data, tmp_path):
+    first = make_ocr_crops(synth_data / "ocr", tmp_path / "crops", padding=8)
+    second = make_ocr_crops(synth_data / "ocr", tmp_path / "crops", padding=0)
+    assert first["crops"] == second["crops"]
+    assert len(list((tmp_path / "crops" / "images").iterdir())) == sum(second["crops"].values())
+
+
+def test_cli_writes_crops_and_records_the_run(synth_data, tmp_path, capsys):
+    from mole_trainer.cli import main
+    from mole_trainer.history import History
+    from mole_trainer.layout import HISTORY_DB
+
+    args = ["--workdir", str(tmp_path), "data", "ocr-crops", "--input", str(synth_data / "ocr")]
+    assert main([*args, "--output", str(tmp_path / "crops"), "--padding", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "labeled crops (training records): train" in out and "unlabeled crops: 0" in out
+    runs = History(tmp_path / HISTORY_DB).runs("data.ocr_crops", None, None)
+    assert runs and runs[0]["status"] == "ok"
+    missing = ["--workdir", str(tmp_path), "data", "ocr-crops", "--input", str(tmp_path / "nope")]
+    assert main([*missing, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "input not found" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_crops_preprocess_for_the_tiny_model(synth_data, tiny_model, tmp_path):
+    from mole_trainer.stages import data_preprocess
+
+    summary = make_ocr_crops(synth_data / "ocr", tmp_path / "crops")
+    meta = data_preprocess(
+        tmp_path / "crops", tmp_path / "prep", str(tiny_model), "sft", None, 4096, 20000, tmp_path
+    )
+    assert meta["counts"] == {s: summary["crops"][s] for s in SPLITS}
