@@ -130,22 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"pixels added around each text box ({DEFAULT_PADDING})",
     )
-    from .data.ocr import DEFAULT_PADDING  # light: no image library at import
-
-    ocr = data.add_parser(
-        "ocr-crops", help="crop text lines (known boxes, else detected) into an OCR expert dataset"
-    )
-    ocr.add_argument("--input", required=True, help="expert dataset folder or folder of images")
-    ocr.add_argument(
-        "--output", required=True, help="new folder: {train,val,test}.jsonl, unlabeled.jsonl, images/"
-    )
-    ocr.add_argument("--boxes-out", default=None, help="also write every box as JSONL here")
-    ocr.add_argument(
-        "--padding",
-        type=_positive,
-        default=None,
-        help=f"pixels added around each text box ({DEFAULT_PADDING})",
-    )
     prep = data.add_parser("preprocess", help="chat template + processor + label masks, cached for training")
     prep.add_argument("--input", required=True, help="expert dataset folder or routing JSONL")
     prep.add_argument("--output", required=True)
@@ -267,11 +251,6 @@ def run(args: argparse.Namespace) -> int:
         from .data.report import format_routing_stats
 
         print(format_routing_stats(stages.data_routing(args.config, args.output, wd)))
-    elif cmd == ("data", "ocr-crops"):
-        from .data.ocr import format_ocr_summary
-
-        summary = stages.data_ocr_crops(args.input, args.output, wd, args.padding, args.boxes_out)
-        print(format_ocr_summary(summary))
     elif cmd == ("data", "ocr-crops"):
         from .data.ocr import format_ocr_summary
 

@@ -20,8 +20,6 @@ HISTORY_DB = "history.sqlite"
 SUMMARY_FILE = "summary.json"
 OCR_UNLABELED_FILE = "unlabeled.jsonl"  # OCR crops whose text is unknown (requests, not training records)
 OCR_SUMMARY_FILE = "ocr_crops.json"  # what `mole data ocr-crops` did (counts, options, skipped images)
-OCR_UNLABELED_FILE = "unlabeled.jsonl"  # OCR crops whose text is unknown (requests, not training records)
-OCR_SUMMARY_FILE = "ocr_crops.json"  # what `mole data ocr-crops` did (counts, options, skipped images)
 SPLITS = ("train", "val", "test")
 
 # deployment layout (what the serving side reads)

@@ -129,28 +129,6 @@ def data_ocr_crops(
     return summary
 
 
-def data_ocr_crops(
-    input: str | Path,
-    output: str | Path,
-    workdir: str | Path = ".",
-    padding: int | None = None,
-    boxes_out: str | Path | None = None,
-) -> dict:
-    """Crop the text lines of an expert dataset or image folder into an OCR dataset (see data/ocr.py)."""
-    from .data.ocr import DEFAULT_PADDING, make_ocr_crops
-
-    padding = DEFAULT_PADDING if padding is None else padding
-    if not Path(input).exists():
-        raise UserError(f"{input}: input not found (expected an expert dataset folder or a folder of images)")
-    config = {"input": str(input), "output": str(output), "padding": padding, "boxes_out": boxes_out}
-    with record_run(_db(workdir), "data.ocr_crops", config, data_hash(input)) as run:
-        summary = make_ocr_crops(input, output, padding, boxes_out)
-        run.metrics.update({f"crops_{k}": v for k, v in summary["crops"].items()})
-        run.metrics["images_skipped"] = summary["images_skipped"]
-        run.artifacts["ocr_crops"] = str(output)
-    return summary
-
-
 def data_preprocess(
     input: str | Path,
     output: str | Path,
