@@ -118,6 +118,15 @@ def test_fanout_trains_every_expert_with_a_history_of_its_own(volumes, pipeline,
         assert (volumes / m.CHECKPOINTS / m.FANOUT_WORKDIR / name / HISTORY_DB).is_file()
 
 
+@pytest.mark.slow
+def test_a_retried_training_resumes_from_its_checkpoint_on_the_volume(pipeline):
+    # Modal retries call the function again: it continues from the Volume instead of starting over
+    first = pipeline["router"]
+    again = m.train_router.local()
+    assert first["resumed_from"] == 0
+    assert again["resumed_from"] == again["steps"] == first["steps"] and again["best"] == first["best"]
+
+
 def test_volume_paths_stay_inside_their_volume(monkeypatch, tmp_path):
     monkeypatch.delenv(m.LOCAL_ROOT_ENV, raising=False)
     assert m.volume_path(m.DATA, "config/loras.yaml") == Path("/vol/data/config/loras.yaml")

@@ -203,10 +203,16 @@ def data_preprocess(
 
 
 @app.function(volumes=MOUNTS, gpu=TRAIN_GPU, timeout=TRAIN_TIMEOUT, retries=TRAIN_RETRIES)
-def train_experts(config: str = f"{CONFIG_DIR}/loras.yaml", only: str = "", workdir: str = ".") -> dict:
-    """Train the expert LoRAs of a loras.yaml on the data Volume (all, or the comma-separated `only`)."""
+def train_experts(
+    config: str = f"{CONFIG_DIR}/loras.yaml", only: str = "", workdir: str = ".", resume: bool = True
+) -> dict:
+    """Train the expert LoRAs of a loras.yaml on the data Volume (all, or the comma-separated `only`).
+
+    Resumes by default, so a retry after a pre-emption continues from the newest checkpoint on the
+    Volume (one made with other settings or data is refused; pass resume=False to start over).
+    """
     with synced(reads=(DATA,), writes=(MODELS, CHECKPOINTS)):
-        return stages.train_experts(volume_path(DATA, config), _workdir(workdir), _names(only))
+        return stages.train_experts(volume_path(DATA, config), _workdir(workdir), _names(only), resume=resume)
 
 
 @app.function(volumes=MOUNTS, timeout=FANOUT_TIMEOUT)
@@ -231,12 +237,19 @@ def train_expert_fanout(config: str = f"{CONFIG_DIR}/loras.yaml", experts: str =
 
 @app.function(volumes=MOUNTS, gpu=TRAIN_GPU, timeout=TRAIN_TIMEOUT, retries=TRAIN_RETRIES)
 def train_router(
-    dataset_path: str = ROUTER_PREP, config: str = f"{CONFIG_DIR}/router.yaml", workdir: str = "."
+    dataset_path: str = ROUTER_PREP,
+    config: str = f"{CONFIG_DIR}/router.yaml",
+    workdir: str = ".",
+    resume: bool = True,
 ) -> dict:
-    """Train the router adapter on a preprocessed router dataset (both on the data Volume)."""
+    """Train the router adapter on a preprocessed router dataset (both on the data Volume).
+
+    Resumes by default from the newest checkpoint on the Volume, so a retry loses at most `save_every`
+    steps (resume=False starts over).
+    """
     with synced(reads=(DATA,), writes=(MODELS, CHECKPOINTS)):
         return stages.train_router(
-            volume_path(DATA, dataset_path), volume_path(DATA, config), _workdir(workdir)
+            volume_path(DATA, dataset_path), volume_path(DATA, config), _workdir(workdir), resume=resume
         )
 
 

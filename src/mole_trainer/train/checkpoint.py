@@ -118,6 +118,22 @@ def load_latest(root: Path, report=print) -> tuple[dict, dict, Path] | None:
     return None
 
 
+def data_identity(folder: str | Path) -> str:
+    """Cheap identity of a preprocessed data folder (its metadata plus the size and time of each split).
+
+    Recorded in checkpoints so a run is never resumed onto data that was rebuilt since.
+    """
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
 def check_resumable(trainer_state: dict, settings: dict, folder: Path) -> None:
     """Refuse to resume from a checkpoint made with other settings (the result would not be exact)."""
     saved = trainer_state.get("settings", {})

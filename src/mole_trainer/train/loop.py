@@ -167,6 +167,7 @@ def train_loop(
     resume: bool = False,
     tensorboard_dir: str | Path | None = None,
     sample_weights=None,
+    data_id: str | None = None,
     report=print,
 ) -> TrainResult:
     """Train `model`'s trainable parameters on `examples`; returns with the best weights loaded.
@@ -175,7 +176,8 @@ def train_loop(
     more than the configured min delta. With `checkpoint_dir`, each new best is saved there as a
     PEFT adapter (`best/`), and a resumable checkpoint every `spec.save_every` steps (default: at
     every evaluation); `resume=True` continues from the newest one, giving the same weights as an
-    uninterrupted run. `sample_weights` switches to weighted sampling with replacement.
+    uninterrupted run; `data_id` names the training data, so a checkpoint is never resumed onto
+    other data. `sample_weights` switches to weighted sampling with replacement.
     Under torchrun each rank takes its share of every global batch; the loss is normalised by the
     global number of supervised tokens, so the update equals one process on the whole batch.
     """
@@ -200,7 +202,12 @@ def train_loop(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    settings = {**to_dict(spec), "examples": len(examples), "weighted": sample_weights is not None}
+    settings = {
+        **to_dict(spec),
+        "examples": len(examples),
+        "data": data_id,
+        "weighted": sample_weights is not None,
+    }
     root = Path(checkpoint_dir) if checkpoint_dir else None
     save_every = spec.save_every or spec.eval_every
 

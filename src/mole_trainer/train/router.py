@@ -43,6 +43,7 @@ def train_router(
     from ..infer.scoring import encode_router_prompts, encoded_probs, label_token_ids
     from ..model.loading import load_base, load_processor, resolve_device
     from ..model.lora import attach_lora
+    from .checkpoint import data_identity
     from .distributed import init_distributed
     from .loop import eval_loss, higher_is_better, train_loop
 
@@ -93,6 +94,7 @@ def train_router(
         resume=resume,
         tensorboard_dir=out / TENSORBOARD_DIR,
         sample_weights=weights,
+        data_id=data_identity(dataset_path),
         report=report,
     )
     adapter_dir = out / "adapter"
