@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument(
         "--output", required=True, help="routing JSONL to write (label map written beside it)"
     )
+    check = data.add_parser(
+        "check", help="verify a routing dataset: no image in two splits, label map, images decode"
+    )
+    check.add_argument("dir", metavar="DIR", help="routing dataset folder (or its routing JSONL)")
     from .data.ocr import DEFAULT_PADDING  # light: no image library at import
 
     ocr = data.add_parser(
@@ -248,9 +252,19 @@ def run(args: argparse.Namespace) -> int:
         counts = {"train": args.train, "val": args.val, "test": args.test}
         _print_json(stages.data_synth(args.out, wd, args.experts, counts, args.seed, args.size))
     elif cmd == ("data", "routing"):
-        from .data.report import format_routing_stats
+        from .data.report import print_routing_stats
 
-        print(format_routing_stats(stages.data_routing(args.config, args.output, wd)))
+        print_routing_stats(stages.data_routing(args.config, args.output, wd))
+    elif cmd == ("data", "check"):
+        from .data.check import DataCheckFailed
+        from .data.report import print_check_report
+
+        try:
+            report = stages.data_check(args.dir, wd)
+        except DataCheckFailed as exc:
+            print_check_report(exc.report)
+            raise
+        print_check_report(report)
     elif cmd == ("data", "ocr-crops"):
         from .data.ocr import format_ocr_summary
 

@@ -107,6 +107,20 @@ def data_routing(config: str | Path, output: str | Path, workdir: str | Path = "
     return stats
 
 
+def data_check(path: str | Path, workdir: str | Path = ".") -> dict:
+    """Check a routing dataset folder (or JSONL); return the report, raise DataCheckFailed on violations."""
+    from .data.check import DataCheckFailed, check_routing_dataset
+
+    if not Path(path).exists():
+        raise UserError(f"{path}: not found (expected a routing dataset folder or its .jsonl file)")
+    with record_run(_db(workdir), "data.check", {"path": str(path)}, data_hash(path)) as run:
+        report = check_routing_dataset(path)
+        run.metrics.update({"records": report["records"], "violations": len(report["violations"])})
+        if report["violations"]:
+            raise DataCheckFailed(report)
+    return report
+
+
 def data_ocr_crops(
     input: str | Path,
     output: str | Path,
