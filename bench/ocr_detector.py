@@ -15,12 +15,14 @@ Truth per expert:
                `on_text` (share of detections containing >= 50 % of some text item) are printed beside.
 
     .venv/bin/python bench/ocr_detector.py --screens 100 --runs 3
+    .venv/bin/python bench/ocr_detector.py --screens 100 --jpeg 40     # compression artefacts
     .venv/bin/python bench/ocr_detector.py --screens 50 --experts calendar,login-window,chart-screen
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import sys
@@ -82,10 +84,19 @@ def _screens(expert: str, n: int, seed: int, size: tuple[int, int], tmp: Path):
     return out
 
 
-def run_once(expert: str, n: int, seed: int, size: tuple[int, int]) -> dict:
-    """Detector scores on n screens of one expert."""
+def _jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def run_once(expert: str, n: int, seed: int, size: tuple[int, int], jpeg: int | None = None) -> dict:
+    """Detector scores on n screens of one expert (re-encoded as JPEG of that quality when given)."""
     with tempfile.TemporaryDirectory() as tmp:
         screens = _screens(expert, n, seed, size, Path(tmp))
+    if jpeg is not None:
+        screens = [(_jpeg(img, jpeg), truth) for img, truth in screens]
     t0 = time.perf_counter()
     detections = [detect_text_lines(img) for img, _ in screens]
     seconds = time.perf_counter() - t0
@@ -102,6 +113,7 @@ def run_once(expert: str, n: int, seed: int, size: tuple[int, int]) -> dict:
     return {
         "expert": expert,
         "seed": seed,
+        "jpeg": jpeg,
         "screens": n,
         "true_lines": n_true,
         "detections": n_det,
@@ -122,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=1, help="runs, seeds seed..seed+runs-1 (1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--experts", default="ocr", help=f"comma-separated, of {','.join(SYNTH_EXPERTS)} (ocr)")
+    ap.add_argument("--jpeg", type=int, default=None, help="re-encode screens as JPEG of this quality first")
     ap.add_argument("--size", default="x".join(map(str, DEFAULT_IMAGE_SIZE)), help="WIDTHxHEIGHT (448x336)")
     args = ap.parse_args(argv)
     size = tuple(int(v) for v in args.size.split("x"))
     results = []
     for expert in args.experts.split(","):
         for r in range(args.runs):
-            res = run_once(expert, args.screens, args.seed + r, size)
+            res = run_once(expert, args.screens, args.seed + r, size, args.jpeg)
             results.append(res)
             print(
                 f"{expert:13s} seed={res['seed']} screens={res['screens']} lines={res['true_lines']} "
