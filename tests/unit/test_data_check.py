@@ -69,6 +69,8 @@ def test_leaking_split_fails_naming_image_splits_and_lines(built, new_name):
     assert "is in splits train, test" in violation
     assert f"train: {out}:{first_train}" in violation and f"test: {out}:{leaked_line}" in violation
     assert "1 violation(s)" in str(exc.value)
+    # the builder's stats no longer describe the data: a warning, not a second violation
+    assert any("test records, routing_data.stats.json says 3" in w for w in exc.value.report["warnings"])
     assert isinstance(exc.value, UserError)
 
 
@@ -126,9 +128,24 @@ def test_every_violation_is_listed(built):
     assert any(f"{out}:1: expert 'ghost' is not in the label map" in m for m in v)
 
 
-def test_cli_exit_codes_and_messages(built, tmp_path):
-    out, _ = built
-    cmd = [sys.executable, "-m", "mole_trainer.cli", "--workdir", str(tmp_path), "data", "check"]
+def test_cli_routing_table_then_check_exit_codes(synth_data, tmp_path):
+    cfg = tmp_path / "dataset.yaml"
+    experts = ", ".join(f"{n}: {{path: {synth_data / n}}}" for n in NAMES)
+    cfg.write_text(
+        f"experts: {{{experts}}}\ntrain_per_expert: 20\noversample: true\nval_per_expert: 2\ntest_per_expert: 3\nseed: 5\n"
+    )
+    out = tmp_path / "routing" / "routing_data.jsonl"
+    mole = [sys.executable, "-m", "mole_trainer.cli", "--workdir", str(tmp_path), "data"]
+    built = subprocess.run(
+        [*mole, "routing", "--config", str(cfg), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stderr
+    assert "repeats" in built.stdout and "imbalance ratio (max/min train) 1.0" in built.stdout
+    assert "oversample on, seed 5" in built.stdout
+    cmd = [*mole, "check"]
     ok = subprocess.run([*cmd, str(out.parent)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "ok: records parse" in ok.stdout and "calendar" in ok.stdout
