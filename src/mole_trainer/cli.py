@@ -154,6 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--min-pixels", type=_at_least_one, default=None)
     prep.add_argument("--max-pixels", type=_at_least_one, default=None)
+    prep.add_argument(
+        "--workers", type=_at_least_one, default=1, help="processes encoding in parallel (default 1)"
+    )
+    prep.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on the first bad record instead of listing it in OUTPUT/rejects.jsonl",
+    )
+    convert = data.add_parser(
+        "convert", help="write a dataset (messages/ShareGPT JSONL or HF datasets folder) in another format"
+    )
+    convert.add_argument("--input", required=True, help="dataset folder in any format mole reads")
+    convert.add_argument("--output", required=True, help="folder to write (train/val/test + images/)")
+    convert.add_argument(
+        "--to",
+        choices=["messages", "sharegpt", "hf"],
+        default="messages",
+        help="messages JSONL (default), ShareGPT JSONL, or a Hugging Face datasets folder (save_to_disk)",
+    )
+    convert.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on the first bad record instead of listing it in OUTPUT/rejects.jsonl",
+    )
 
     train = sub.add_parser("train", help="training").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -284,8 +308,16 @@ def run(args: argparse.Namespace) -> int:
             args.max_pixels,
             wd,
             config=args.config,
+            workers=args.workers,
+            strict=args.strict,
+            progress=_progress_bar("preprocessing"),
         )
         _print_json(meta)
+        _report_rejects(meta["records"], args.output)
+    elif cmd == ("data", "convert"):
+        result = stages.data_convert(args.input, args.output, args.to, wd, strict=args.strict)
+        _print_json(result)
+        _report_rejects(result["records"], args.output)
     elif cmd == ("train", "experts"):
         results = stages.train_experts(
             args.config, wd, args.only, args.device, args.dtype, resume=args.resume, concurrent=args.concurrent
@@ -333,6 +365,43 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(format_runs_table(runs) if runs else f"no runs recorded in {os.path.join(wd, HISTORY_DB)}")
     return 0
+
+
+def _progress_bar(label: str):
+    """A progress(done, total) callback drawing a rich bar on stderr (nothing when not a terminal)."""
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            console = Console(stderr=True)
+            state["bar"] = Progress(
+                f"[bold]{label}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                disable=not console.is_terminal,
+                transient=True,
+            )
+            state["task"] = state["bar"].add_task(label, total=total)
+            state["bar"].start()
+        state["bar"].update(state["task"], completed=done, total=total)
+        if done >= total:
+            state["bar"].stop()
+
+    return update
+
+
+def _report_rejects(records: dict, output) -> None:
+    from .layout import REJECTS_FILE
+
+    line = f"{records['input']} records: {records['accepted']} accepted, {records['rejected']} rejected"
+    if records["rejected"]:
+        line += f" (reasons in {os.path.join(output, REJECTS_FILE)})"
+    print(line, file=sys.stderr)
 
 
 def _infer(args, stages, wd) -> None:

@@ -10,6 +10,13 @@ ROUTING_STATS_SUFFIX = ".stats.json"  # beside a routing JSONL: routing_data.jso
 MANIFEST_FILE = "manifest.json"
 DEPLOY_METADATA_FILE = "deploy_metadata.json"
 PREPROCESS_META_FILE = "meta.json"
+REJECTS_FILE = "rejects.jsonl"  # records left out by preprocessing or conversion, and why
+PREPROCESS_SHARD_FILE = "{split}-{index:05d}.pt"  # one shard of a preprocessed split
+# what `datasets` save_to_disk writes: a DatasetDict folder, a single Dataset folder
+HF_DATASET_DICT_FILE = "dataset_dict.json"
+HF_DATASET_STATE_FILE = "state.json"
+# where images extracted from datasets with embedded bytes go (default ~/.cache/mole-trainer)
+CACHE_DIR_ENV = "MOLE_CACHE_DIR"
 EXPERT_INFO_FILE = "expert_info.json"
 ROUTER_INFO_FILE = "router_info.json"
 TRAIN_LOG_FILE = "train_log.jsonl"

@@ -154,11 +154,14 @@ def data_preprocess(
     workdir: str | Path = ".",
     progress=None,
     config: str | Path | None = None,
+    workers: int = 1,
+    strict: bool = False,
 ) -> dict:
     """Preprocess an expert dataset folder or a routing JSONL into a training cache folder.
 
     With `config` (router.yaml for task 'router', loras.yaml for 'sft'), the base model and the pixel
     budget default to the config's, so the data matches what that training run checks for.
+    `workers` processes encode in parallel; bad records go to rejects.jsonl, or fail with `strict`.
     """
     if config is not None:
         cfg = load_config(config, RouterConfig if task == "router" else LorasConfig)
@@ -169,23 +172,28 @@ def data_preprocess(
         raise UserError(
             "preprocess needs --model (a base folder or hub id) or --config (router.yaml / loras.yaml)"
         )
-    from .data.formats import load_expert_dataset, load_jsonl_samples
+    from .data.formats import Location, RecordError, Reject, read_dataset, read_jsonl_samples
     from .data.preprocess import preprocess_splits
     from .data.routing import load_label_map
 
     if min_pixels is not None and max_pixels is not None and ImageSpec(min_pixels, max_pixels).problems():
         raise UserError(f"--min-pixels {min_pixels} must not exceed --max-pixels {max_pixels}")
     input = Path(input)
+    # images are decoded by the (parallel) encoding, not here: a bad one becomes a reject there
     if input.is_dir():
-        splits = load_expert_dataset(input)
+        splits, rejects = read_dataset(input, decode=False, strict=strict)
     elif input.is_file():
-        samples = load_jsonl_samples(input)
-        if not all(s.split for s in samples):
-            missing = next(s for s in samples if not s.split)
-            raise UserError(
-                f"{missing.source}: a JSONL input needs a 'split' field on every record "
-                "(routing data has one); for an expert dataset pass its folder"
+        samples, rejects = read_jsonl_samples(input, decode=False, strict=strict)
+        for s in [s for s in samples if not s.split]:
+            err = RecordError(
+                Location(s.file, s.line),
+                "a JSONL input needs a 'split' field on every record (routing data has one); "
+                "for an expert dataset pass its folder",
+                s.id,
             )
+            if strict:
+                raise err
+            rejects.append(Reject.of(err))
         splits = {sp: [s for s in samples if s.split == sp] for sp in SPLITS}
     else:
         raise UserError(f"{input}: not found (expected a dataset folder or a routing JSONL file)")
@@ -203,10 +211,43 @@ def data_preprocess(
         "max_pixels": max_pixels,
     }
     with record_run(_db(workdir), "data.preprocess", config, data_hash(input)) as run:
-        meta = preprocess_splits(splits, output, model, task, lm, min_pixels, max_pixels, progress=progress)
+        meta = preprocess_splits(
+            splits,
+            output,
+            model,
+            task,
+            lm,
+            min_pixels,
+            max_pixels,
+            progress=progress,
+            workers=workers,
+            strict=strict,
+            rejects=rejects,
+        )
         run.metrics.update({f"{k}_examples": v for k, v in meta["counts"].items()})
+        run.metrics["rejected"] = meta["records"]["rejected"]
         run.artifacts["preprocessed"] = str(output)
     return meta
+
+
+def data_convert(
+    input: str | Path,
+    output: str | Path,
+    to: str = "messages",
+    workdir: str | Path = ".",
+    strict: bool = False,
+) -> dict:
+    """Rewrite a dataset folder (messages/ShareGPT JSONL or HF datasets) as `to` into `output`."""
+    from .data.convert import convert_dataset
+
+    if not Path(input).is_dir():
+        raise UserError(f"{input}: dataset folder not found")
+    config = {"input": str(input), "output": str(output), "to": to, "strict": strict}
+    with record_run(_db(workdir), "data.convert", config, data_hash(input)) as run:
+        result = convert_dataset(input, output, to, strict)
+        run.metrics.update({f"{k}_records": v for k, v in result["records"].items()})
+        run.artifacts["dataset"] = str(output)
+    return result
 
 
 def train_experts(

@@ -1,10 +1,14 @@
 """Preprocessing (label masks, collation) and router scoring on the tiny model."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from mole_trainer.data.formats import load_expert_dataset
 from mole_trainer.data.preprocess import IGNORE_INDEX, collate, encode_sample
+from mole_trainer.errors import UserError
 from mole_trainer.infer.scoring import encode_router_prompts, label_token_ids, route_probs, score_encoded
 from mole_trainer.model.chat import END_OF_TURN
 from mole_trainer.model.loading import load_base, load_processor
@@ -115,7 +119,80 @@ def test_cache_round_trip_is_exact_and_smaller(tiny_model, processor, samples, t
         assert fresh.keys() == cached.keys()
         for key in fresh:
             assert torch.equal(fresh[key], cached[key]), key
-    stored = torch.load(tmp_path / "train.pt", weights_only=True)["examples"][0]
+    stored = torch.load(tmp_path / "train-00000.pt", weights_only=True)["examples"][0]
     assert (
         "pixel_values" not in stored and stored["pixel_frames"].numel() * 2 == fresh["pixel_values"].numel()
     )
+
+
+# --- parallel preprocessing, rejects, relocatable cache ----------------------------------------------
+
+
+def _bad_dataset(synth_data, tmp_path):
+    """The calendar dataset plus a broken image record and a bad JSON line in train."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_data / "calendar", root)
+    lines = (root / "train.jsonl").read_text().splitlines()
+    broken = (
+        lines[0]
+        .replace("calendar-train-00000", "broken")
+        .replace("images/calendar-train-00000.png", "images/broken.png")
+    )
+    data = (root / "images/calendar-train-00000.png").read_bytes()
+    (root / "images/broken.png").write_bytes(data[: len(data) // 2])  # truncated PNG
+    (root / "train.jsonl").write_text("\n".join([*lines[:3], broken, "{not json", *lines[3:]]) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_workers_give_identical_cache_and_reconciled_rejects(tiny_model, synth_data, tmp_path, monkeypatch):
+    from mole_trainer.data import preprocess
+    from mole_trainer.data.formats import read_dataset
+    from mole_trainer.data.preprocess import load_preprocessed, preprocess_splits
+
+    monkeypatch.setattr(preprocess, "SHARD_RECORDS", 5)  # several shards per split: the workers share them
+    root = _bad_dataset(synth_data, tmp_path)
+    splits, rejects = read_dataset(root, decode=False, strict=False)
+    metas = {}
+    for n in (1, 2):
+        metas[n] = preprocess_splits(
+            splits, tmp_path / f"w{n}", str(tiny_model), "sft", None, 4096, 20000, workers=n, rejects=rejects
+        )
+    assert metas[1] == metas[2] and len(metas[1]["shards"]["train"]) == 3
+    assert metas[1]["records"] == {"input": 24, "accepted": 22, "rejected": 2}
+    assert metas[1]["counts"] == {"train": 12, "val": 4, "test": 6}
+    assert (tmp_path / "w1/rejects.jsonl").read_text() == (tmp_path / "w2/rejects.jsonl").read_text()
+    bad = [json.loads(x) for x in (tmp_path / "w2/rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["id"]) for r in bad] == [(4, "broken"), (5, None)]
+    assert "cannot be decoded" in bad[0]["reason"] and "not valid JSON" in bad[1]["reason"]
+    for split in ("train", "val", "test"):
+        (_, a), (_, b) = load_preprocessed(tmp_path / "w1", split), load_preprocessed(tmp_path / "w2", split)
+        assert len(a["examples"]) == len(b["examples"]) == metas[1]["counts"][split]
+        for x, y in zip(a["examples"], b["examples"], strict=True):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        assert [d["id"] for d in a["samples"]] == [d["id"] for d in b["samples"]]
+
+
+@pytest.mark.slow
+def test_strict_fails_on_a_bad_record_and_cache_moves_with_its_data(tiny_model, synth_data, tmp_path):
+    import shutil
+
+    from mole_trainer.data.formats import load_expert_dataset, read_dataset
+    from mole_trainer.data.preprocess import load_preprocessed, preprocess_splits
+
+    root = _bad_dataset(synth_data, tmp_path)
+    splits, rejects = read_dataset(root, decode=False, strict=False)
+    with pytest.raises(UserError, match=r"train.jsonl:4 \(id broken\): image .*cannot be decoded"):
+        preprocess_splits(splits, tmp_path / "p", str(tiny_model), "sft", None, 4096, 20000, strict=True)
+
+    work = tmp_path / "work"
+    shutil.copytree(synth_data / "ocr", work / "data")
+    preprocess_splits(
+        load_expert_dataset(work / "data"), work / "prep", str(tiny_model), "sft", None, 4096, 20000
+    )
+    work.rename(tmp_path / "moved")
+    _, payload = load_preprocessed(tmp_path / "moved/prep", "test")
+    images = [Path(p) for d in payload["samples"] for p in d["images"]]
+    assert images and all(p.is_file() and p.resolve().is_relative_to(tmp_path / "moved") for p in images)

@@ -1,27 +1,52 @@
-"""Expert dataset format (messages JSONL + images) with strict validation.
+"""Expert dataset formats, read into one validated form (Sample), strictly or with a rejects list.
 
-A dataset is a folder holding train.jsonl / val.jsonl / test.jsonl and the images they name, one
-record per line::
+A dataset is a folder in one of three formats (detected per folder, and per record for JSONL):
+
+* messages JSONL (the native format): train.jsonl / val.jsonl / test.jsonl and the images they name::
 
     {"id": "cal-0001", "images": ["images/cal-0001.png"],
      "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
                   {"role": "assistant", "content": "..."}],
      "metadata": {...}}
 
-Image paths are relative to the dataset root and may not escape it. Every problem is reported as
-a UserError naming the file, the line and the field.
+* ShareGPT JSONL, as LLaMA-Factory, LLaVA and older Qwen tooling write it, in the same split files::
+
+    {"id": "...", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}],
+     "images": ["images/x.png"]}            # or "image": "images/x.png"
+
+  The number of <image> placeholders must equal the number of images; "id" may be left out
+  (it becomes "<split>-<line>").
+* a Hugging Face `datasets` folder written by save_to_disk: a DatasetDict with train / val
+  (or validation) / test splits, or a single Dataset (split from a 'split' column, else train),
+  with the columns of either form above; image columns hold Image() features (embedded bytes,
+  extracted into a content-addressed cache folder) or paths.
+
+Image paths are relative to the dataset root and may not resolve outside it (symlinks included).
+Every problem names the file (or dataset folder and split), the line (or row) and the field. The
+strict readers raise a RecordError on the first bad record; the lenient ones return it as a
+Reject beside the good samples, so input = accepted + rejected always.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+import os
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..layout import SPLITS
+from ..layout import CACHE_DIR_ENV, HF_DATASET_DICT_FILE, HF_DATASET_STATE_FILE, SPLITS
+
+# role names accepted in ShareGPT turns (LLaMA-Factory's defaults and the plain chat names)
+SHAREGPT_USER = ("human", "user")
+SHAREGPT_ASSISTANT = ("gpt", "assistant")
+IMAGE_PLACEHOLDER = "<image>"
+# Hugging Face split names accepted for each of ours
+HF_SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
 
 @dataclass
@@ -35,7 +60,9 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
     expert: str | None = None
     split: str | None = None
-    source: str = ""  # "file:line", for messages
+    source: str = ""  # "file:line" (or "folder [split] row N"), for messages
+    file: str = ""  # the file (or dataset folder and split) the record came from
+    line: int | None = None  # its line (or row) number, 1-based
 
     def messages(self, with_answer: bool = True) -> list[dict]:
         """The conversation in the chat-template form (images first, then the instruction)."""
@@ -47,24 +74,89 @@ class Sample:
         return msgs
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; a bad line is a UserError."""
+@dataclass(frozen=True)
+class Location:
+    """Where a record comes from: a JSONL file and line, or a datasets folder, split and row."""
+
+    file: str
+    line: int
+    unit: str = "line"
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.unit == "line" else f"{self.file} row {self.line}"
+
+
+class RecordError(UserError):
+    """One bad record: its location, its id when known, and what is wrong with it."""
+
+    def __init__(self, loc: Location, reason: str, rid: str | None = None):
+        self.loc, self.reason, self.rid = loc, reason, rid
+        super().__init__(f"{loc}{f' (id {rid})' if rid else ''}: {reason}")
+
+
+@dataclass
+class Reject:
+    """A record left out of a lenient read (or of preprocessing), and why."""
+
+    file: str
+    line: int | None
+    id: str | None
+    reason: str
+    split: str | None = None
+
+    @classmethod
+    def of(cls, err: RecordError, split: str | None = None) -> Reject:
+        return cls(err.loc.file, err.loc.line, err.rid, err.reason, split)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "file": self.file,
+            "line": self.line,
+            "split": self.split,
+            "reason": self.reason,
+        }
+
+    def message(self) -> str:
+        return f"{self.file}:{self.line}{f' (id {self.id})' if self.id else ''}: {self.reason}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSONL
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | RecordError]]:
+    """Yield (line number, object) for each non-blank line, or (line number, RecordError) for a bad one."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            loc = Location(str(path), lineno)
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, RecordError(loc, f"not valid UTF-8 (byte {exc.start})")
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
-                ) from None
+                yield lineno, RecordError(loc, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
             if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield lineno, RecordError(loc, f"expected a JSON object, got {type(obj).__name__}")
+                continue
             yield lineno, obj
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; a bad line is a UserError."""
+    for lineno, obj in iter_jsonl(path):
+        if isinstance(obj, RecordError):
+            raise obj
+        yield lineno, obj
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
@@ -76,33 +168,15 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def _text_of(content: Any, where: str) -> tuple[str, int]:
-    """Text and number of image parts of a message content (a string or a list of parts)."""
-    if isinstance(content, str):
-        n = content.count("<image>")  # ShareGPT-style placeholders: the images come from 'images'
-        return (content.replace("<image>", "").strip() if n else content), n
-    if not isinstance(content, list):
-        raise UserError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
-    texts, n_images = [], 0
-    for i, part in enumerate(content):
-        if not isinstance(part, dict) or "type" not in part:
-            raise UserError(f"{where}: content[{i}] must be an object with a 'type'")
-        if part["type"] == "image":
-            n_images += 1
-        elif part["type"] == "text":
-            if not isinstance(part.get("text"), str):
-                raise UserError(f"{where}: content[{i}].text must be a string")
-            texts.append(part["text"])
-        else:
-            raise UserError(f"{where}: content[{i}].type '{part['type']}' is not 'image' or 'text'")
-    return "\n".join(texts), n_images
+# ---------------------------------------------------------------------------------------------------------
+# images
 
 
 def resolve_image(root: Path, rel: Any, where: str) -> Path:
-    """Resolve an image path inside the dataset root; reject absolute or escaping paths."""
+    """Resolve an image path inside the dataset root; reject absolute or escaping paths (symlinks too)."""
     if not isinstance(rel, str) or not rel:
         raise UserError(f"{where}: image path must be a non-empty string")
-    root = root.resolve()
+    root = Path(root).resolve()
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
         raise UserError(f"{where}: image path '{rel}' resolves outside the dataset root {root}")
@@ -123,53 +197,168 @@ def check_image(path: Path, where: str) -> tuple[int, int]:
         raise UserError(f"{where}: image '{path}' cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
-def parse_record(obj: dict, path: Path, lineno: int, root: Path, decode: bool = True) -> Sample:
-    """Validate one messages-format record and turn it into a Sample."""
-    where = f"{path}:{lineno}"
-    rid = obj.get("id")
-    if not isinstance(rid, str) or not rid:
-        raise UserError(f"{where}: field 'id' must be a non-empty string")
-    where = f"{path}:{lineno} (id {rid})"
-    images = obj.get("images")
-    if not isinstance(images, list) or not images:
-        raise UserError(f"{where}: field 'images' must be a non-empty list of paths")
+def image_cache_dir() -> Path:
+    """Folder holding images extracted from datasets with embedded bytes ($MOLE_CACHE_DIR/images)."""
+    base = os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "mole-trainer"
+    return Path(base) / "images"
+
+
+def store_image_bytes(data: bytes, name_hint: str | None = None) -> Path:
+    """Write image bytes once into the cache, named by their sha256 (the suffix from the hint)."""
+    suffix = Path(name_hint).suffix.lower() if name_hint else ""
+    if not re.fullmatch(r"\.[a-z0-9]{1,5}", suffix):
+        suffix = ".img"  # PIL identifies images by content, not by name
+    folder = image_cache_dir()
+    dest = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
+    if not dest.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)  # atomic: parallel readers never see half a file
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one record
+
+
+ImageResolver = Callable[[Any, str], Path]
+
+
+def _text_of(content: Any, where: str) -> tuple[str, int]:
+    """Text and number of image parts of a message content (a string or a list of parts)."""
+    if isinstance(content, str):
+        n = content.count(IMAGE_PLACEHOLDER)  # ShareGPT-style placeholders: the images come from 'images'
+        return (content.replace(IMAGE_PLACEHOLDER, "").strip() if n else content), n
+    if not isinstance(content, list):
+        raise UserError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+    texts, n_images = [], 0
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or "type" not in part:
+            raise UserError(f"{where}: content[{i}] must be an object with a 'type'")
+        if part["type"] == "image":
+            n_images += 1
+        elif part["type"] == "text":
+            if not isinstance(part.get("text"), str):
+                raise UserError(f"{where}: content[{i}].text must be a string")
+            texts.append(part["text"])
+        else:
+            raise UserError(f"{where}: content[{i}].type '{part['type']}' is not 'image' or 'text'")
+    return "\n".join(texts), n_images
+
+
+def _turns_messages(obj: dict) -> tuple[Any, Any, int]:
+    """(user content, assistant content, image parts) of a messages-format record."""
     messages = obj.get("messages")
     if not isinstance(messages, list) or len(messages) != 2:
         raise UserError(
-            f"{where}: field 'messages' must be a list of exactly two turns, the user request and the "
+            "field 'messages' must be a list of exactly two turns, the user request and the "
             f"assistant answer (got {len(messages) if isinstance(messages, list) else type(messages).__name__})"
         )
-    user, assistant = messages[0], messages[-1]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            raise UserError(f"messages[{i}] must be an object with 'role' and 'content'")
+    user, assistant = messages
     if user["role"] != "user":
-        raise UserError(f"{where}: messages[0].role must be 'user', got '{user['role']}'")
+        raise UserError(f"messages[0].role must be 'user', got '{user['role']}'")
     if assistant["role"] != "assistant":
+        raise UserError(f"the last message must be the assistant answer, got role '{assistant['role']}'")
+    return user["content"], assistant["content"], -1
+
+
+def _turns_sharegpt(obj: dict) -> tuple[Any, Any, int]:
+    """(user value, assistant value, placeholder count) of a ShareGPT record."""
+    conv = obj.get("conversations")
+    if not isinstance(conv, list) or len(conv) != 2:
         raise UserError(
-            f"{where}: the last message must be the assistant answer, got role '{assistant['role']}'"
+            "field 'conversations' must be a list of exactly two turns, the human request and the "
+            f"gpt answer (got {len(conv) if isinstance(conv, list) else type(conv).__name__})"
         )
-    instruction, n_img = _text_of(user["content"], f"{where}: messages[0]")
-    answer, _ = _text_of(assistant["content"], f"{where}: messages[-1]")
+    turns = []
+    for i, t in enumerate(conv):
+        role = t.get("from", t.get("role")) if isinstance(t, dict) else None
+        value = t.get("value", t.get("content")) if isinstance(t, dict) else None
+        if not isinstance(role, str) or not isinstance(value, str):
+            raise UserError(f"conversations[{i}] must be an object with string 'from' and 'value'")
+        turns.append((role, value))
+    (r0, user), (r1, answer) = turns
+    if r0 not in SHAREGPT_USER:
+        raise UserError(f"conversations[0].from must be one of {', '.join(SHAREGPT_USER)}, got '{r0}'")
+    if r1 not in SHAREGPT_ASSISTANT:
+        raise UserError(f"conversations[1].from must be one of {', '.join(SHAREGPT_ASSISTANT)}, got '{r1}'")
+    if IMAGE_PLACEHOLDER in answer:
+        raise UserError(f"conversations[1].value (the answer) contains an {IMAGE_PLACEHOLDER} placeholder")
+    return user, answer, user.count(IMAGE_PLACEHOLDER)
+
+
+def record_kind(obj: dict) -> str:
+    """'messages' or 'sharegpt', from the record's fields."""
+    if "conversations" in obj and "messages" not in obj:
+        return "sharegpt"
+    return "messages"
+
+
+def parse_object(
+    obj: dict, loc: Location, resolver: ImageResolver, decode: bool = True, default_id: str | None = None
+) -> Sample:
+    """Validate one record (messages or ShareGPT form) into a Sample; a problem raises RecordError."""
+    # ShareGPT files often carry no id; the messages format requires one
+    rid = obj.get("id", default_id if record_kind(obj) == "sharegpt" else None)
+    if not isinstance(rid, str) or not rid:
+        raise RecordError(loc, "field 'id' must be a non-empty string")
+    try:
+        return _parse(obj, loc, rid, resolver, decode)
+    except RecordError:
+        raise
+    except UserError as exc:
+        raise RecordError(loc, str(exc), rid) from None
+
+
+def _parse(obj: dict, loc: Location, rid: str, resolver: ImageResolver, decode: bool) -> Sample:
+    kind = record_kind(obj)
+    if kind == "sharegpt":
+        if "images" in obj and "image" in obj:
+            raise UserError("give either 'image' or 'images', not both")
+        images = [obj["image"]] if "image" in obj and obj["image"] is not None else obj.get("images")
+        images_field = "image" if "image" in obj else "images"
+        user, assistant, n_img = _turns_sharegpt(obj)
+    else:
+        images, images_field = obj.get("images"), "images"
+        user, assistant, n_img = _turns_messages(obj)
+    if not isinstance(images, list) or not images:
+        raise UserError(f"field '{images_field}' must be a non-empty list of paths")
+    turn = "conversations[0].value" if kind == "sharegpt" else "messages[0]"
+    instruction, n_parts = _text_of(user, turn)
+    answer, _ = _text_of(assistant, "conversations[1].value" if kind == "sharegpt" else "messages[-1]")
     if not instruction.strip():
-        raise UserError(f"{where}: the user turn has no instruction text")
+        raise UserError("the user turn has no instruction text")
     if not answer.strip():
-        raise UserError(f"{where}: the assistant answer is empty")
-    if n_img != len(images):
-        raise UserError(f"{where}: the user turn has {n_img} image part(s) but 'images' lists {len(images)}")
-    paths = [resolve_image(root, rel, f"{where}: images[{i}]") for i, rel in enumerate(images)]
+        raise UserError("the assistant answer is empty")
+    if kind == "sharegpt" and n_img != len(images):
+        raise UserError(
+            f"{turn} has {n_img} {IMAGE_PLACEHOLDER} placeholder(s) but '{images_field}' lists {len(images)} image(s)"
+        )
+    if kind == "messages" and n_parts != len(images):
+        raise UserError(f"the user turn has {n_parts} image part(s) but 'images' lists {len(images)}")
+    paths = [resolver(rel, f"{images_field}[{i}]") for i, rel in enumerate(images)]
     if decode:
         for i, p in enumerate(paths):
-            check_image(p, f"{where}: images[{i}]")
-    metadata = obj.get("metadata", {})
+            check_image(p, f"{images_field}[{i}]")
+    metadata = obj.get("metadata")
+    if isinstance(metadata, str):  # a JSON string (how Arrow columns keep free-form objects)
+        try:
+            metadata = json.loads(metadata)
+        except json.JSONDecodeError:
+            raise UserError("field 'metadata' is a string that is not JSON") from None
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
-        raise UserError(f"{where}: field 'metadata' must be an object")
+        raise UserError("field 'metadata' must be an object")
     expert = obj.get("expert")
     if expert is not None and not isinstance(expert, str):
-        raise UserError(f"{where}: field 'expert' must be a string")
+        raise UserError("field 'expert' must be a string")
     split = obj.get("split")
     if split is not None and split not in SPLITS:
-        raise UserError(f"{where}: field 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise UserError(f"field 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
     return Sample(
         id=rid,
         images=paths,
@@ -178,38 +367,191 @@ def parse_record(obj: dict, path: Path, lineno: int, root: Path, decode: bool = 
         metadata=metadata,
         expert=expert,
         split=split,
-        source=f"{path}:{lineno}",
+        source=str(loc),
+        file=loc.file,
+        line=loc.line,
     )
+
+
+def _path_resolver(root: Path) -> ImageResolver:
+    return lambda rel, where: resolve_image(root, rel, where)
+
+
+def parse_record(obj: dict, path: Path, lineno: int, root: Path, decode: bool = True) -> Sample:
+    """Validate one JSONL record (messages or ShareGPT form) and turn it into a Sample."""
+    return parse_object(obj, Location(str(path), lineno), _path_resolver(Path(root)), decode)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# whole files and folders
+
+
+def _collect(
+    items: Iterator[tuple[Location, dict | RecordError, str | None]],
+    resolver: ImageResolver,
+    decode: bool,
+    strict: bool,
+    split: str | None,
+) -> tuple[list[Sample], list[Reject]]:
+    samples: list[Sample] = []
+    rejects: list[Reject] = []
+    seen: dict[str, int] = {}
+    for loc, obj, default_id in items:
+        try:
+            if isinstance(obj, RecordError):
+                raise obj
+            s = parse_object(obj, loc, resolver, decode, default_id)
+            if s.id in seen:
+                raise RecordError(loc, f"duplicate id '{s.id}' (first at {loc.unit} {seen[s.id]})", s.id)
+        except RecordError as err:
+            if strict:
+                raise
+            rejects.append(Reject.of(err, split if split is not None else _split_of(obj)))
+            continue
+        seen[s.id] = loc.line
+        samples.append(s)
+    return samples, rejects
+
+
+def _split_of(obj: Any) -> str | None:
+    split = obj.get("split") if isinstance(obj, dict) else None
+    return split if split in SPLITS else None
+
+
+def read_jsonl_samples(
+    path: str | Path,
+    root: str | Path | None = None,
+    decode: bool = True,
+    strict: bool = True,
+    split: str | None = None,
+) -> tuple[list[Sample], list[Reject]]:
+    """(samples, rejects) of one JSONL file; strict raises on the first bad record instead."""
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    stem = split or path.stem
+    items = ((Location(str(path), n), obj, f"{stem}-{n}") for n, obj in iter_jsonl(path))
+    return _collect(items, _path_resolver(root), decode, strict, split)
 
 
 def load_jsonl_samples(path: str | Path, root: str | Path | None = None, decode: bool = True) -> list[Sample]:
     """Read and validate every record of one JSONL file (image paths relative to `root`)."""
-    path = Path(path)
-    root = Path(root) if root is not None else path.parent
-    samples, seen = [], {}
-    for lineno, obj in read_jsonl(path):
-        s = parse_record(obj, path, lineno, root, decode=decode)
-        if s.id in seen:
-            raise UserError(f"{path}:{lineno}: duplicate id '{s.id}' (first at line {seen[s.id]})")
-        seen[s.id] = lineno
-        samples.append(s)
-    return samples
+    return read_jsonl_samples(path, root, decode)[0]
 
 
-def load_expert_dataset(root: str | Path, decode: bool = True) -> dict[str, list[Sample]]:
-    """Load train/val/test of one expert dataset folder; missing split files are empty splits."""
+def is_hf_dataset(root: str | Path) -> bool:
+    """True for a folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    root = Path(root)
+    return (root / HF_DATASET_DICT_FILE).is_file() or (root / HF_DATASET_STATE_FILE).is_file()
+
+
+def read_dataset(
+    root: str | Path, decode: bool = True, strict: bool = True
+) -> tuple[dict[str, list[Sample]], list[Reject]]:
+    """({split: samples}, rejects) of a dataset folder in any of the three formats.
+
+    Missing split files are empty splits; a folder with no record at all is an error either way.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found")
-    out = {}
-    for split in SPLITS:
-        f = root / f"{split}.jsonl"
-        out[split] = load_jsonl_samples(f, root, decode=decode) if f.is_file() else []
-    if not any(out.values()):
+    if is_hf_dataset(root):
+        out, rejects = read_hf_dataset(root, decode, strict)
+    else:
+        out, rejects = {}, []
+        for split in SPLITS:
+            f = root / f"{split}.jsonl"
+            samples, bad = read_jsonl_samples(f, root, decode, strict, split) if f.is_file() else ([], [])
+            out[split] = samples
+            rejects += bad
+    if not any(out.values()) and not rejects:
         raise UserError(
-            f"{root}: no records (expected train.jsonl / val.jsonl / test.jsonl with at least one line)"
+            f"{root}: no records (expected train.jsonl / val.jsonl / test.jsonl with at least one line, "
+            "or a Hugging Face datasets folder written by save_to_disk)"
         )
-    return out
+    return out, rejects
+
+
+def load_expert_dataset(root: str | Path, decode: bool = True) -> dict[str, list[Sample]]:
+    """Load train/val/test of one expert dataset folder (any format); the first bad record raises."""
+    return read_dataset(root, decode, strict=True)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face datasets folders
+
+
+def _hf_resolver(root: Path) -> ImageResolver:
+    def resolve(value: Any, where: str) -> Path:
+        if isinstance(value, dict):  # an Image() feature, as stored: {"bytes": ..., "path": ...}
+            if value.get("bytes"):
+                return store_image_bytes(value["bytes"], value.get("path"))
+            value = value.get("path")
+        return resolve_image(root, value, where)
+
+    return resolve
+
+
+def read_hf_dataset(
+    root: str | Path, decode: bool = True, strict: bool = True
+) -> tuple[dict[str, list[Sample]], list[Reject]]:
+    """({split: samples}, rejects) of a save_to_disk folder; rows read raw (image bytes not decoded)."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    root = Path(root)
+    try:
+        ds = load_from_disk(str(root))
+    except Exception as exc:
+        raise UserError(
+            f"{root}: cannot read the Hugging Face dataset ({type(exc).__name__}: {exc})"
+        ) from None
+    if isinstance(ds, DatasetDict):
+        parts: dict[str | None, Dataset] = {}
+        for name, part in ds.items():
+            ours = HF_SPLIT_NAMES.get(name)
+            if ours is None or ours in parts:
+                raise UserError(
+                    f"{root}: split '{name}' is not one of train, val (or validation), test"
+                    + (" (given twice)" if ours in parts else "")
+                )
+            parts[ours] = part
+    else:
+        parts = {None: ds}
+    out: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+    rejects: list[Reject] = []
+    resolver = _hf_resolver(root)
+    for split, part in parts.items():
+        _check_hf_columns(root, split, part.column_names)
+        label = f"{root} [{split or 'dataset'}]"
+        rows = _hf_rows(part)
+        items = ((Location(label, i, "row"), row, f"{split or 'row'}-{i}") for i, row in rows)
+        samples, bad = _collect(items, resolver, decode, strict, split)
+        rejects += bad
+        for s in samples:
+            target = split or s.split or "train"
+            out[target].append(s)
+    return out, rejects
+
+
+def _check_hf_columns(root: Path, split: str | None, columns: list[str]) -> None:
+    has_turns = "messages" in columns or "conversations" in columns
+    has_images = "images" in columns or "image" in columns
+    if not (has_turns and has_images):
+        raise UserError(
+            f"{root} [{split or 'dataset'}]: columns {sorted(columns)} do not form expert records; "
+            "expected 'messages' with 'images', or 'conversations' with 'image' or 'images'"
+        )
+
+
+def _hf_rows(part, batch: int = 256) -> Iterator[tuple[int, dict]]:
+    """(1-based row number, row as stored) without decoding images: the Arrow table read directly."""
+    table = part.with_format("arrow")
+    for start in range(0, len(part), batch):
+        for j, row in enumerate(table[start : start + batch].to_pylist()):
+            yield start + j + 1, {k: v for k, v in row.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
 
 
 def sample_to_record(s: Sample, image_paths: list[str]) -> dict:
@@ -226,5 +568,21 @@ def sample_to_record(s: Sample, image_paths: list[str]) -> dict:
         },
         {"role": "assistant", "content": s.answer},
     ]
+    rec["metadata"] = s.metadata
+    return rec
+
+
+def sample_to_sharegpt(s: Sample, image_paths: list[str]) -> dict:
+    """ShareGPT record of a Sample (LLaMA-Factory's 'sharegpt' form, with 'id' and 'metadata' kept)."""
+    rec: dict[str, Any] = {"id": s.id}
+    if s.expert is not None:
+        rec["expert"] = s.expert
+    if s.split is not None:
+        rec["split"] = s.split
+    rec["conversations"] = [
+        {"from": "human", "value": IMAGE_PLACEHOLDER * len(image_paths) + "\n" + s.instruction},
+        {"from": "gpt", "value": s.answer},
+    ]
+    rec["images"] = image_paths
     rec["metadata"] = s.metadata
     return rec

@@ -2,28 +2,32 @@
 
 An example is a dict of tensors (input_ids, attention_mask, mm_token_type_ids, labels,
 pixel_values, image_grid_thw). Only the assistant answer (and its end-of-turn token) is
-supervised; everything before it is masked with -100. The cache folder holds one `<split>.pt`
-per split and `meta.json` describing what made it (task, base, processor digest, pixel budget), so
-training steps never re-run the processor; only generation-based scoring (validation routing
-accuracy, expert task metrics) re-encodes the prompts of the records it scores.
+supervised; everything before it is masked with -100. The cache folder holds each split as shards
+of SHARD_RECORDS input records (`<split>-00000.pt`, ...), `meta.json` describing what made it
+(task, base, processor digest, pixel budget, counts) and `rejects.jsonl` (records left out, and
+why), so training steps never re-run the processor; only generation-based scoring (validation
+routing accuracy, expert task metrics) re-encodes the prompts of the records it scores. Shards are
+encoded in parallel worker processes when asked; the files do not depend on the number of workers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..layout import LABEL_MAP_FILE, PREPROCESS_META_FILE, SPLITS
+from ..layout import LABEL_MAP_FILE, PREPROCESS_META_FILE, PREPROCESS_SHARD_FILE, REJECTS_FILE, SPLITS
 from ..model.chat import END_OF_TURN
 from ..router_prompt import label_names, router_messages
-from .formats import Sample
+from .formats import Reject, Sample, write_jsonl
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = "mole-preprocessed-v1"
+CACHE_FORMAT = "mole-preprocessed-v2"  # v2: splits in shards, image paths relative to the cache
+READABLE_FORMATS = ("mole-preprocessed-v1", CACHE_FORMAT)
 TASKS = ("sft", "router")
 
 
@@ -140,17 +144,30 @@ def expand_frames(example: dict, temporal: int) -> dict:
     return example
 
 
-def sample_to_dict(s: Sample) -> dict:
-    """Plain form of a sample kept beside its encoding (generation-based evaluation needs it)."""
+def sample_to_dict(s: Sample, base: Path | None = None) -> dict:
+    """Plain form of a sample kept beside its encoding (generation-based evaluation needs it).
+
+    With `base` (the cache folder), image paths are stored relative to it, so a work directory
+    that moves as a whole keeps a working cache; load_preprocessed resolves them again.
+    """
     return {
         "id": s.id,
-        "images": [str(p) for p in s.images],
+        "images": [_relative(p, base) for p in s.images],
         "instruction": s.instruction,
         "answer": s.answer,
         "expert": s.expert,
         "metadata": s.metadata,
         "source": s.source,
     }
+
+
+def _relative(path: Path, base: Path | None) -> str:
+    if base is None:
+        return str(path)
+    try:
+        return os.path.relpath(path, base.resolve())
+    except ValueError:  # another drive (Windows): no relative form
+        return str(path)
 
 
 def sample_from_dict(d: dict) -> Sample:
@@ -172,6 +189,94 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the cache writer: shards of SHARD_RECORDS input records, encoded in-process or by a process pool
+
+SHARD_RECORDS = 64  # input records per shard file (and per pool task); fixed, so output never depends on N
+
+# set in each worker process (and in the parent for in-process work): the processor and what to encode
+_WORKER: dict[str, Any] = {}
+
+
+def _start_method() -> str:
+    """'fork' where the platform has it (workers inherit the loaded processor at no cost), else 'spawn'.
+
+    Forking is safe here: preprocessing never touches CUDA, the pool is created before any progress
+    thread starts, and every worker runs torch on one thread (no OpenMP pool inherited in use).
+    """
+    import multiprocessing as mp
+
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+def _init_worker(
+    model: str, min_pixels: int | None, max_pixels: int | None, task: str, names, temporal
+) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    if _WORKER.get("key") != (model, min_pixels, max_pixels):  # spawn: nothing inherited, load once
+        from ..model.loading import load_processor
+
+        _WORKER["processor"] = load_processor(model, min_pixels, max_pixels)
+        _WORKER["key"] = (model, min_pixels, max_pixels)
+    _WORKER.update(task=task, names=names, temporal=temporal)
+
+
+def _encode_shard(job: tuple[str, Path, list[Sample]], progress=None) -> tuple[int, list[dict]]:
+    """Encode one shard and save it; return (examples written, rejects as dicts)."""
+    import torch
+
+    split, dest, samples = job
+    processor, task, names = _WORKER["processor"], _WORKER["task"], _WORKER["names"]
+    examples, kept, rejects = [], [], []
+    for s in samples:
+        try:
+            examples.append(compact_frames(encode_sample(processor, s, task, names), _WORKER["temporal"]))
+            kept.append(sample_to_dict(s, dest.parent))
+        except UserError as exc:
+            reason = str(exc).removeprefix(f"{s.source}: ")
+            rejects.append(Reject(s.file or s.source, s.line, s.id, reason, split).to_dict())
+        if progress:
+            progress(1)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    torch.save({"examples": examples, "samples": kept}, tmp)
+    os.replace(tmp, dest)
+    return len(examples), rejects
+
+
+def _run_jobs(jobs, workers: int, init: tuple, take, progress, start_method: str | None) -> None:
+    """Encode every shard job in order (in-process for one worker, else in a process pool)."""
+    import torch
+
+    if workers == 1:
+        if progress:
+            progress(0)
+        threads = torch.get_num_threads()
+        _init_worker(*init)
+        torch.set_num_threads(threads)  # in-process: keep the caller's thread count
+        for job in jobs:
+            take(job, _encode_shard(job, progress))
+        return
+
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context(start_method or _start_method())
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+        futures = [pool.submit(_encode_shard, job) for job in jobs]
+        if progress:  # only now: the workers are forked, so no progress thread runs at fork time
+            progress(0)
+        try:
+            for job, fut in zip(jobs, futures, strict=True):  # in order: deterministic strict errors
+                take(job, fut.result())
+                if progress:
+                    progress(len(job[2]))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def preprocess_splits(
     splits: dict[str, list[Sample]],
     output: str | Path,
@@ -182,14 +287,26 @@ def preprocess_splits(
     max_pixels: int | None = None,
     progress=None,
     source: str | None = None,
+    workers: int = 1,
+    strict: bool = False,
+    rejects: list[Reject] | None = None,
+    start_method: str | None = None,
 ) -> dict:
-    """Encode every split and write the cache folder; returns the metadata written to meta.json."""
-    import torch
+    """Encode every split into a cache folder (shards + meta.json + rejects.jsonl); returns the meta.
+
+    `workers` > 1 encodes shards in that many processes; the files written are the same whatever
+    the number. A record that cannot be encoded (unreadable image, ...) is left out and listed in
+    rejects.jsonl with the loader's `rejects`, unless `strict`, where it raises a UserError.
+    `progress(done, total)` is called as records are encoded (per record in-process, per shard
+    with workers).
+    """
 
     from ..model.loading import load_processor, processor_digest
 
     if task not in TASKS:
         raise UserError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, got {workers}")
     names = None
     if task == "router":
         if not label_map:
@@ -201,29 +318,53 @@ def preprocess_splits(
                     raise UserError(
                         f"{s.source}: expert '{s.expert}' is not in the label map ({', '.join(names)})"
                     )
+    loader_rejects = [r.to_dict() for r in rejects or []]
+    if strict and loader_rejects:
+        raise UserError(Reject(**loader_rejects[0]).message())
     processor = load_processor(model, min_pixels, max_pixels)
+    temporal = processor.image_processor.temporal_patch_size
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {}
+    for old in [*out.glob("*.pt"), out / PREPROCESS_META_FILE, out / REJECTS_FILE]:
+        old.unlink(missing_ok=True)  # a previous run's shards must not mix with this one's
+
+    jobs, shards = [], {split: [] for split in SPLITS}
     for split in SPLITS:
         samples = splits.get(split, [])
-        examples = []
-        for s in samples:
-            examples.append(encode_sample(processor, s, task, names))
-            if progress:
-                progress()
-        temporal = processor.image_processor.temporal_patch_size
-        torch.save(
-            {
-                "examples": [compact_frames(e, temporal) for e in examples],
-                "samples": [sample_to_dict(s) for s in samples],
-            },
-            out / f"{split}.pt",
-        )
-        counts[split] = len(examples)
+        for index, start in enumerate(range(0, max(len(samples), 1), SHARD_RECORDS)):
+            name = PREPROCESS_SHARD_FILE.format(split=split, index=index)
+            shards[split].append(name)
+            jobs.append((split, out / name, samples[start : start + SHARD_RECORDS]))
+
+    init = (model, min_pixels, max_pixels, task, names, temporal)
+    _WORKER.update(processor=processor, key=(model, min_pixels, max_pixels))
+    counts = dict.fromkeys(SPLITS, 0)
+    encode_rejects: list[dict] = []
+
+    def take(job, result) -> None:
+        n, bad = result
+        counts[job[0]] += n
+        if strict and bad:
+            raise UserError(Reject(**bad[0]).message())
+        encode_rejects.extend(bad)
+
+    total, done = sum(len(job[2]) for job in jobs), 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    try:
+        _run_jobs(jobs, workers, init, take, advance if progress else None, start_method)
+    finally:
+        _WORKER.clear()
+
+    all_rejects = sorted(loader_rejects + encode_rejects, key=lambda r: (r["file"], r["line"] or 0))
+    write_jsonl(out / REJECTS_FILE, all_rejects)
     size = processor.image_processor.size
     meta = {
-        "temporal_patch_size": processor.image_processor.temporal_patch_size,
+        "temporal_patch_size": temporal,
         "format": CACHE_FORMAT,
         "task": task,
         "model": model,
@@ -231,12 +372,24 @@ def preprocess_splits(
         "min_pixels": size["shortest_edge"],
         "max_pixels": size["longest_edge"],
         "counts": counts,
+        "records": {
+            "input": sum(counts.values()) + len(all_rejects),
+            "accepted": sum(counts.values()),
+            "rejected": len(all_rejects),
+        },
+        "rejected": {sp: sum(1 for r in all_rejects if r["split"] == sp) for sp in (*SPLITS, None)},
+        "shards": shards,
         "label_map": label_map,
         "source": source,
     }
+    meta["rejected"]["unknown"] = meta["rejected"].pop(None)
     (out / PREPROCESS_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if label_map:
         (out / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n")
+    if not meta["records"]["accepted"] and all_rejects:
+        raise UserError(
+            f"no usable records: all {len(all_rejects)} were rejected (reasons in {out / REJECTS_FILE})"
+        )
     return meta
 
 
@@ -294,7 +447,7 @@ def is_preprocessed(path: str | Path) -> bool:
     if not meta.is_file():
         return False
     try:
-        return json.loads(meta.read_text()).get("format") == CACHE_FORMAT
+        return json.loads(meta.read_text()).get("format") in READABLE_FORMATS
     except json.JSONDecodeError:
         return False
 
@@ -309,12 +462,20 @@ def load_preprocessed(path: str | Path, split: str) -> tuple[dict, dict]:
             f"{path}: not a preprocessed dataset (no {PREPROCESS_META_FILE}; run 'mole data preprocess')"
         )
     meta = json.loads((path / PREPROCESS_META_FILE).read_text())
-    f = path / f"{split}.pt"
-    if not f.is_file():
-        raise UserError(f"{path}: split file {f.name} is missing")
-    # memory-mapped: tensors are read from disk when a batch touches them, not all at once
-    payload = torch.load(f, weights_only=True, mmap=True)
-    payload["examples"] = CachedExamples(payload["examples"], meta["temporal_patch_size"])
+    files = meta["shards"][split] if "shards" in meta else [f"{split}.pt"]  # v1: one file per split
+    stored, samples = [], []
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"{path}: split file {f.name} is missing")
+        # memory-mapped: tensors are read from disk when a batch touches them, not all at once
+        part = torch.load(f, weights_only=True, mmap=True)
+        stored += part["examples"]
+        samples += part["samples"]
+    base = path.resolve()
+    for d in samples:  # relative image paths are relative to the cache folder (absolute in v1)
+        d["images"] = [str(base / p) if not os.path.isabs(p) else p for p in d["images"]]
+    payload = {"examples": CachedExamples(stored, meta["temporal_patch_size"]), "samples": samples}
     return meta, payload
 
 
