@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import UserError
 from ..layout import SPLITS
 from .formats import write_jsonl
+from .ocr import OCR_PROMPT
 
 SYNTH_EXPERTS: tuple[str, ...] = ("calendar", "login-window", "chart-screen", "ocr")
 DEFAULT_COUNTS = {"train": 120, "val": 16, "test": 32}
@@ -861,7 +862,7 @@ _SHOPS = ("CORNER MARKET", "CITY CAFE", "GREEN GROCER", "BOOK NOOK", "FRESH BAKE
 _NOTE_TITLES = ("Note", "To do", "Reminder", "Remember:", "Shopping list")
 
 _OCR_PROMPTS = (
-    "Read the text in the image.",
+    OCR_PROMPT,  # the prompt of `mole data ocr-crops`, so crops and whole screens share it
     "Transcribe all the text you can see.",
     "What is written here? Give every line.",
     "Copy the text from the image, line by line.",
