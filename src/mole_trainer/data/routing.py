@@ -221,7 +221,7 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
 
 def _check_values(cfg: DatasetConfig, source: str) -> None:
     """The config's value checks, also for configs built in code rather than loaded from a file."""
-    problems = {k: v for k, v in cfg.problems().items()}
+    problems = dict(cfg.problems())
     for name, src in cfg.experts.items():
         problems.update({f"experts.{name}.{k}": v for k, v in src.problems().items()})
     if problems:
