@@ -3,15 +3,19 @@
 Each expert: preprocess its dataset (or reuse a preprocessed folder), score the untrained base on
 test records with the expert's task metric, train a LoRA (keep-best by validation loss), score
 again, save an ordinary PEFT adapter plus metadata, and remove the LoRA before the next expert.
+`concurrent=True` trains all of them in one pass instead (train/concurrent.py); both paths share
+the per-expert preparation, base scoring, final scoring and saving defined here.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapter_info import write_adapter_info
-from ..config import LorasConfig, to_dict
+from ..config import ExpertEntry, LorasConfig, LoraSpec, TrainSpec, to_dict
 from ..data.formats import Sample, load_expert_dataset
 from ..data.preprocess import (
     check_compatible,
@@ -76,15 +80,27 @@ def task_score(samples: list[Sample], predictions: list[str]) -> dict:
     return score_many(task, predictions, [s.answer for s in samples])
 
 
-def train_experts(
-    cfg: LorasConfig, only: list[str] | None = None, device: str = "auto", dtype: str = "auto", report=print
-) -> dict:
-    """Train every expert of the config (or `only` those); returns {expert: result dict}."""
+@dataclass
+class ExpertJob:
+    """Everything one expert's training needs, loaded once: settings, data, processor, base scores."""
 
-    from ..model.loading import load_base, load_processor
-    from ..model.lora import attach_lora, detach_lora
-    from .loop import eval_loss, lower_is_better, train_loop
+    name: str
+    entry: ExpertEntry
+    lora: LoraSpec
+    spec: TrainSpec
+    out: Path
+    meta: dict
+    train_examples: Sequence
+    val_examples: Sequence
+    test_samples: list[Sample]
+    processor: object
+    pad_id: int
+    base_preds: list[str] = field(default_factory=list)
+    base_score: dict | None = None
 
+
+def expert_names(cfg: LorasConfig, only: list[str] | None) -> list[str]:
+    """The experts to train: `only` those (checked against the config) or all of them."""
     names = only or list(cfg.experts)
     missing = [n for n in names if n not in cfg.experts]
     if missing:
@@ -238,20 +254,8 @@ def train_experts(
             "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 2),
             "samples_per_s": round(result.samples_seen / max(result.seconds, 1e-9), 2),
-            "metric": score["metric"] if score else None,
-            "value": score["value"] if score else None,
-            "base_value": base_score["value"] if base_score else None,
-            "test_records": len(test_samples),
-            "examples": [
-                {"id": s.id, "reference": s.answer, "base": b, "expert": p}
-                for s, b, p in list(zip(test_samples, base_preds, preds, strict=True))[:5]
-            ],
-            "lora": to_dict(lora),
-            "train": to_dict(spec),
         }
-        (out / EXPERT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        report(f"[{name}] {info['metric']}: base {info['base_value']} -> expert {info['value']}")
-        results[name] = info
+        results[name] = score_and_save(model, job, cfg, stats, report)
         base = detach_lora(model)
         del model
     return results
