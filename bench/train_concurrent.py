@@ -1,0 +1,187 @@
+"""Benchmark: experts trained together (`mole train experts --concurrent`) against plain PEFT
+training them one after another (get_peft_model + add_adapter + set_adapter, a standard loop),
+same process, same data, same steps, same per-expert batch.
+
+Both paths train every expert for `--steps` optimiser steps on its own seeded batch stream; only the
+optimisation steps are timed (the concurrent run's evaluations are excluded). Samples/s counts every
+expert's samples: experts x steps x batch / seconds. Default: the tiny offline Qwen3-VL
+(`mole model tiny`) and the synthetic GUI datasets, fp32 on the CPU.
+
+Usage: python bench/train_concurrent.py [--experts 4] [--steps 6] [--batch 4] [--repeats 3]
+The last line printed is one JSON object (medians over the repeats, and the speedup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work (timings must cover it)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_concurrent(base, lora, spec, train_sets: list, val_sets: list, pad_id: int) -> tuple[float, int]:
+    """Train the experts together with the package's own code; (seconds of the steps, samples)."""
+    from mole_trainer.model.multi_lora import MultiLora, expert_weights_from_spec
+    from mole_trainer.train.concurrent import ExpertRun, train_concurrent
+
+    init = [expert_weights_from_spec(base, lora, spec.seed + e) for e in range(len(train_sets))]
+    multi = MultiLora(base, init)
+    try:
+        runs = [
+            ExpertRun(
+                f"e{e}", train_sets[e], val_sets[e], spec.__class__(**{**vars(spec), "seed": spec.seed + e})
+            )
+            for e in range(len(train_sets))
+        ]
+        result = train_concurrent(base, multi, runs, pad_id, report=lambda *_: None)
+    finally:
+        multi.remove()
+    return result.step_seconds, sum(o.samples_seen for o in result.experts)
+
+
+def run_sequential_peft(base, lora, spec, train_sets: list, pad_id: int) -> tuple[float, int]:
+    """Plain PEFT: one adapter per expert on one wrapper, trained one after another with set_adapter."""
+    import torch
+    from peft import get_peft_model
+
+    from mole_trainer.data.preprocess import collate
+    from mole_trainer.model.lora import peft_config
+    from mole_trainer.train.loop import batches, lr_lambda
+
+    device = next(base.parameters()).device
+    names = [f"e{e}" for e in range(len(train_sets))]
+    pm = get_peft_model(base, peft_config(lora), adapter_name=names[0])
+    for n in names[1:]:
+        pm.add_adapter(n, peft_config(lora))
+    seconds, samples = 0.0, 0
+    try:
+        for e, name in enumerate(names):
+            pm.base_model.set_adapter(name)  # only this adapter is active and trainable
+            params = [p for p in pm.parameters() if p.requires_grad]
+            optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(spec, spec.steps))
+            stream = batches(len(train_sets[e]), spec.batch_size, spec.seed + e)
+            pm.train()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(spec.steps):
+                idx = next(stream)
+                batch = {k: v.to(device) for k, v in collate([train_sets[e][i] for i in idx], pad_id).items()}
+                optim.zero_grad(set_to_none=True)
+                pm(**batch).loss.backward()
+                if spec.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+                optim.step()
+                sched.step()
+                samples += len(idx)
+            sync(device)
+            seconds += time.perf_counter() - t0
+    finally:
+        pm.unload()
+    return seconds, samples
+
+
+def measure(base, lora, spec, train_sets, val_sets, pad_id, repeats: int, report=print) -> dict:
+    """Both paths `repeats` times (alternating, after one warm-up each); medians and the speedup."""
+    conc, seq = [], []
+    run_concurrent(base, lora, spec.__class__(**{**vars(spec), "steps": 1}), train_sets, val_sets, pad_id)
+    run_sequential_peft(base, lora, spec.__class__(**{**vars(spec), "steps": 1}), train_sets, pad_id)
+    for r in range(repeats):
+        s, n = run_concurrent(base, lora, spec, train_sets, val_sets, pad_id)
+        conc.append(n / s)
+        s, n = run_sequential_peft(base, lora, spec, train_sets, pad_id)
+        seq.append(n / s)
+        report(
+            f"repeat {r + 1}: concurrent {conc[-1]:.2f} samples/s, sequential PEFT {seq[-1]:.2f} samples/s"
+        )
+    c, q = statistics.median(conc), statistics.median(seq)
+    return {
+        "concurrent_samples_per_s": round(c, 2),
+        "sequential_peft_samples_per_s": round(q, 2),
+        "speedup": round(c / q, 3),
+        "concurrent_runs": [round(x, 2) for x in conc],
+        "sequential_peft_runs": [round(x, 2) for x in seq],
+    }
+
+
+def tiny_setup(root: Path, n_experts: int, per_expert: int):
+    """Tiny model + synthetic expert datasets preprocessed for it: (model dir, train sets, val sets, pad id)."""
+    from mole_trainer.data.formats import load_expert_dataset
+    from mole_trainer.data.preprocess import load_preprocessed, preprocess_splits
+    from mole_trainer.data.synth import SYNTH_EXPERTS, synthesize
+    from mole_trainer.model.loading import load_processor
+    from mole_trainer.model.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(root / "tiny")
+    names = list(SYNTH_EXPERTS)[:n_experts]
+    if len(names) < n_experts:
+        raise SystemExit(f"only {len(SYNTH_EXPERTS)} synthetic experts exist")
+    synthesize(
+        root / "data", names, {"train": per_expert, "val": 4, "test": 0}, seed=0, image_size=(320, 240)
+    )
+    train_sets, val_sets = [], []
+    for n in names:
+        splits = load_expert_dataset(root / "data" / n)
+        preprocess_splits(splits, root / "prep" / n, str(model_dir), "sft", None, 4096, 76800)
+        train_sets.append(load_preprocessed(root / "prep" / n, "train")[1]["examples"])
+        val_sets.append(load_preprocessed(root / "prep" / n, "val")[1]["examples"])
+    pad_id = load_processor(str(model_dir)).tokenizer.pad_token_id
+    return model_dir, train_sets, val_sets, pad_id
+
+
+def main() -> None:
+    """Build the tiny set-up, measure both paths, print the JSON summary last."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6, help="optimiser steps per expert")
+    ap.add_argument("--batch", type=int, default=4, help="per-expert batch size")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=16)
+    a = ap.parse_args()
+    import torch
+
+    from mole_trainer.config import LoraSpec, TrainSpec
+    from mole_trainer.model.loading import load_base
+
+    lora = LoraSpec(rank=a.rank, alpha=2 * a.rank, dropout=0.0)
+    spec = TrainSpec(lr=1e-3, steps=a.steps, batch_size=a.batch, warmup_ratio=0.0, eval_every=a.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, train_sets, val_sets, pad_id = tiny_setup(Path(tmp), a.experts, max(16, 2 * a.batch))
+        base = load_base(str(model_dir), "float32", "cpu")
+        tokens = statistics.mean(len(x["input_ids"]) for x in train_sets[0])
+        res = measure(
+            base, lora, spec, train_sets, val_sets, pad_id, a.repeats, lambda m: print(m, file=sys.stderr)
+        )
+    res.update(
+        model="tiny (mole model tiny)",
+        device="cpu",
+        dtype="float32",
+        torch_threads=torch.get_num_threads(),
+        experts=a.experts,
+        steps=a.steps,
+        per_expert_batch=a.batch,
+        lora_rank=a.rank,
+        mean_tokens_per_sample=round(tokens, 1),
+        repeats=a.repeats,
+    )
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
