@@ -252,11 +252,15 @@ def _run_jobs(jobs, workers: int, init: tuple, take, progress, start_method: str
     if workers == 1:
         if progress:
             progress(0)
+        # one thread, as in the workers: intra-op threads barely help on one image at a time, and
+        # their spin-waits collapse throughput when other processes share the cores
         threads = torch.get_num_threads()
         _init_worker(*init)
-        torch.set_num_threads(threads)  # in-process: keep the caller's thread count
-        for job in jobs:
-            take(job, _encode_shard(job, progress))
+        try:
+            for job in jobs:
+                take(job, _encode_shard(job, progress))
+        finally:
+            torch.set_num_threads(threads)
         return
 
     import multiprocessing as mp
