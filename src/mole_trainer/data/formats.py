@@ -316,14 +316,14 @@ def parse_object(
 
 def _parse(obj: dict, loc: Location, rid: str, resolver: ImageResolver, decode: bool) -> Sample:
     kind = record_kind(obj)
+    if "images" in obj and "image" in obj:
+        raise UserError("give either 'image' or 'images', not both")
+    # one image may come as 'image' (LLaVA, many HF datasets), several as 'images'
+    images_field = "image" if "image" in obj else "images"
+    images = [obj["image"]] if images_field == "image" else obj.get("images")
     if kind == "sharegpt":
-        if "images" in obj and "image" in obj:
-            raise UserError("give either 'image' or 'images', not both")
-        images = [obj["image"]] if "image" in obj and obj["image"] is not None else obj.get("images")
-        images_field = "image" if "image" in obj else "images"
         user, assistant, n_img = _turns_sharegpt(obj)
     else:
-        images, images_field = obj.get("images"), "images"
         user, assistant, n_img = _turns_messages(obj)
     if not isinstance(images, list) or not images:
         raise UserError(f"field '{images_field}' must be a non-empty list of paths")
