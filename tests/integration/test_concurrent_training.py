@@ -43,12 +43,25 @@ def _tensors(adapter: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_concurrent_equals_sequential(tiny_model, synth_data, tmp_path):
+def test_concurrent_equals_sequential(tiny_model, synth_data, tmp_path, monkeypatch):
     import torch
     from peft import PeftModel
 
     from mole_trainer.model.loading import load_base
+    from mole_trainer.model.multi_lora import MultiLoraLinear
     from mole_trainer.stages import train_experts
+    from mole_trainer.train import concurrent
+
+    # every active expert in one forward pass, so the mixed paths (segment loop, then bmm) are used
+    monkeypatch.setattr(concurrent, "PAD_SLACK", float("inf"))
+    seen_groups = []
+    forward = MultiLoraLinear.forward
+
+    def spy(self, x):
+        seen_groups.append(tuple(self.rows.groups))
+        return forward(self, x)
+
+    monkeypatch.setattr(MultiLoraLinear, "forward", spy)
 
     seq_out, con_out = tmp_path / "seq", tmp_path / "con"
     seq_cfg = _config(tmp_path / "seq.yaml", tiny_model, seq_out, {n: synth_data / n for n in EXPERTS})
@@ -79,6 +92,10 @@ def test_concurrent_equals_sequential(tiny_model, synth_data, tmp_path):
             assert c.get("train_loss", 0) == pytest.approx(s.get("train_loss", 0), abs=1e-5)
             assert c.get("lr", 0) == pytest.approx(s.get("lr", 0), rel=1e-9)
     assert seq["ocr"]["steps"] == 2 and seq["chart-screen"]["steps"] == 4
+    passes = {frozenset(g) for g in seen_groups}  # experts are ordered by length inside a pass
+    assert frozenset({(0, 2), (1, 2), (2, 3)}) in passes  # unequal groups: the loop per expert
+    assert frozenset({(0, 2), (1, 2)}) in passes  # ocr done: two equal groups, one bmm
+    assert frozenset({(1, 2)}) in passes  # chart-screen's second accumulation micro-batch alone
 
     # an ordinary PEFT adapter: plain PeftModel.from_pretrained loads it
     base = load_base(str(tiny_model), "float32", "cpu")

@@ -143,3 +143,38 @@ def test_state_roundtrip_and_no_groups_is_base(setup):
                 assert torch.equal(A, w.A) and torch.equal(B, w.B)
     finally:
         multi.remove()
+
+
+def test_expert_token_means_equal_each_groups_own_loss(setup):
+    """Per-expert loss of a mixed batch (head on answer positions only) == HF's loss of each group alone."""
+    import torch
+
+    from mole_trainer.data.preprocess import IGNORE_INDEX
+    from mole_trainer.train.concurrent import expert_token_means
+
+    base, _, _, ids = setup
+    labels = ids.clone()
+    labels[:, :7] = IGNORE_INDEX  # a prompt of 7 tokens, then the supervised answer
+    labels[4, 7:] = IGNORE_INDEX  # a row with nothing supervised still counts as a row of its group
+    labels[1, -2:] = IGNORE_INDEX
+    sizes = [2, 3, 1]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = expert_token_means(base, {"input_ids": ids, "attention_mask": mask}, labels, sizes)
+        want, start = [], 0
+        for n in sizes:
+            sl = slice(start, start + n)
+            want.append(base(input_ids=ids[sl], attention_mask=mask[sl], labels=labels[sl]).loss)
+            start += n
+    assert torch.allclose(got, torch.stack(want), atol=1e-5), (got, want)
+
+
+def test_length_groups_split_long_experts_off():
+    """Experts share a pass while padding stays within the slack; each expert's rows stay together."""
+    from mole_trainer.train.concurrent import length_groups
+
+    lengths = {0: [121, 110], 1: [122, 100], 2: [106, 90], 3: [175, 120]}
+    assert length_groups(lengths, 0.25) == [[2, 0, 1], [3]]
+    assert length_groups(lengths, float("inf")) == [[2, 0, 1, 3]]
+    assert length_groups(lengths, 0.0) == [[2], [0], [1], [3]]
+    assert length_groups({5: [10]}, 0.25) == [[5]]

@@ -24,6 +24,11 @@ from ..data.preprocess import IGNORE_INDEX, collate
 from ..errors import UserError
 from ..layout import TENSORBOARD_DIR, TRAIN_LOG_FILE
 
+# experts share a forward pass while padding to the longest row costs at most 25 % more tokens than
+# separate passes (measured on 2 CPU cores, tiny model: a 4-expert batch padded from 118 to 175
+# tokens per row was 20 % slower than splitting off the long expert)
+PAD_SLACK = 0.25
+
 
 @dataclass
 class ExpertRun:
@@ -58,23 +63,26 @@ class ConcurrentResult:
     steps: int
 
 
-def expert_token_means(logits, labels, sizes: list[int]):
-    """Token-mean next-token cross-entropy of each row group (an expert's rows), in fp32: [groups]."""
+def expert_token_means(model, batch: dict, labels, sizes: list[int]):
+    """Token-mean next-token cross-entropy of each row group (an expert's rows), in fp32: [groups].
+
+    The output head runs only at the supervised positions (the answers), not over every token of
+    every row: the same loss as full logits followed by cross-entropy, with far less work and
+    memory when the vocabulary is large (Qwen3-VL: 151,936 entries) and the prompts are long.
+    """
     import torch
     import torch.nn.functional as F
 
-    shift = logits[:, :-1].float()
+    hidden = model.model(**batch).last_hidden_state[:, :-1]
     target = labels[:, 1:]
-    ce = F.cross_entropy(
-        shift.reshape(-1, shift.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(target.shape)
-    row_sum = ce.sum(1)
-    row_count = (target != IGNORE_INDEX).sum(1).to(row_sum.dtype)
-    owner = torch.repeat_interleave(
-        torch.arange(len(sizes), device=row_sum.device), torch.tensor(sizes, device=row_sum.device)
-    )
-    sums = torch.zeros(len(sizes), device=row_sum.device).index_add(0, owner, row_sum)
-    counts = torch.zeros(len(sizes), device=row_sum.device).index_add(0, owner, row_count)
+    keep = target != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[keep]).float()
+    ce = F.cross_entropy(logits, target[keep], reduction="none")
+    groups = torch.arange(len(sizes), device=ce.device)
+    owner = torch.repeat_interleave(groups, torch.tensor(sizes, device=ce.device))
+    owner = owner.unsqueeze(1).expand_as(target)[keep]
+    sums = torch.zeros(len(sizes), device=ce.device).index_add(0, owner, ce)
+    counts = torch.bincount(owner, minlength=len(sizes)).to(sums.dtype)
     return sums / counts.clamp(min=1.0)
 
 
@@ -107,15 +115,43 @@ class _Log:
             self.tb.close()
 
 
-def train_concurrent(model, multi, runs: list[ExpertRun], pad_id: int, report=print) -> ConcurrentResult:
+def length_groups(lengths: dict[int, list[int]], slack: float) -> list[list[int]]:
+    """Split experts (each with its micro-batch's sequence lengths) into forward passes.
+
+    Rows pad to the longest row of their pass, so one short expert beside a long one pays for the
+    long one's length. Experts are taken shortest first and share a pass while its padded size
+    stays within (1 + slack) x what they would cost in passes of their own; slack = inf puts every
+    expert in one pass. Each expert's rows always stay together (one group of the pass).
+    """
+    order = sorted(lengths, key=lambda e: max(lengths[e]))
+    parts: list[list[int]] = []
+    rows = own = 0
+    for e in order:
+        n, longest = len(lengths[e]), max(lengths[e])
+        if parts and (rows + n) * longest <= (1 + slack) * (own + n * longest):
+            parts[-1].append(e)
+            rows, own = rows + n, own + n * longest
+        else:
+            parts.append([e])
+            rows, own = n, n * longest
+    return parts
+
+
+def train_concurrent(
+    model, multi, runs: list[ExpertRun], pad_id: int, report=print, pad_slack: float | None = None
+) -> ConcurrentResult:
     """Train the experts of `multi` (a MultiLora installed in `model`) together; best weights loaded at the end.
 
     `runs[e]` describes expert e of `multi`. Each expert follows the sequential loop's rules: its
     own AdamW over its own parameters, warmup/cosine schedule over its own step count, gradient
     clipping of its own gradient norm, validation loss at step 0 and every `eval_every` steps (and at
     its last step), keep-best, and early stopping after `patience` evaluations without improvement.
+    `pad_slack` (default PAD_SLACK) bounds the padding that experts of different lengths may add by
+    sharing a forward pass (`length_groups`); it changes speed only, never the result.
     """
     import torch
+
+    pad_slack = PAD_SLACK if pad_slack is None else pad_slack
 
     from .loop import batches, eval_loss, lower_is_better, lr_lambda
 
@@ -164,19 +200,24 @@ def train_concurrent(model, multi, runs: list[ExpertRun], pad_id: int, report=pr
         totals = dict.fromkeys(active, 0.0)
         for micro in range(max(runs[e].spec.grad_accum for e in active)):
             members = [e for e in active if micro < runs[e].spec.grad_accum]
-            idx = {e: next(streams[e]) for e in members}
-            rows = [runs[e].examples[i] for e in members for i in idx[e]]
-            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-            labels = batch.pop("labels")
-            sizes = [len(idx[e]) for e in members]
-            multi.set_groups(list(zip(members, sizes, strict=True)))
-            means = expert_token_means(model(**batch).logits, labels, sizes)
-            accum = torch.tensor([float(runs[e].spec.grad_accum) for e in members], device=means.device)
-            losses = means / accum
-            losses.sum().backward()
-            for e, value in zip(members, losses.tolist(), strict=True):
-                totals[e] += value
-                outcome[e].samples_seen += len(idx[e])
+            rows = {e: [runs[e].examples[i] for i in next(streams[e])] for e in members}
+            # each expert's rows sit whole in one forward pass, so splitting changes no gradient
+            for part in length_groups(
+                {e: [len(x["input_ids"]) for x in rows[e]] for e in members}, pad_slack
+            ):
+                batch = {
+                    k: v.to(device) for k, v in collate([x for e in part for x in rows[e]], pad_id).items()
+                }
+                labels = batch.pop("labels")
+                sizes = [len(rows[e]) for e in part]
+                multi.set_groups(list(zip(part, sizes, strict=True)))
+                means = expert_token_means(model, batch, labels, sizes)
+                accum = torch.tensor([float(runs[e].spec.grad_accum) for e in part], device=means.device)
+                losses = means / accum
+                losses.sum().backward()
+                for e, value in zip(part, losses.tolist(), strict=True):
+                    totals[e] += value
+                    outcome[e].samples_seen += len(rows[e])
         multi.set_groups([])
         for e in active:
             if runs[e].spec.max_grad_norm > 0:
