@@ -13,6 +13,7 @@ from .config import DatasetConfig, ImageSpec, LorasConfig, RouterConfig, load_co
 from .errors import UserError
 from .history import record_run
 from .layout import HISTORY_DB, LABEL_MAP_FILE, SPLITS
+from .train.distributed import env_rank
 
 
 def _db(workdir: str | Path) -> Path:
@@ -24,7 +25,6 @@ def _record_run(workdir: str | Path, stage: str, config: dict, digest: str):
     from contextlib import nullcontext
 
     from .history import RunRecord
-    from .train.distributed import env_rank
 
     if env_rank() != 0:
         return nullcontext(RunRecord(run_id=""))

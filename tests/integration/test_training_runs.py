@@ -75,7 +75,9 @@ def env(**extra: str) -> dict:
 
 
 def run_ok(cmd: list[str], **extra: str) -> str:
-    proc = subprocess.run([sys.executable, *cmd], env=env(**extra), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *cmd], env=env(**extra), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
@@ -169,6 +171,36 @@ def test_torchrun_two_gloo_processes_match_one_process(wd):
     rows = [json.loads(x) for x in (wd / "checkpoints/two/train_log.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (wd / "checkpoints/one/train_log.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] == pytest.approx(ref[-1]["train_loss"], rel=1e-4)
+
+
+def test_torchrun_expert_training_matches_one_process(wd):
+    cfg = yaml.safe_load((wd / "config/loras.yaml").read_text())
+    cfg["train"] = {**cfg["train"], **ROUTER_TRAIN, "steps": 4, "eval_every": 4}
+    cfg["eval_records"] = 1
+    paths = {}
+    for name in ("one", "two"):
+        paths[name] = wd / "config" / f"loras-{name}.yaml"
+        paths[name].write_text(yaml.safe_dump({**cfg, "output_dir": f"../checkpoints/experts-{name}"}))
+    cmd = [
+        "-m",
+        "mole_trainer",
+        "--workdir",
+        str(wd),
+        "train",
+        "experts",
+        "--only",
+        "calendar",
+        "--device",
+        "cpu",
+    ]
+    run_ok([*cmd, "--config", str(paths["one"])])
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_ok([*launcher, *cmd, "--config", str(paths["two"])])
+    a = adapter_tensors(wd / "checkpoints/experts-one/calendar")
+    b = adapter_tensors(wd / "checkpoints/experts-two/calendar")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    info = json.loads((wd / "checkpoints/experts-two/calendar/expert_info.json").read_text())
+    assert info["processes"] == 2 and info["value"] is not None
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(wd, tiny_model):

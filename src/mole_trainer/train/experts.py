@@ -32,6 +32,7 @@ from ..eval.task_metrics import TASK_METRICS, score_many
 from ..infer.generate import generate
 from ..layout import CHECKPOINTS_DIR, EXPERT_INFO_FILE, PREPROCESS_META_FILE, TENSORBOARD_DIR, TRAIN_LOG_FILE
 from ..model.loading import processor_digest
+from .distributed import barrier, current, init_distributed
 
 DEFAULT_TASK = "text"  # records without metadata.task are scored by character similarity
 
@@ -95,6 +96,7 @@ class ExpertJob:
     test_samples: list[Sample]
     processor: object
     pad_id: int
+    prep: Path
     base_preds: list[str] = field(default_factory=list)
     base_score: dict | None = None
 
@@ -117,7 +119,12 @@ def prepare_expert(cfg: LorasConfig, name: str) -> ExpertJob:
     entry = cfg.experts[name]
     lora, spec = cfg.resolved(name)
     out = Path(cfg.output_dir) / name
+    dist = current()
+    if not dist.main:
+        barrier(dist)  # rank 0 builds the preprocessing cache first; the others then reuse it
     prep = prepared_data(name, entry.data, out / "prep", cfg.base_model, cfg)
+    if dist.main:
+        barrier(dist)
     meta, train = load_preprocessed(prep, "train")
     check_compatible(meta, "sft", cfg.base_model, cfg.image, prep)
     processor = load_processor(cfg.base_model, meta["min_pixels"], meta["max_pixels"])
@@ -140,6 +147,7 @@ def prepare_expert(cfg: LorasConfig, name: str) -> ExpertJob:
         test_samples,
         processor,
         processor.tokenizer.pad_token_id,
+        prep,
     )
 
 
@@ -205,27 +213,34 @@ def train_experts(
 ) -> dict:
     """Train every expert of the config (or `only` those); returns {expert: result dict}.
 
+    Under torchrun the ranks share each batch; rank 0 alone scores, saves and returns results.
+
     With `resume`, each expert continues from the newest checkpoint in its output folder (an
     expert whose run had finished is restored from its final checkpoint without training).
     With `concurrent`, all experts train together in one pass over one base (train/concurrent.py).
     """
+    from ..model.loading import load_base, resolve_device
+    from ..model.lora import attach_lora, detach_lora
+    from .checkpoint import data_identity
+    from .loop import eval_loss, lower_is_better, train_loop
+
     names = expert_names(cfg, only)
+    dist, device = init_distributed(resolve_device(device))
     if concurrent:
+        if dist.world > 1:
+            raise UserError("--concurrent runs in one process; under torchrun train the experts without it")
         if resume:
             raise UserError("--resume is not supported with --concurrent (train them again, or sequentially)")
         from .concurrent import train_experts_concurrent
 
         return train_experts_concurrent(cfg, names, device, dtype, report)
 
-    from ..model.loading import load_base
-    from ..model.lora import attach_lora, detach_lora
-    from .loop import eval_loss, lower_is_better, train_loop
-
     base = load_base(cfg.base_model, dtype, device)
     results = {}
     for name in names:
         job = prepare_expert(cfg, name)
-        score_base(base, job, report)
+        if dist.main:  # generation-based scoring and saving happen once, on rank 0
+            score_base(base, job, report)
         spec = job.spec
         model = attach_lora(base, job.lora, spec.seed)
 
@@ -245,6 +260,7 @@ def train_experts(
             job.out / CHECKPOINTS_DIR,
             resume=resume,
             tensorboard_dir=job.out / TENSORBOARD_DIR,
+            data_id=data_identity(job.prep),
             report=report,
         )
         stats = {
@@ -255,7 +271,10 @@ def train_experts(
             "train_seconds": round(result.seconds, 2),
             "samples_per_s": round(result.samples_seen / max(result.seconds, 1e-9), 2),
         }
-        results[name] = score_and_save(model, job, cfg, stats, report)
+        if dist.world > 1:
+            stats["processes"] = dist.world
+        if dist.main:  # the other ranks of a torchrun return nothing: rank 0 reports for all
+            results[name] = score_and_save(model, job, cfg, stats, report)
         base = detach_lora(model)
         del model
     return results
