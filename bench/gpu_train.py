@@ -161,7 +161,8 @@ def main() -> None:
         (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"\n{report['device']} {report['dtype']}, {a.experts} experts, LoRA r=16 on 7 projections")
     print(
-        f"{'shape':6} {'batch/expert':>12} {'seq':>5} {'concurrent s/s':>15} {'seq. PEFT s/s':>14} {'speedup':>8}"
+        f"{'shape':6} {'batch/expert':>12} {'seq':>5} {'concurrent s/s':>15} {'seq. PEFT s/s':>14}"
+        f" {'speedup':>8} {'1 expert/pass':>14}"
     )
     for r in report["shapes"]:
         if "error" in r:
@@ -169,7 +170,7 @@ def main() -> None:
             continue
         print(
             f"{r['shape']:6} {r['per_expert_batch']:>12} {r['seq_len']:>5} {r['concurrent_samples_per_s']:>15}"
-            f" {r['sequential_peft_samples_per_s']:>14} {r['speedup']:>8}"
+            f" {r['sequential_peft_samples_per_s']:>14} {r['speedup']:>8} {r['speedup_one_expert_per_pass']:>14}"
         )
     b = report.get("peft_baseline")
     if b:

@@ -35,8 +35,14 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_concurrent(base, lora, spec, train_sets: list, val_sets: list, pad_id: int) -> tuple[float, int]:
-    """Train the experts together with the package's own code; (seconds of the steps, samples)."""
+def run_concurrent(
+    base, lora, spec, train_sets: list, val_sets: list, pad_id: int, pad_slack: float | None = None
+) -> tuple[float, int]:
+    """Train the experts together with the package's own code; (seconds of the steps, samples).
+
+    `pad_slack` as in train_concurrent: None = the package default, inf = every expert in one
+    forward pass, 0 = one pass per expert (the package's loop without the concurrency).
+    """
     from mole_trainer.model.multi_lora import MultiLora, expert_weights_from_spec
     from mole_trainer.train.concurrent import ExpertRun, train_concurrent
 
@@ -49,7 +55,7 @@ def run_concurrent(base, lora, spec, train_sets: list, val_sets: list, pad_id: i
             )
             for e in range(len(train_sets))
         ]
-        result = train_concurrent(base, multi, runs, pad_id, report=lambda *_: None)
+        result = train_concurrent(base, multi, runs, pad_id, lambda *_: None, pad_slack)
     finally:
         multi.remove()
     return result.step_seconds, sum(o.samples_seen for o in result.experts)
@@ -97,27 +103,40 @@ def run_sequential_peft(base, lora, spec, train_sets: list, pad_id: int) -> tupl
     return seconds, samples
 
 
+VARIANTS = {
+    "concurrent": None,  # the package default (what `mole train experts --concurrent` does)
+    "concurrent_one_pass": float("inf"),  # every expert in one forward pass, whatever the padding
+    "package_one_expert_per_pass": 0.0,  # the package's loop, one pass per expert: no concurrency
+}
+
+
 def measure(base, lora, spec, train_sets, val_sets, pad_id, repeats: int, report=print) -> dict:
-    """Both paths `repeats` times (alternating, after one warm-up each); medians and the speedup."""
-    conc, seq = [], []
-    run_concurrent(base, lora, spec.__class__(**{**vars(spec), "steps": 1}), train_sets, val_sets, pad_id)
-    run_sequential_peft(base, lora, spec.__class__(**{**vars(spec), "steps": 1}), train_sets, pad_id)
+    """Every variant and plain PEFT `repeats` times, interleaved after one warm-up each; medians.
+
+    `speedup` is the package default against plain PEFT; the two ablations split it into what
+    sharing forward passes gives (concurrent vs one expert per pass) and what the package's loop
+    itself gives (one expert per pass vs plain PEFT: the output head only at supervised positions).
+    """
+    runs: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "sequential_peft"]}
+    one = spec.__class__(**{**vars(spec), "steps": 1})
+    for slack in VARIANTS.values():
+        run_concurrent(base, lora, one, train_sets, val_sets, pad_id, slack)
+    run_sequential_peft(base, lora, one, train_sets, pad_id)
     for r in range(repeats):
-        s, n = run_concurrent(base, lora, spec, train_sets, val_sets, pad_id)
-        conc.append(n / s)
+        for name, slack in VARIANTS.items():
+            s, n = run_concurrent(base, lora, spec, train_sets, val_sets, pad_id, slack)
+            runs[name].append(n / s)
         s, n = run_sequential_peft(base, lora, spec, train_sets, pad_id)
-        seq.append(n / s)
-        report(
-            f"repeat {r + 1}: concurrent {conc[-1]:.2f} samples/s, sequential PEFT {seq[-1]:.2f} samples/s"
-        )
-    c, q = statistics.median(conc), statistics.median(seq)
-    return {
-        "concurrent_samples_per_s": round(c, 2),
-        "sequential_peft_samples_per_s": round(q, 2),
-        "speedup": round(c / q, 3),
-        "concurrent_runs": [round(x, 2) for x in conc],
-        "sequential_peft_runs": [round(x, 2) for x in seq],
-    }
+        runs["sequential_peft"].append(n / s)
+        report(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()) + " samples/s")
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    q = med["sequential_peft"]
+    out = {f"{k}_samples_per_s": round(v, 2) for k, v in med.items()}
+    out["speedup"] = round(med["concurrent"] / q, 3)
+    out["speedup_one_pass"] = round(med["concurrent_one_pass"] / q, 3)
+    out["speedup_one_expert_per_pass"] = round(med["package_one_expert_per_pass"] / q, 3)
+    out["runs"] = {k: [round(x, 2) for x in v] for k, v in runs.items()}
+    return out
 
 
 def tiny_setup(root: Path, n_experts: int, per_expert: int):
@@ -153,8 +172,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="per-expert batch size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = ap.parse_args()
     import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     from mole_trainer.config import LoraSpec, TrainSpec
     from mole_trainer.model.loading import load_base
