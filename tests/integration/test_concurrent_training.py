@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mole_trainer.cli import main
-from mole_trainer.layout import EXPERT_INFO_FILE, TRAIN_LOG_FILE
+from mole_trainer.layout import CHECKPOINTS_DIR, EXPERT_INFO_FILE, TRAIN_LOG_FILE
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "down_proj"]}
 TRAIN = {"lr": 0.003, "steps": 3, "batch_size": 2, "eval_every": 1, "warmup_ratio": 0.0, "patience": 0}
@@ -103,6 +103,19 @@ def test_concurrent_equals_sequential(tiny_model, synth_data, tmp_path, monkeypa
     loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert len(loaded) == 12 and any(float(v.abs().max()) > 0 for k, v in loaded.items() if "lora_B" in k)
     assert torch.isfinite(next(iter(loaded.values()))).all()
+    base = model.unload()
+
+    # the best-so-far checkpoint written during training is the final adapter, in PEFT's own format
+    for name in EXPERTS:
+        best = con_out / name / CHECKPOINTS_DIR / "best"
+        state = json.loads((best / "state.json").read_text())
+        assert state["step"] == json.loads((con_out / name / EXPERT_INFO_FILE).read_text())["best_step"]
+        final, ckpt = _tensors(con_out / name / "adapter"), _tensors(best)
+        assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
+        cfg_a = json.loads((best / "adapter_config.json").read_text())
+        cfg_b = json.loads((con_out / name / "adapter" / "adapter_config.json").read_text())
+        assert cfg_a == cfg_b
+        base = PeftModel.from_pretrained(base, str(best)).unload()
 
 
 def test_concurrent_refuses_resume(tmp_path, capsys):

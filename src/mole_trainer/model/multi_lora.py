@@ -251,3 +251,28 @@ def expert_weights_from_spec(base: nn.Module, spec, seed: int) -> dict[str, Expe
     weights = from_peft(pm)
     detach_lora(pm)
     return weights
+
+
+def save_peft_adapter(folder, spec, weights: dict[str, ExpertWeights], base_model: str) -> None:
+    """Write one expert's weights as a PEFT adapter folder without building a PEFT wrapper.
+
+    The files are what `PeftModel.save_pretrained` writes for adapter 'default' (adapter_config.json
+    from the same LoraConfig, and adapter_model.safetensors with PEFT's key names), so plain
+    `PeftModel.from_pretrained` loads it; used for the best-so-far checkpoints during training.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .lora import peft_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = peft_config(spec, inference=True)
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(folder))
+    tensors = {}
+    for name, w in weights.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = w.A.detach().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = w.B.detach().contiguous().cpu()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

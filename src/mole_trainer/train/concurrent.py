@@ -14,15 +14,16 @@ expert alone (up to float rounding); dropout > 0 draws different masks than the 
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import LorasConfig, TrainSpec
 from ..data.preprocess import IGNORE_INDEX, collate
 from ..errors import UserError
-from ..layout import TENSORBOARD_DIR, TRAIN_LOG_FILE
+from ..layout import CHECKPOINTS_DIR, TENSORBOARD_DIR, TRAIN_LOG_FILE
 
 # experts share a forward pass while padding to the longest row costs at most 25 % more tokens than
 # separate passes (measured on 2 CPU cores, tiny model: a 4-expert batch padded from 118 to 175
@@ -39,6 +40,7 @@ class ExpertRun:
     val_examples: Sequence
     spec: TrainSpec
     log_dir: Path | None = None  # train_log.jsonl (+ TensorBoard events) written here when set
+    on_best: Callable[[int, dict, dict], None] | None = None  # (step, metrics, weights) at each new best
 
 
 @dataclass
@@ -242,6 +244,8 @@ def train_concurrent(
                 if better[e](metrics, outcome[e].best_metrics):
                     outcome[e].best_metrics, outcome[e].best_step, bad[e] = metrics, step, 0
                     best_state[e] = multi.state(e)
+                    if runs[e].on_best:
+                        runs[e].on_best(step, metrics, best_state[e])
                 else:
                     bad[e] += 1
                     if spec.patience and bad[e] >= spec.patience:
@@ -258,6 +262,28 @@ def train_concurrent(
         outcome[e].log = logs[e].entries
         logs[e].close()
     return ConcurrentResult(outcome, time.perf_counter() - start, step_time, step)
+
+
+def best_checkpoint_writer(folder: Path, lora, base_model: str) -> Callable[[int, dict, dict], None]:
+    """A callback writing each new best of one expert to `folder`/best (PEFT adapter + state.json).
+
+    Written beside and renamed into place, so a run killed at any moment leaves a complete adapter
+    in `best/` (or, between the two renames, in `.best.old/`), like the sequential loop's.
+    """
+    from ..model.multi_lora import save_peft_adapter
+
+    def write(step: int, metrics: dict, weights: dict) -> None:
+        tmp, final, old = folder / ".best.tmp", folder / "best", folder / ".best.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_peft_adapter(tmp, lora, weights, base_model)
+        (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    return write
 
 
 def train_experts_concurrent(
@@ -283,7 +309,12 @@ def train_experts_concurrent(
     # each expert starts from exactly the weights the sequential path would give it
     init = [expert_weights_from_spec(base, job.lora, job.spec.seed) for job in jobs]
     multi = MultiLora(base, init)
-    runs = [ExpertRun(j.name, j.train_examples, j.val_examples, j.spec, j.out) for j in jobs]
+    runs = []
+    for j in jobs:
+        # a fresh run: checkpoints of an earlier run of this expert must not be resumed later
+        shutil.rmtree(j.out / CHECKPOINTS_DIR, ignore_errors=True)
+        writer = best_checkpoint_writer(j.out / CHECKPOINTS_DIR, j.lora, cfg.base_model)
+        runs.append(ExpertRun(j.name, j.train_examples, j.val_examples, j.spec, j.out, writer))
     report(
         f"[concurrent] training {len(jobs)} experts together: "
         + ", ".join(f"{j.name} {j.spec.steps} steps x batch {j.spec.batch_size}" for j in jobs)
