@@ -178,3 +178,31 @@ def test_length_groups_split_long_experts_off():
     assert length_groups(lengths, float("inf")) == [[2, 0, 1, 3]]
     assert length_groups(lengths, 0.0) == [[2], [0], [1], [3]]
     assert length_groups({5: [10]}, 0.25) == [[5]]
+
+
+def test_saved_adapters_serve_a_mixed_batch(setup, tmp_path):
+    """Two experts saved by PEFT, loaded side by side: greedy generation on a mixed batch == each alone."""
+    import torch
+
+    from mole_trainer.model.lora import attach_lora, detach_lora
+    from mole_trainer.model.multi_lora import MultiLora, copy_into_peft, load_peft_adapter
+
+    base, specs, experts, ids = setup
+    want, folders = [], []
+    for e in (0, 2):
+        pm = attach_lora(base, specs[e], 0)
+        copy_into_peft(pm, experts[e])
+        pm.save_pretrained(tmp_path / f"e{e}")
+        folders.append(tmp_path / f"e{e}")
+        with torch.no_grad():
+            want.append(pm.generate(input_ids=ids[:3], max_new_tokens=4, do_sample=False))
+        detach_lora(pm)
+    multi = MultiLora(base, [load_peft_adapter(f) for f in folders])
+    try:
+        multi.set_groups([(0, 3), (1, 3)])
+        with torch.no_grad():
+            got = base.generate(input_ids=torch.cat([ids[:3], ids[:3]]), max_new_tokens=4, do_sample=False)
+    finally:
+        multi.remove()
+    assert torch.equal(got, torch.cat(want))
+    assert not torch.equal(want[0], want[1])  # the two experts really answer differently

@@ -276,3 +276,38 @@ def save_peft_adapter(folder, spec, weights: dict[str, ExpertWeights], base_mode
         tensors[f"base_model.model.{name}.lora_A.weight"] = w.A.detach().contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = w.B.detach().contiguous().cpu()
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def load_peft_adapter(folder, device=None) -> dict[str, ExpertWeights]:
+    """One saved PEFT LoRA adapter (save_pretrained folder) as expert weights by module name.
+
+    With it a deployment's experts can be installed side by side (`MultiLora(base, [load...])`)
+    and a batch mixing experts served in one pass (stacked inference): sort the rows by expert,
+    `set_groups`, then forward or generate. Only plain LoRA is read (no DoRA, rsLoRA or per-module
+    rank/alpha patterns): anything else raises rather than computing a different scaling.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern") if cfg.get(k)]
+    if cfg.get("peft_type") != "LORA" or unsupported:
+        raise ValueError(
+            f"{folder}: only plain LoRA adapters are supported (found {unsupported or cfg.get('peft_type')})"
+        )
+    tensors = load_file(str(folder / "adapter_model.safetensors"), device=str(device or "cpu"))
+    prefix, out = "base_model.model.", {}
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[len(prefix) : -len(".lora_A.weight")]
+        out[name] = ExpertWeights(
+            A=A,
+            B=tensors[key.replace(".lora_A.", ".lora_B.")],
+            scaling=cfg["lora_alpha"] / cfg["r"],
+            dropout=float(cfg.get("lora_dropout") or 0.0),
+        )
+    return out
