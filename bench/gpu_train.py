@@ -112,7 +112,7 @@ def main() -> None:
     )
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4, help="timed optimiser steps per expert")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-2b", type=int, default=4, help="per-expert batch at 2B (and tiny)")
     ap.add_argument("--batch-8b", type=int, default=1, help="per-expert batch at 8B")
     ap.add_argument("--text", type=int, default=128, help="text tokens per row")

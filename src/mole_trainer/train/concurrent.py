@@ -199,7 +199,7 @@ def train_concurrent(
         t0 = time.perf_counter()
         for e in active:
             optims[e].zero_grad(set_to_none=True)
-        totals = dict.fromkeys(active, 0.0)
+        totals, pending = dict.fromkeys(active, 0.0), []
         for micro in range(max(runs[e].spec.grad_accum for e in active)):
             members = [e for e in active if micro < runs[e].spec.grad_accum]
             rows = {e: [runs[e].examples[i] for i in next(streams[e])] for e in members}
@@ -217,10 +217,14 @@ def train_concurrent(
                 accum = torch.tensor([float(runs[e].spec.grad_accum) for e in part], device=means.device)
                 losses = means / accum
                 losses.sum().backward()
-                for e, value in zip(part, losses.tolist(), strict=True):
-                    totals[e] += value
+                pending.append((part, losses.detach()))
+                for e in part:
                     outcome[e].samples_seen += len(rows[e])
         multi.set_groups([])
+        # one device-to-host copy per step, not one per forward pass (keeps a GPU queue full)
+        values = torch.cat([v for _, v in pending]).tolist()
+        for e, value in zip([e for part, _ in pending for e in part], values, strict=True):
+            totals[e] += value
         for e in active:
             if runs[e].spec.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params[e], runs[e].spec.max_grad_norm)
