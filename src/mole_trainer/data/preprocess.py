@@ -192,7 +192,7 @@ def fingerprint(*parts: Any) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # the cache writer: shards of SHARD_RECORDS input records, encoded in-process or by a process pool
 
-SHARD_RECORDS = 64  # input records per shard file (and per pool task); fixed, so output never depends on N
+SHARD_RECORDS = 32  # input records per shard file (and per pool task); fixed, so output never depends on N
 
 # set in each worker process (and in the parent for in-process work): the processor and what to encode
 _WORKER: dict[str, Any] = {}
