@@ -88,35 +88,6 @@ def expert_token_means(model, batch: dict, labels, sizes: list[int]):
     return sums / counts.clamp(min=1.0)
 
 
-class _Log:
-    """One expert's training log: JSONL and, when available, TensorBoard scalars."""
-
-    def __init__(self, folder: Path | None):
-        self.entries: list[dict] = []
-        self.path = folder / TRAIN_LOG_FILE if folder else None
-        self.tb = None
-        if folder:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(folder / TENSORBOARD_DIR))
-
-    def record(self, entry: dict) -> None:
-        self.entries.append(entry)
-        if self.path:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(entry) + "\n")
-        if self.tb:
-            for key, value in entry.items():
-                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    self.tb.add_scalar(key, value, entry["step"])
-
-    def close(self) -> None:
-        if self.tb:
-            self.tb.close()
-
-
 def length_groups(lengths: dict[int, list[int]], slack: float) -> list[list[int]]:
     """Split experts (each with its micro-batch's sequence lengths) into forward passes.
 
@@ -155,7 +126,7 @@ def train_concurrent(
 
     pad_slack = PAD_SLACK if pad_slack is None else pad_slack
 
-    from .loop import batches, eval_loss, lower_is_better, lr_lambda
+    from .loop import RunLog, batches, enable_gradient_checkpointing, eval_loss, lower_is_better, lr_lambda
 
     E = len(runs)
     if multi.n != E:
@@ -163,9 +134,8 @@ def train_concurrent(
     # the sequential loop seeds torch at its start; only dropout draws from it
     torch.manual_seed(runs[0].spec.seed)
     device = next(model.parameters()).device
-    if any(getattr(r.spec, "gradient_checkpointing", False) for r in runs):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    if any(r.spec.gradient_checkpointing for r in runs):
+        enable_gradient_checkpointing(model)
     params = [multi.parameters(e) for e in range(E)]
     optims = [
         torch.optim.AdamW(params[e], lr=r.spec.lr, weight_decay=r.spec.weight_decay)
@@ -177,7 +147,12 @@ def train_concurrent(
     ]
     streams = [batches(len(r.examples), r.spec.batch_size, r.spec.seed) for r in runs]
     better = [lower_is_better("val_loss", r.spec.min_delta) for r in runs]
-    logs = [_Log(r.log_dir) for r in runs]
+    logs = [
+        RunLog(r.log_dir / TRAIN_LOG_FILE, r.log_dir / TENSORBOARD_DIR, True, [], None)
+        if r.log_dir
+        else RunLog(None, None, True, [], None)
+        for r in runs
+    ]
     outcome = [ExpertOutcome() for _ in runs]
 
     def evaluate(e: int) -> dict:
@@ -263,7 +238,7 @@ def train_concurrent(
     model.eval()
     for e in range(E):
         multi.load_state(e, best_state[e])
-        outcome[e].log = logs[e].entries
+        outcome[e].log = logs[e].log
         logs[e].close()
     return ConcurrentResult(outcome, time.perf_counter() - start, step_time, step)
 

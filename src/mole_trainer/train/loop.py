@@ -120,11 +120,11 @@ def supervised_tokens(labels) -> int:
 
 def enable_gradient_checkpointing(model) -> None:
     """Recompute activations in the backward pass instead of storing them (less memory, more compute)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 
-class _Writer:
+class RunLog:
     """The run's log: in memory, as JSONL, and as TensorBoard scalars (rank 0 writes files)."""
 
     def __init__(self, log_path, tensorboard_dir, main: bool, log: list[dict], purge_step: int | None):
@@ -139,6 +139,7 @@ class _Writer:
             self.tb = SummaryWriter(str(tensorboard_dir), purge_step=purge_step)
 
     def record(self, entry: dict) -> None:
+        """Append one entry (a dict with 'step') everywhere the log goes."""
         self.log.append(entry)
         if self.path:
             with self.path.open("a") as fh:
@@ -150,6 +151,7 @@ class _Writer:
             self.tb.flush()
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
         if self.tb:
             self.tb.close()
 
@@ -228,7 +230,7 @@ def train_loop(
         best_state = state["best"]
         best_metrics, best_step, bad_evals = meta["best_metrics"], meta["best_step"], meta["bad_evals"]
         stopped, finished, seen, start = meta["stopped"], meta["finished"], meta["seen"], meta["step"]
-        writer = _Writer(log_path, tensorboard_dir, dist.main, meta["log"], start + 1)
+        writer = RunLog(log_path, tensorboard_dir, dist.main, meta["log"], start + 1)
         if dist.main:
             ckpt.remove_partial(root)
         report(f"resuming from {folder} (step {start} of {spec.steps})")
@@ -237,7 +239,7 @@ def train_loop(
             report(f"no checkpoint in {root} to resume from; starting at step 0")
         if root and dist.main:
             ckpt.clear_checkpoints(root)
-        writer = _Writer(log_path, tensorboard_dir, dist.main, [], None)
+        writer = RunLog(log_path, tensorboard_dir, dist.main, [], None)
         best_metrics = evaluate()
         best_state, best_step, bad_evals, stopped, finished, seen, start = (
             snapshot(),
