@@ -81,7 +81,8 @@ def pipeline(volumes):
     out["synth"] = m.data_synth.local(**COUNTS, width=IMAGE_SIZE[0], height=IMAGE_SIZE[1])
     _write_configs(volumes / m.DATA / m.CONFIG_DIR, list(out["synth"]))
     out["routing"] = m.data_routing.local()
-    out["prep"] = m.data_preprocess.local(**PIXELS)
+    out["check"] = m.data_check.local()
+    out["prep"] = m.data_preprocess.local(**PIXELS, workers=2)
     out["experts"] = m.train_experts.local()
     out["router"] = m.train_router.local()
     out["eval"] = m.eval_router.local(batch_size=4)
@@ -96,6 +97,7 @@ def test_every_stage_runs_locally_on_the_volume_layout(volumes, pipeline):
     experts = sorted(out["synth"])
     assert (root / m.DATA / m.ROUTING_FILE).is_file()
     assert out["routing"]["records"] == len(experts) * sum(COUNTS.values())
+    assert out["check"]["records"] == out["routing"]["records"] and not out["check"]["violations"]
     for name in experts:
         adapter = root / m.CHECKPOINTS / m.EXPERTS_CKPT / name / "adapter"
         assert out["experts"][name]["adapter"] == str(adapter)

@@ -45,6 +45,7 @@ EVAL_GPU = "L40S"
 MINUTE = 60
 HOUR = 60 * MINUTE
 DATA_TIMEOUT = 1 * HOUR
+PREPROCESS_CPUS = 8  # preprocessing containers: one worker process per CPU
 TRAIN_TIMEOUT = 6 * HOUR
 EVAL_TIMEOUT = 2 * HOUR
 FANOUT_TIMEOUT = 24 * HOUR  # Modal's maximum: waits for the slowest expert, retries included
@@ -178,6 +179,13 @@ def data_routing(
 
 
 @app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+def data_check(path: str = ROUTING_FILE, workdir: str = ".") -> dict:
+    """Check a routing dataset on the data Volume: no image in two splits, labels in the map, images decode."""
+    with synced(reads=(DATA,), writes=(CHECKPOINTS,)):
+        return stages.data_check(volume_path(DATA, path), _workdir(workdir))
+
+
+@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT, cpu=PREPROCESS_CPUS)
 def data_preprocess(
     input: str = ROUTING_FILE,
     output: str = ROUTER_PREP,
@@ -187,8 +195,12 @@ def data_preprocess(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     workdir: str = ".",
+    workers: int = PREPROCESS_CPUS,
 ) -> dict:
-    """Preprocess an expert dataset folder or a routing JSONL (data Volume) with a models-Volume processor."""
+    """Preprocess an expert dataset folder or a routing JSONL (data Volume) with a models-Volume processor.
+
+    Bad records are listed in the output's rejects file, as with `mole data preprocess`.
+    """
     with synced(writes=(MODELS, DATA, CHECKPOINTS)):
         return stages.data_preprocess(
             volume_path(DATA, input),
@@ -199,6 +211,7 @@ def data_preprocess(
             min_pixels,
             max_pixels,
             _workdir(workdir),
+            workers=workers,
         )
 
 
