@@ -19,6 +19,7 @@ from .layout import LABEL_MAP_FILE, SUMMARY_FILE, WorkDir
 DEMO_SYNTH_COUNTS = {"train": 330, "val": 16, "test": 32}
 DEMO_SEED = 0
 DEMO_INFER_PER_EXPERT = 2
+DEMO_WORKERS = 2  # preprocessing processes (the output is the same for any number)
 
 
 def write_default_configs(config_dir: Path) -> None:
@@ -116,7 +117,7 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
         "routing",
         "build the routing dataset",
         [fp_synth, cfg_files["dataset.yaml"].read_text()],
-        lambda: stages.data_routing(cfg_files["dataset.yaml"], wd.routing_file, root),
+        lambda: _routing_checked(cfg_files["dataset.yaml"], wd.routing_file, root),
         [wd.routing_file],
     )
     prep_router = wd.prep_dir / "router"
@@ -133,6 +134,7 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
             router_cfg.image.min_pixels,
             router_cfg.image.max_pixels,
             root,
+            workers=DEMO_WORKERS,
         ),
         [prep_router],
     )
@@ -217,6 +219,15 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     (wd.root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(r.console, summary)
     return summary
+
+
+def _routing_checked(config: Path, output: Path, root: Path) -> dict:
+    """Build the routing dataset, then verify it with `mole data check` (no leak, labels, images)."""
+    from . import stages
+
+    stats = stages.data_routing(config, output, root)
+    stats["check"] = {"violations": len(stages.data_check(output.parent, root)["violations"])}
+    return stats
 
 
 def _demo_inference(wd: WorkDir, out: Path) -> dict:
