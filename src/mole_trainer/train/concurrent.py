@@ -13,7 +13,6 @@ expert alone (up to float rounding); dropout > 0 draws different masks than the 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -244,23 +243,13 @@ def train_concurrent(
 
 
 def best_checkpoint_writer(folder: Path, lora, base_model: str) -> Callable[[int, dict, dict], None]:
-    """A callback writing each new best of one expert to `folder`/best (PEFT adapter + state.json).
-
-    Written beside and renamed into place, so a run killed at any moment leaves a complete adapter
-    in `best/` (or, between the two renames, in `.best.old/`), like the sequential loop's.
-    """
+    """A callback writing each new best of one expert to `folder`/best (PEFT adapter + state.json),
+    atomically, with the sequential loop's `save_best`."""
     from ..model.multi_lora import save_peft_adapter
+    from .loop import save_best
 
     def write(step: int, metrics: dict, weights: dict) -> None:
-        tmp, final, old = folder / ".best.tmp", folder / "best", folder / ".best.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_peft_adapter(tmp, lora, weights, base_model)
-        (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        save_best(lambda tmp: save_peft_adapter(tmp, lora, weights, base_model), folder, step, metrics)
 
     return write
 

@@ -308,7 +308,7 @@ def train_loop(
             if better(metrics, best_metrics):
                 best_metrics, best_state, best_step, bad_evals = metrics, snapshot(), step, 0
                 if root and dist.main:
-                    save_best(model, root, step, metrics)
+                    save_best(model.save_pretrained, root, step, metrics)
             else:
                 bad_evals += 1
                 stopped = bool(spec.patience and bad_evals >= spec.patience)
@@ -327,8 +327,8 @@ def train_loop(
     )
 
 
-def save_best(model, checkpoint_dir: Path, step: int, metrics: dict) -> None:
-    """Write the adapter to checkpoint_dir/best via a temporary folder and renames.
+def save_best(write_adapter: Callable[[Path], None], checkpoint_dir: Path, step: int, metrics: dict) -> None:
+    """Write the best adapter (`write_adapter(folder)`) to checkpoint_dir/best via a temporary folder.
 
     The previous best is moved aside before the new one is renamed into place and removed after,
     so a kill at any moment leaves a complete adapter in `best/` or in `.best.old/`.
@@ -337,7 +337,7 @@ def save_best(model, checkpoint_dir: Path, step: int, metrics: dict) -> None:
 
     tmp, final, old = checkpoint_dir / ".best.tmp", checkpoint_dir / "best", checkpoint_dir / ".best.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    write_adapter(tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
