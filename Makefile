@@ -33,6 +33,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/stacked_inference.py
+	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/train_concurrent.py
+	$(BIN)/python bench/ocr_detector.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
