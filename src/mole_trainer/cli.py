@@ -320,7 +320,13 @@ def run(args: argparse.Namespace) -> int:
         _report_rejects(result["records"], args.output)
     elif cmd == ("train", "experts"):
         results = stages.train_experts(
-            args.config, wd, args.only, args.device, args.dtype, resume=args.resume, concurrent=args.concurrent
+            args.config,
+            wd,
+            args.only,
+            args.device,
+            args.dtype,
+            resume=args.resume,
+            concurrent=args.concurrent,
         )
         _print_json(
             {

@@ -100,7 +100,10 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     ref, ref_result = run(tmp_path / "ref")
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", crash_at_eval=3)  # evaluations at steps 0, 3, 6: dies at step 6
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "cut/ckpt")] == ["step-00000004", "step-00000005"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "cut/ckpt")] == [
+        "step-00000004",
+        "step-00000005",
+    ]
     resumed, result = run(tmp_path / "cut", resume=True)
     assert result.resumed_from == 5
     for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
