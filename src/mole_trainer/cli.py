@@ -12,6 +12,7 @@ import os
 import sys
 
 from .errors import UserError
+from .train.distributed import env_rank
 
 RESUME_HELP = "continue from the newest checkpoint in the output folder (exactly, as if never stopped)"
 
@@ -328,17 +329,19 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             concurrent=args.concurrent,
         )
-        _print_json(
-            {
-                n: {k: r[k] for k in ("adapter", "metric", "value", "base_value", "best_val_loss")}
-                for n, r in results.items()
-            }
-        )
+        if env_rank() == 0:  # under torchrun, one summary (rank 0 wrote the adapters)
+            _print_json(
+                {
+                    n: {k: r[k] for k in ("adapter", "metric", "value", "base_value", "best_val_loss")}
+                    for n, r in results.items()
+                }
+            )
     elif cmd == ("train", "router"):
         info = stages.train_router(
             args.dataset_path, args.config, wd, args.device, args.dtype, resume=args.resume
         )
-        _print_json({k: info[k] for k in ("adapter", "best", "best_step", "steps", "label_map")})
+        if env_rank() == 0:  # under torchrun, one summary (rank 0 wrote the adapter)
+            _print_json({k: info[k] for k in ("adapter", "best", "best_step", "steps", "label_map")})
     elif cmd == ("eval", "router"):
         from .eval.report import format_router_report
 

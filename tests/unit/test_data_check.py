@@ -113,10 +113,13 @@ def test_every_violation_is_listed(built):
     write(out, records)
     with out.open("a") as fh:
         fh.write("{not json\n")
+    with out.open("ab") as fh:
+        fh.write(b'{"id": "\xff"}\n')
     (out.parent / "label_map.json").write_text(json.dumps(dict.fromkeys(NAMES, 0)))
     v = check_routing_dataset(out.parent)["violations"]
     text = "\n".join(v)
-    assert len(v) == 5, text
+    assert len(v) == 6, text
+    assert f"{out}:{len(records) + 2}: not valid UTF-8" in text
     assert "label map must map each expert name to a distinct index 0..K-1" in text
     assert "ghost" not in text  # no valid label map to compare the experts with
     assert f"{out}:2: field 'split' is missing" in text

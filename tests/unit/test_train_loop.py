@@ -48,7 +48,7 @@ def examples(n=24):
 SPEC = TrainSpec(lr=0.05, steps=10, batch_size=4, eval_every=3, warmup_ratio=0.2, save_every=1, seed=3)
 
 
-def run(tmp_path, spec=SPEC, resume=False, crash_at_eval=None, tb=None):
+def run(tmp_path, spec=SPEC, resume=False, crash_at_eval=None, tb=None, identity=None):
     model, data, calls = Toy(), examples(), {"n": 0}
 
     def evaluate():
@@ -69,6 +69,7 @@ def run(tmp_path, spec=SPEC, resume=False, crash_at_eval=None, tb=None):
         tmp_path / "ckpt",
         resume=resume,
         tensorboard_dir=tb,
+        identity=identity,
         report=lambda *_: None,
     )
     return model, result
@@ -127,6 +128,22 @@ def test_resume_refuses_changed_settings(tmp_path):
         run(tmp_path, spec=changed, resume=True)
 
 
+def test_resume_refuses_another_adapter(tmp_path):
+    run(tmp_path, identity={"lora": {"rank": 4}})
+    with pytest.raises(UserError, match="lora: {'rank': 4} -> {'rank': 8}"):
+        run(tmp_path, resume=True, identity={"lora": {"rank": 8}})
+
+
+def test_a_best_adapter_moved_aside_by_a_kill_is_put_back(tmp_path):
+    old = tmp_path / ckpt.BEST_OLD
+    old.mkdir()
+    (old / "adapter.bin").write_text("weights")
+    (tmp_path / ckpt.BEST_TMP).mkdir()  # the new best was still being written
+    ckpt.remove_partial(tmp_path)
+    assert (tmp_path / ckpt.BEST_DIR / "adapter.bin").read_text() == "weights"
+    assert not old.exists() and not (tmp_path / ckpt.BEST_TMP).exists()
+
+
 def test_checkpoints_are_pruned_and_temporary_folders_ignored(tmp_path):
     run(tmp_path)
     root = tmp_path / "ckpt"
@@ -146,11 +163,16 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert "cannot be read" in warnings[0]
 
 
-def test_fresh_run_clears_old_checkpoints(tmp_path):
-    run(tmp_path)
-    short = TrainSpec(**{**SPEC.__dict__, "steps": 2})
-    run(tmp_path, spec=short)
+def test_fresh_run_clears_the_earlier_runs_checkpoints_best_and_events(tmp_path):
+    run(tmp_path, tb=tmp_path / "tb")
+    (tmp_path / "ckpt/best").mkdir(exist_ok=True)
+    (tmp_path / "ckpt/best/state.json").write_text(json.dumps({"step": 99}))  # an earlier run's best
+    short = TrainSpec(**{**SPEC.__dict__, "steps": 2, "eval_every": 5})
+    run(tmp_path, spec=short, tb=tmp_path / "tb")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "ckpt")] == ["step-00000001", "step-00000002"]
+    best = tmp_path / "ckpt/best/state.json"
+    assert not best.exists() or json.loads(best.read_text())["step"] <= 2
+    assert len(list((tmp_path / "tb").iterdir())) == 1
 
 
 def test_tensorboard_events_read_back(tmp_path):

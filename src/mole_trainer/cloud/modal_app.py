@@ -28,6 +28,7 @@ import modal
 from mole_trainer import stages
 from mole_trainer.data.synth import DEFAULT_COUNTS, DEFAULT_IMAGE_SIZE
 from mole_trainer.errors import UserError
+from mole_trainer.layout import CACHE_DIR_ENV
 
 APP_NAME = "mole-trainer"
 PYTHON_VERSION = "3.11"
@@ -38,6 +39,7 @@ VOLUME_NAMES = {MODELS: "mole-models", DATA: "mole-data", CHECKPOINTS: "mole-che
 MOUNT_ROOT = PurePosixPath("/vol")
 LOCAL_ROOT_ENV = "MOLE_MODAL_ROOT"
 HF_HOME = str(MOUNT_ROOT / MODELS / "hf")
+MOLE_CACHE = str(MOUNT_ROOT / DATA / "cache")
 
 TRAIN_GPU = "H100"
 EVAL_GPU = "L40S"
@@ -83,7 +85,8 @@ PIP_PACKAGES = pinned_dependencies() if modal.is_local() else []
 image = (
     modal.Image.debian_slim(python_version=PYTHON_VERSION)
     .pip_install(*PIP_PACKAGES)
-    .env({"HF_HOME": HF_HOME})
+    # images extracted from HF datasets live on the data Volume: later containers train on them
+    .env({"HF_HOME": HF_HOME, CACHE_DIR_ENV: MOLE_CACHE})
     # ignore=[]: ship the package data (configs/*.yaml) too, not only the .py files
     .add_local_python_source("mole_trainer", ignore=[])
 )
@@ -196,10 +199,12 @@ def data_preprocess(
     max_pixels: int | None = None,
     workdir: str = ".",
     workers: int = PREPROCESS_CPUS,
+    strict: bool = False,
 ) -> dict:
     """Preprocess an expert dataset folder or a routing JSONL (data Volume) with a models-Volume processor.
 
-    Bad records are listed in the output's rejects file, as with `mole data preprocess`.
+    Bad records are listed in the output's rejects file, as with `mole data preprocess` (`strict`
+    fails on the first one instead).
     """
     with synced(writes=(MODELS, DATA, CHECKPOINTS)):
         return stages.data_preprocess(
@@ -212,6 +217,7 @@ def data_preprocess(
             max_pixels,
             _workdir(workdir),
             workers=workers,
+            strict=strict,
         )
 
 

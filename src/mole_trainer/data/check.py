@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..layout import LABEL_MAP_FILE, SPLITS
-from .formats import check_image, parse_record
+from .formats import RecordError, check_image, iter_jsonl, parse_record
 from .routing import load_label_map, routing_stats_path
 
 MAX_LISTED = 40  # violations spelled out in the error message; the rest are counted
@@ -70,43 +70,40 @@ def check_routing_dataset(path: str | Path) -> dict:
     records = repeats = 0
     for f in files:
         counts = counts_by_file[f] = defaultdict(lambda: {sp: 0 for sp in SPLITS})
-        with f.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                where = f"{f}:{lineno}"
-                sample = _parse_line(line, f, lineno, folder, violations)
-                if sample is None:
-                    continue
-                records += 1
-                if sample.id in first_line_of_id:
-                    violations.append(
-                        f"{where}: duplicate id '{sample.id}' (first at {first_line_of_id[sample.id]})"
-                    )
-                else:
-                    first_line_of_id[sample.id] = where
-                ok = True
-                if sample.expert is None:
-                    violations.append(f"{where}: field 'expert' is missing")
-                    ok = False
-                elif label_map is not None and sample.expert not in label_map:
-                    violations.append(
-                        f"{where}: expert '{sample.expert}' is not in the label map "
-                        f"{folder / LABEL_MAP_FILE} ({', '.join(label_map)})"
-                    )
-                if sample.split is None:
-                    violations.append(f"{where}: field 'split' is missing (one of {', '.join(SPLITS)})")
-                    ok = False
-                if sample.metadata.get("oversample_repeat"):
-                    repeats += 1
-                for i, p in enumerate(sample.images):
-                    if p not in image_hash:
-                        image_hash[p] = _hash_and_decode(p, f"{where}: images[{i}]", violations)
-                    h = image_hash[p]
-                    if h is not None and sample.split is not None:
-                        places[h][sample.split].append(where)
-                if ok:
-                    counts[sample.expert][sample.split] += 1
+        for lineno, obj in iter_jsonl(f):
+            where = f"{f}:{lineno}"
+            sample = _parse_record(obj, f, lineno, folder, violations)
+            if sample is None:
+                continue
+            records += 1
+            if sample.id in first_line_of_id:
+                violations.append(
+                    f"{where}: duplicate id '{sample.id}' (first at {first_line_of_id[sample.id]})"
+                )
+            else:
+                first_line_of_id[sample.id] = where
+            ok = True
+            if sample.expert is None:
+                violations.append(f"{where}: field 'expert' is missing")
+                ok = False
+            elif label_map is not None and sample.expert not in label_map:
+                violations.append(
+                    f"{where}: expert '{sample.expert}' is not in the label map "
+                    f"{folder / LABEL_MAP_FILE} ({', '.join(label_map)})"
+                )
+            if sample.split is None:
+                violations.append(f"{where}: field 'split' is missing (one of {', '.join(SPLITS)})")
+                ok = False
+            if sample.metadata.get("oversample_repeat"):
+                repeats += 1
+            for i, p in enumerate(sample.images):
+                if p not in image_hash:
+                    image_hash[p] = _hash_and_decode(p, f"{where}: images[{i}]", violations)
+                h = image_hash[p]
+                if h is not None and sample.split is not None:
+                    places[h][sample.split].append(where)
+            if ok:
+                counts[sample.expert][sample.split] += 1
 
     for h, by_split in sorted(places.items()):
         if len(by_split) > 1:
@@ -144,15 +141,10 @@ def format_violations(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _parse_line(line: str, f: Path, lineno: int, folder: Path, violations: list[str]):
-    """The record of one line as a Sample, or None after adding its violation."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        violations.append(f"{f}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
-        return None
-    if not isinstance(obj, dict):
-        violations.append(f"{f}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+def _parse_record(obj, f: Path, lineno: int, folder: Path, violations: list[str]):
+    """One line's record as a Sample, or None after adding its violation (bad UTF-8 or JSON included)."""
+    if isinstance(obj, RecordError):
+        violations.append(str(obj))
         return None
     try:
         return parse_record(obj, f, lineno, folder, decode=False)

@@ -21,6 +21,7 @@ from ..errors import UserError
 STATE_FILE = "state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+BEST_DIR, BEST_TMP, BEST_OLD = "best", ".best.tmp", ".best.old"  # the best adapter so far, and its swap
 # Fault injection for the kill-during-save test: seconds to sleep between the two files of a save.
 SAVE_DELAY_ENV = "MOLE_TEST_CHECKPOINT_SAVE_DELAY"
 
@@ -119,19 +120,29 @@ def load_latest(root: Path, report=print) -> tuple[dict, dict, Path] | None:
 
 
 def data_identity(folder: str | Path) -> str:
-    """Cheap identity of a preprocessed data folder (its metadata plus the size and time of each split).
+    """Cheap identity of a preprocessed data folder: its meta.json bytes plus each file's name and size.
 
-    Recorded in checkpoints so a run is never resumed onto data that was rebuilt since.
+    Recorded in checkpoints so a run is never resumed onto other data. Modification times are left
+    out on purpose: a Volume or a copy may not keep them, and a retry must still resume.
     """
     import hashlib
 
+    from ..layout import PREPROCESS_META_FILE
+
     folder = Path(folder)
     h = hashlib.sha256()
+    meta = folder / PREPROCESS_META_FILE
+    if meta.is_file():
+        h.update(meta.read_bytes())
     for f in sorted(folder.iterdir()):
         if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
     return h.hexdigest()
+
+
+def _short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def check_resumable(trainer_state: dict, settings: dict, folder: Path) -> None:
@@ -139,7 +150,7 @@ def check_resumable(trainer_state: dict, settings: dict, folder: Path) -> None:
     saved = trainer_state.get("settings", {})
     diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
     if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+        detail = ", ".join(f"{k}: {_short(saved.get(k))} -> {_short(settings.get(k))}" for k in diff)
         raise UserError(
             f"{folder}: cannot resume, this run's settings differ from the checkpoint's ({detail}); "
             "restore them or start without --resume"
@@ -147,14 +158,25 @@ def check_resumable(trainer_state: dict, settings: dict, folder: Path) -> None:
 
 
 def remove_partial(root: Path) -> None:
-    """Remove what a save killed half-way left behind (never a complete checkpoint)."""
-    if root.is_dir():
-        for p in root.glob(".step-*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+    """Clean up after a save killed half-way: drop temporary folders, put back a best adapter moved aside.
+
+    A complete checkpoint is never removed.
+    """
+    if not root.is_dir():
+        return
+    for p in [*root.glob(".step-*.tmp"), root / BEST_TMP]:
+        shutil.rmtree(p, ignore_errors=True)
+    best, old = root / BEST_DIR, root / BEST_OLD
+    if old.is_dir():
+        if best.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, best)
 
 
 def clear_checkpoints(root: Path) -> None:
-    """Remove resumable checkpoints (a fresh run must not be resumed into later by mistake)."""
+    """Remove an earlier run's checkpoints and best adapter (a fresh run must not mix with them)."""
     for p in list_checkpoints(root):
         shutil.rmtree(p, ignore_errors=True)
     remove_partial(root)
+    shutil.rmtree(root / BEST_DIR, ignore_errors=True)

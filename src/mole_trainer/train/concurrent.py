@@ -13,7 +13,6 @@ expert alone (up to float rounding); dropout > 0 draws different masks than the 
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from ..config import LorasConfig, TrainSpec
 from ..data.preprocess import IGNORE_INDEX, collate
 from ..errors import UserError
 from ..layout import CHECKPOINTS_DIR, TENSORBOARD_DIR, TRAIN_LOG_FILE
+from .checkpoint import clear_checkpoints
 
 # experts share a forward pass while padding to the longest row costs at most 25 % more tokens than
 # separate passes (measured on 2 CPU cores, tiny model: a 4-expert batch padded from 118 to 175
@@ -280,7 +280,7 @@ def train_experts_concurrent(
     runs = []
     for j in jobs:
         # a fresh run: checkpoints of an earlier run of this expert must not be resumed later
-        shutil.rmtree(j.out / CHECKPOINTS_DIR, ignore_errors=True)
+        clear_checkpoints(j.out / CHECKPOINTS_DIR)
         writer = best_checkpoint_writer(j.out / CHECKPOINTS_DIR, j.lora, cfg.base_model)
         runs.append(ExpertRun(j.name, j.train_examples, j.val_examples, j.spec, j.out, writer))
     report(

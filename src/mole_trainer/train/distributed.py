@@ -7,10 +7,16 @@ takes its share of every global batch. Only rank 0 writes files and history rows
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 from ..errors import UserError
+
+# Rank 0 alone scores the experts by generation and saves them while the other ranks wait at the
+# next collective: the default 10 minutes is too short for a real base and test set.
+GROUP_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,8 @@ def init_distributed(device: str) -> tuple[DistInfo, str]:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
+        atexit.register(dist.destroy_process_group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local), device
 
 

@@ -261,6 +261,7 @@ def train_experts(
             resume=resume,
             tensorboard_dir=job.out / TENSORBOARD_DIR,
             data_id=data_identity(job.prep),
+            identity={"lora": to_dict(job.lora), "base_model": cfg.base_model},
             report=report,
         )
         stats = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -135,6 +136,9 @@ class RunLog:
         if tensorboard_dir and main:
             from torch.utils.tensorboard import SummaryWriter
 
+            if purge_step is None:  # a fresh run: an earlier run's curves must not mix with this one's
+                shutil.rmtree(tensorboard_dir, ignore_errors=True)
+
             # purge_step drops events a killed run wrote after the checkpoint we resume from
             self.tb = SummaryWriter(str(tensorboard_dir), purge_step=purge_step)
 
@@ -170,6 +174,7 @@ def train_loop(
     tensorboard_dir: str | Path | None = None,
     sample_weights=None,
     data_id: str | None = None,
+    identity: dict | None = None,
     report=print,
 ) -> TrainResult:
     """Train `model`'s trainable parameters on `examples`; returns with the best weights loaded.
@@ -178,8 +183,8 @@ def train_loop(
     more than the configured min delta. With `checkpoint_dir`, each new best is saved there as a
     PEFT adapter (`best/`), and a resumable checkpoint every `spec.save_every` steps (default: at
     every evaluation); `resume=True` continues from the newest one, giving the same weights as an
-    uninterrupted run; `data_id` names the training data, so a checkpoint is never resumed onto
-    other data. `sample_weights` switches to weighted sampling with replacement.
+    uninterrupted run; `data_id` names the training data and `identity` the rest of the run (LoRA
+    settings, base model), so a checkpoint is never resumed onto other data or another adapter. `sample_weights` switches to weighted sampling with replacement.
     Under torchrun each rank takes its share of every global batch; the loss is normalised by the
     global number of supervised tokens, so the update equals one process on the whole batch.
     """
@@ -209,6 +214,8 @@ def train_loop(
         "examples": len(examples),
         "data": data_id,
         "weighted": sample_weights is not None,
+        "parameters": {n: list(p.shape) for n, p in named.items()},
+        **(identity or {}),
     }
     root = Path(checkpoint_dir) if checkpoint_dir else None
     save_every = spec.save_every or spec.eval_every
@@ -331,11 +338,11 @@ def save_best(write_adapter: Callable[[Path], None], checkpoint_dir: Path, step:
     """Write the best adapter (`write_adapter(folder)`) to checkpoint_dir/best via a temporary folder.
 
     The previous best is moved aside before the new one is renamed into place and removed after,
-    so a kill at any moment leaves a complete adapter in `best/` or in `.best.old/`.
+    so a kill at any moment leaves a complete adapter in `best/` or in `.best.old/` (which
+    `checkpoint.remove_partial` puts back).
     """
-    import shutil
-
-    tmp, final, old = checkpoint_dir / ".best.tmp", checkpoint_dir / "best", checkpoint_dir / ".best.old"
+    tmp, final = checkpoint_dir / ckpt.BEST_TMP, checkpoint_dir / ckpt.BEST_DIR
+    old = checkpoint_dir / ckpt.BEST_OLD
     shutil.rmtree(tmp, ignore_errors=True)
     write_adapter(tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")

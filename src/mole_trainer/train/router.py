@@ -95,6 +95,7 @@ def train_router(
         tensorboard_dir=out / TENSORBOARD_DIR,
         sample_weights=weights,
         data_id=data_identity(dataset_path),
+        identity={"lora": to_dict(cfg.lora), "base_model": cfg.base_model},
         report=report,
     )
     adapter_dir = out / "adapter"
