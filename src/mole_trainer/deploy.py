@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import UserError
+from .hashing import sha256_file, sha256_stream
 from .layout import (
     DEPLOY_EXPERT_ADAPTER,
     DEPLOY_EXPERTS_DIR,
@@ -38,7 +39,6 @@ from .layout import (
 
 MANIFEST_FORMAT = 1
 ADAPTER_CONFIG = "adapter_config.json"
-_CHUNK = 1 << 20
 _STAGING_PREFIX = ".staging-"
 _PREVIOUS = ".previous"
 # marker inside .previous: every old entry has been moved out and new ones are being moved in
@@ -55,19 +55,6 @@ _FSSPEC_EXTRAS = {
     "abfs": "abfs",
     "abfss": "abfs",
 }
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a local file, read in 1 MiB chunks."""
-    with open(path, "rb") as fh:
-        return _sha256_stream(fh)
-
-
-def _sha256_stream(fh) -> str:
-    digest = hashlib.sha256()
-    while chunk := fh.read(_CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -423,7 +410,7 @@ def _verify(fs, root: str, manifest: dict) -> dict:
             missing.append(entry["path"])
             continue
         with fs.open(path, "rb") as fh:
-            same = fs.size(path) == entry["size"] and _sha256_stream(fh) == entry["sha256"]
+            same = fs.size(path) == entry["size"] and sha256_stream(fh) == entry["sha256"]
         if not same:
             mismatched.append(entry["path"])
     return {

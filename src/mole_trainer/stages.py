@@ -36,7 +36,7 @@ def data_hash(*paths: str | Path) -> str:
     import hashlib
 
     from .data.preprocess import dataset_digest
-    from .data.routing import sha256_file
+    from .hashing import sha256_file
 
     h = hashlib.sha256()
     for p in map(Path, paths):

@@ -14,12 +14,12 @@ label map without train records, are reported as warnings: they do not fail the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
 
 from ..errors import UserError
+from ..hashing import sha256_file
 from ..layout import LABEL_MAP_FILE, SPLITS
 from .formats import RecordError, check_image, iter_jsonl, parse_record
 from .routing import load_label_map, routing_stats_path
@@ -160,7 +160,7 @@ def _hash_and_decode(path: Path, where: str, violations: list[str]) -> str | Non
     except UserError as exc:
         violations.append(str(exc))
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def _places(where: list[str]) -> str:

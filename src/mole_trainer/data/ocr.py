@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..hashing import sha256_file
 from ..layout import OCR_SUMMARY_FILE, OCR_UNLABELED_FILE, SPLITS
 from .formats import load_expert_dataset, write_jsonl
 
@@ -210,7 +211,6 @@ def make_ocr_crops(
     output/images/. `boxes_out` gets one JSONL row per box. Unreadable images in an image folder are
     skipped and listed. Returns the summary also written to output/ocr_crops.json.
     """
-    import hashlib
 
     from PIL import Image
 
@@ -235,7 +235,7 @@ def make_ocr_crops(
         except Exception as exc:  # a folder of images may hold a broken file: skip it, say so
             skipped.append({"image": src.rel, "reason": f"cannot be decoded ({type(exc).__name__}: {exc})"})
             continue
-        sha = hashlib.sha256(src.path.read_bytes()).hexdigest()
+        sha = sha256_file(src.path)
         if src.known is not None:
             counts["known"] += 1
             lines = []

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..config import DatasetConfig
 from ..errors import UserError
+from ..hashing import sha256_file
 from ..layout import LABEL_MAP_FILE, ROUTING_STATS_SUFFIX, SPLITS
 from .formats import Sample, load_expert_dataset, sample_to_record, write_jsonl
 
@@ -42,11 +43,6 @@ def validate_expert_name(name: str, where: str) -> None:
 def make_label_map(names: list[str]) -> dict[str, int]:
     """Stable label map: sorted names -> indices."""
     return {n: i for i, n in enumerate(sorted(names))}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class _Groups:
