@@ -265,7 +265,7 @@ def train_experts_concurrent(
     from ..model.loading import load_base
     from ..model.lora import attach_lora, detach_lora
     from ..model.multi_lora import MultiLora, copy_into_peft, expert_weights_from_spec
-    from .experts import prepare_expert, score_and_save, score_base
+    from .experts import prepare_expert, score_and_save, score_base, train_stats
 
     base = load_base(cfg.base_model, dtype, device)
     jobs = [prepare_expert(cfg, name) for name in names]
@@ -295,13 +295,7 @@ def train_experts_concurrent(
         model = attach_lora(base, job.lora, job.spec.seed)
         copy_into_peft(model, state)
         stats = {
-            "steps": outcome.steps,
-            "best_step": outcome.best_step,
-            "best_val_loss": outcome.best_metrics["val_loss"],
-            "stopped_early": outcome.stopped_early,
-            # wall time of the shared run (all experts together), and this expert's share of samples
-            "train_seconds": round(result.seconds, 2),
-            "samples_per_s": round(outcome.samples_seen / max(result.seconds, 1e-9), 2),
+            **train_stats(outcome, result.seconds),
             "concurrent": {
                 "experts": names,
                 "samples_per_s_all": round(

@@ -159,6 +159,22 @@ def score_base(base, job: ExpertJob, report=print) -> None:
         job.base_score = task_score(job.test_samples, job.base_preds)
 
 
+def train_stats(outcome, seconds: float) -> dict:
+    """The training figures an expert_info records, from a TrainResult or a concurrent ExpertOutcome.
+
+    `seconds` is the wall time of the run that trained the expert (shared by all experts when
+    they trained together), so samples_per_s is this expert's share of it.
+    """
+    return {
+        "steps": outcome.steps,
+        "best_step": outcome.best_step,
+        "best_val_loss": outcome.best_metrics["val_loss"],
+        "stopped_early": outcome.stopped_early,
+        "train_seconds": round(seconds, 2),
+        "samples_per_s": round(outcome.samples_seen / max(seconds, 1e-9), 2),
+    }
+
+
 def score_and_save(model, job: ExpertJob, cfg: LorasConfig, stats: dict, report=print) -> dict:
     """Score the trained expert (a PEFT model), save its adapter + metadata; returns expert_info.
 
@@ -264,14 +280,7 @@ def train_experts(
             identity={"lora": to_dict(job.lora), "base_model": cfg.base_model},
             report=report,
         )
-        stats = {
-            "steps": result.steps,
-            "best_step": result.best_step,
-            "best_val_loss": result.best_metrics["val_loss"],
-            "stopped_early": result.stopped_early,
-            "train_seconds": round(result.seconds, 2),
-            "samples_per_s": round(result.samples_seen / max(result.seconds, 1e-9), 2),
-        }
+        stats = train_stats(result, result.seconds)
         if dist.world > 1:
             stats["processes"] = dist.world
         if dist.main:  # the other ranks of a torchrun return nothing: rank 0 reports for all
