@@ -1,25 +1,33 @@
 """Expert dataset formats, read into one validated form (Sample), strictly or with a rejects list.
 
-A dataset is a folder in one of three formats (detected per folder, and per record for JSONL):
+A dataset is a folder in one of four formats (detected per folder, and per record for JSONL):
 
 * messages JSONL (the native format): train.jsonl / val.jsonl / test.jsonl and the images they name::
 
     {"id": "cal-0001", "images": ["images/cal-0001.png"],
-     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
-                  {"role": "assistant", "content": "..."}],
+     "messages": [{"role": "system", "content": "..."},                       # optional
+                  {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
+                  {"role": "assistant", "content": "..."}, ...],
      "metadata": {...}}
 
 * ShareGPT JSONL, as LLaMA-Factory, LLaVA and older Qwen tooling write it, in the same split files::
 
-    {"id": "...", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}],
-     "images": ["images/x.png"]}            # or "image": "images/x.png"
+    {"id": "...", "system": "...", "conversations": [{"from": "human", "value": "<image>\\n..."},
+     {"from": "gpt", "value": "..."}, ...], "images": ["images/x.png"]}  # or "image": "images/x.png"
 
-  The number of <image> placeholders must equal the number of images; "id" may be left out
-  (it becomes "<split>-<line>").
+  "id" may be left out (it becomes "<split>-<line>"); the system prompt may also be a first
+  {"from": "system"} turn.
 * a Hugging Face `datasets` folder written by save_to_disk: a DatasetDict with train / val
   (or validation) / test splits, or a single Dataset (split from a 'split' column, else train),
   with the columns of either form above; image columns hold Image() features (embedded bytes,
   extracted into a content-addressed cache folder) or paths.
+* a LLaMA-Factory folder: dataset_info.json and the .json arrays / .jsonl files it lists, read by
+  name as `DIR#NAME` (llamafactory.py).
+
+A conversation is an optional system prompt, then user and assistant turns in alternation,
+ending with the assistant. Images stand where their <image> placeholders or image parts are, in
+any user turn; their total must equal the record's image list, in the same order. What the
+router sees of it is router_request (the user turns' text) plus every image.
 
 Image paths are relative to the dataset root and may not resolve outside it (symlinks included).
 Every problem names the file (or dataset folder and split), the line (or row) and the field. The
