@@ -242,11 +242,21 @@ def test_llamafactory_datasets_are_read_by_name(ds):
 
 
 def test_llamafactory_json_converts_to_messages_keeping_everything(ds, tmp_path):
-    from mole_trainer.data.convert import convert_dataset
+    from mole_trainer.cli import main
 
     root = llamafactory(ds)
     original = load_expert_dataset(f"{root}#mllm")
-    convert_dataset(f"{root}#mllm", tmp_path / "msgs", to="messages", strict=True)
+    argv = [
+        "--workdir",
+        str(tmp_path),
+        "data",
+        "convert",
+        "--input",
+        f"{root}#mllm",
+        "--output",
+        str(tmp_path / "msgs"),
+    ]
+    assert main([*argv, "--strict"]) == 0
     back = load_expert_dataset(tmp_path / "msgs")
     assert_same_conversations(original, back)
     assert back["train"][0].turns == TURNS
