@@ -18,17 +18,8 @@ from typing import Any
 
 from ..errors import UserError
 from ..layout import DATASET_NAME_SEP, LLAMAFACTORY_INFO_FILE, SPLITS
-from .formats import (
-    AlpacaLayout,
-    Location,
-    RecordError,
-    Reject,
-    Sample,
-    ShareGPTLayout,
-    _collect,
-    _path_resolver,
-    iter_jsonl,
-)
+from .conversation import AlpacaLayout, ShareGPTLayout
+from .formats import Location, RecordError, Reject, Sample, collect_records, iter_jsonl, path_resolver
 
 SHAREGPT_COLUMNS = ("messages", "system", "images", "tools", "videos", "audios")
 ALPACA_COLUMNS = ("prompt", "query", "response", "history", "system", "images", "tools", "videos", "audios")
@@ -231,7 +222,7 @@ def read_llamafactory(
             for n, (line, obj) in enumerate(rows, start=1)
         )
         fixed = split if len(chosen) > 1 or split != "train" else None  # a lone NAME: records' split fields
-        samples, bad = _collect(items, _path_resolver(root), decode, strict, fixed, lay)
+        samples, bad = collect_records(items, path_resolver(root), decode, strict, fixed, lay)
         rejects += bad
         for s in samples:
             out[fixed or s.split or "train"].append(s)
