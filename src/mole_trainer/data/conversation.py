@@ -65,6 +65,8 @@ class AlpacaLayout:
 
 @dataclass
 class RawTurn:
+    """One turn as the record gives it, with where its role and content are (for messages)."""
+
     role: str  # as the record spells it
     content: Any
     role_at: str  # where the role is, for messages: "messages[2].role"
@@ -149,6 +151,7 @@ def router_request(turns: list[dict]) -> str:
 
 
 def raw_messages(obj: dict) -> list[RawTurn]:
+    """The turns of a messages-format record (`messages: [{role, content}, ...]`)."""
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if messages == [] else type(messages).__name__
@@ -167,6 +170,7 @@ def raw_messages(obj: dict) -> list[RawTurn]:
 
 
 def raw_sharegpt(obj: dict, lay: ShareGPTLayout) -> list[RawTurn]:
+    """The turns of a ShareGPT-style record, under the layout's column and tag names."""
     conv = obj.get(lay.messages)
     if not isinstance(conv, list) or not conv:
         got = "an empty list" if conv == [] else type(conv).__name__
@@ -185,6 +189,7 @@ def raw_sharegpt(obj: dict, lay: ShareGPTLayout) -> list[RawTurn]:
 
 
 def raw_alpaca(obj: dict, lay: AlpacaLayout) -> list[RawTurn]:
+    """The turns of an alpaca record: its history pairs, then instruction + input and the output."""
     out = []
     history = obj.get(lay.history)
     if history is not None:
