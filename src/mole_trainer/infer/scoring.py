@@ -1,10 +1,23 @@
-"""Router scoring: the log-probability of every label, for a batch of requests, in one forward pass.
+"""Router scoring: the log-probability of every label after each request, with one prefill per request.
 
-For each request the router prompt is encoded once (the image processor runs once); each label's
-tokens plus the end-of-turn token are appended to make K rows that run through the model together,
-so the vision tower sees the image K times (sharing the prompt's KV cache would remove that). The sum of
-the label-token log-probabilities gives a score per expert; a softmax over experts gives the
-routing distribution (top-k, calibration and abstention need a full distribution, not a sample).
+A label's score is the sum of the log-probabilities of its tokens (label + end of turn) after the
+router prompt; a softmax over the K labels gives the routing distribution (top-k, calibration and
+abstention need a full distribution, not a sample). Two forward passes per batch of requests:
+
+1. Prefill: the router prompts (images + instruction), left-padded, run once with the KV cache on;
+   only the last position's logits are computed (`logits_to_keep=1`): they score every label's
+   first token. The vision tower sees each image once.
+2. Continuation: every label but its last token, all K labels packed into ONE row per request, runs
+   over the prompt's cache. A 4-D additive mask lets each label token see the request's non-pad
+   prompt and the earlier tokens of its own label only, and explicit M-RoPE positions place every
+   label right after the prompt (text position n_real + j, plus the request's rope delta from the
+   images), so each packed label is scored exactly as if it alone followed the prompt. The cache is
+   neither copied K times nor re-run.
+
+Logits exist only at the label-predicting positions ([requests, 1 + sum(len(label) - 1), vocabulary]),
+never for the prompt; log-probabilities are taken in fp32. M-RoPE positions and rope deltas are
+computed per batch from the inputs (model.model.rope_deltas, state shared across calls, is neither
+read nor written). The additive float mask serves sdpa and eager attention alike.
 """
 
 from __future__ import annotations
@@ -13,6 +26,8 @@ from ..data.formats import Sample
 from ..data.preprocess import collate, encode_prompt, load_images
 from ..model.chat import END_OF_TURN
 from ..router_prompt import router_messages
+
+MASKABLE_ATTENTION = ("sdpa", "eager")  # implementations that accept an arbitrary 4-D additive mask
 
 
 def label_token_ids(tokenizer, names: list[str]) -> list[list[int]]:
@@ -29,36 +44,99 @@ def encode_router_prompts(processor, samples: list[Sample], names: list[str]) ->
     return out
 
 
+def _vl_model(model):
+    """The Qwen3VLModel inside a Qwen3VLForConditionalGeneration, PEFT-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def _packed_labels(label_ids: list[list[int]]):
+    """The continuation row shared by every request: each label without its last token, back to back.
+
+    Returns (input ids, label index, offset in its label, the token each position predicts), as lists.
+    """
+    ids, owner, offset, target = [], [], [], []
+    for k, lab in enumerate(label_ids):
+        for j in range(len(lab) - 1):
+            ids.append(lab[j])
+            owner.append(k)
+            offset.append(j)
+            target.append(lab[j + 1])
+    return ids, owner, offset, target
+
+
 def score_encoded(model, prompts: list[dict], label_ids: list[list[int]], pad_id: int):
-    """Log-probability matrix [n, K] of each label after each encoded prompt (one forward pass)."""
+    """Log-probability matrix [n, K] of each label after each encoded prompt (one prefill per prompt)."""
     import torch
 
-    rows, spans = [], []
-    for p in prompts:
-        n = len(p["input_ids"])
-        for ids in label_ids:
-            lab = torch.tensor(ids, dtype=p["input_ids"].dtype)
-            row = {
-                "input_ids": torch.cat([p["input_ids"], lab]),
-                "attention_mask": torch.cat([p["attention_mask"], torch.ones_like(lab)]),
-            }
-            if "mm_token_type_ids" in p:
-                row["mm_token_type_ids"] = torch.cat([p["mm_token_type_ids"], torch.zeros_like(lab)])
-            if "pixel_values" in p:
-                row["pixel_values"], row["image_grid_thw"] = p["pixel_values"], p["image_grid_thw"]
-            rows.append(row)
-            spans.append((n, len(ids)))
+    if not prompts:
+        return torch.empty(0, len(label_ids))
+    if any(not lab for lab in label_ids):
+        raise ValueError("every label needs at least one token")
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn not in MASKABLE_ATTENTION:
+        raise ValueError(f"router scoring needs {' or '.join(MASKABLE_ATTENTION)} attention, not {attn!r}")
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate(rows, pad_id, padding_side="right").items()}
+    batch = {k: v.to(device) for k, v in collate(prompts, pad_id, padding_side="left").items()}
+    mask = batch["attention_mask"]
+    if "mm_token_type_ids" not in batch:
+        batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    positions, deltas = _vl_model(model).get_rope_index(
+        batch["input_ids"],
+        batch["mm_token_type_ids"],
+        image_grid_thw=batch.get("image_grid_thw"),
+        attention_mask=mask,
+    )
     with torch.no_grad():
-        logits = model(**batch).logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    scores = torch.empty(len(rows))
-    for r, (start, length) in enumerate(spans):
-        targets = batch["input_ids"][r, start : start + length]
-        # the token at position t is predicted by the logits at t - 1
-        scores[r] = logp[r, start - 1 : start + length - 1].gather(-1, targets[:, None]).sum()
-    return scores.view(len(prompts), len(label_ids))
+        out = model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        scores = first[:, [lab[0] for lab in label_ids]].clone()
+        ids, owner, offset, target = _packed_labels(label_ids)
+        if ids:
+            if out.cache is None or out.cache.get_seq_length() != mask.shape[1]:
+                raise RuntimeError(
+                    "the router prefill returned no prompt cache (use_cache disabled in training?)"
+                )
+            scores += _continuation_scores(
+                model, out.cache, mask, deltas, ids, owner, offset, target, len(label_ids)
+            )
+    return scores.cpu()
+
+
+def _continuation_scores(model, cache, prompt_mask, deltas, ids, owner, offset, target, n_labels):
+    """Summed log-probabilities [n, K] of every label token after the first, from the prompt cache."""
+    import torch
+
+    device = prompt_mask.device
+    n, t = prompt_mask.shape[0], len(ids)
+    owner_t = torch.tensor(owner, device=device)
+    offset_t = torch.tensor(offset, device=device)
+    # a label token sees its own label's earlier tokens (and itself), never another label's
+    own = (owner_t[:, None] == owner_t[None, :]) & (offset_t[None, :] <= offset_t[:, None])
+    allowed = torch.cat(
+        [prompt_mask.bool()[:, None, None, :].expand(n, 1, t, -1), own[None, None].expand(n, 1, t, t)], dim=-1
+    )
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+    text_pos = prompt_mask.sum(-1, keepdim=True) + offset_t[None, :]  # [n, t]: right after each prompt
+    positions = (text_pos + deltas.to(device)).unsqueeze(0).expand(3, n, t)
+    out = model(
+        input_ids=torch.tensor(ids, device=device).expand(n, t),
+        attention_mask=additive,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+    )
+    logits = out.logits  # [n, t, V]: every packed position predicts a label token
+    targets = torch.tensor(target, device=device)
+    token_logp = torch.empty(n, t, device=device)
+    for r in range(n):  # one request at a time: the fp32 copy stays [t, V]
+        row = logits[r].float()
+        token_logp[r] = row.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(row, dim=-1)
+    per_label = torch.zeros(n, n_labels, device=device)
+    per_label.index_add_(1, owner_t, token_logp)
+    return per_label
 
 
 def route_probs(model, processor, samples: list[Sample], names: list[str], batch_size: int = 8):
@@ -80,12 +158,30 @@ def route_probs(model, processor, samples: list[Sample], names: list[str], batch
     return torch.cat(out) if out else torch.empty(0, len(names))
 
 
+def encoded_scores(model, prompts: list[dict], label_ids: list[list[int]], pad_id: int, batch_size: int = 8):
+    """Label log-probabilities [n, K] for prompts encoded beforehand, `batch_size` prompts per prefill."""
+    import torch
+
+    out = [
+        score_encoded(model, prompts[i : i + batch_size], label_ids, pad_id)
+        for i in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0, len(label_ids))
+
+
 def encoded_probs(model, prompts: list[dict], label_ids: list[list[int]], pad_id: int, batch_size: int = 8):
     """route_probs for prompts encoded beforehand (a validation set scored at every evaluation)."""
     import torch
 
-    out = [
-        torch.softmax(score_encoded(model, prompts[i : i + batch_size], label_ids, pad_id), dim=-1)
-        for i in range(0, len(prompts), batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0, len(label_ids))
+    return torch.softmax(encoded_scores(model, prompts, label_ids, pad_id, batch_size), dim=-1)
+
+
+def label_loss(scores, labels: list[int], label_ids: list[list[int]]) -> float:
+    """Mean negative log-probability per token of the true label: the router's teacher-forced loss.
+
+    The router's training examples supervise exactly the label tokens, so this equals the
+    cross-entropy of those examples, computed from the scores without a full-vocabulary tensor.
+    """
+    total = -sum(float(scores[i, y]) for i, y in enumerate(labels))
+    tokens = sum(len(label_ids[y]) for y in labels)
+    return total / max(tokens, 1)

@@ -2,7 +2,10 @@
 
 The data is a preprocessed router dataset (task 'router'); the label map travels with it and is
 written beside the adapter. Keep-best selects on validation routing accuracy (label scoring, as at
-inference), ties broken by validation loss.
+inference), ties broken by validation loss. Both come from one scoring pass over the validation
+prompts (one prefill per request, logits at the label positions only): the loss is the mean negative
+log-probability per token of the true label, i.e. the teacher-forced loss of the validation examples,
+without a full-vocabulary tensor over every prompt position.
 """
 
 from __future__ import annotations
@@ -40,12 +43,12 @@ def train_router(
     Under torchrun the ranks share each batch and only rank 0 writes files.
     """
     from ..eval.metrics import accuracy
-    from ..infer.scoring import encode_router_prompts, encoded_probs, label_token_ids
+    from ..infer.scoring import encode_router_prompts, encoded_scores, label_loss, label_token_ids
     from ..model.loading import load_base, load_processor, resolve_device
     from ..model.lora import attach_lora
     from .checkpoint import data_identity
     from .distributed import init_distributed
-    from .loop import eval_loss, higher_is_better, train_loop
+    from .loop import higher_is_better, train_loop
 
     meta, train = load_preprocessed(dataset_path, "train")
     check_compatible(meta, "router", cfg.base_model, cfg.image, dataset_path)
@@ -69,10 +72,10 @@ def train_router(
     label_ids = label_token_ids(processor.tokenizer, names)
 
     def evaluate():
-        probs = encoded_probs(model, val_prompts, label_ids, pad_id, spec.batch_size)
+        scores = encoded_scores(model, val_prompts, label_ids, pad_id, spec.batch_size)
         return {
-            "val_loss": eval_loss(model, val["examples"], pad_id, spec.batch_size),
-            "val_accuracy": accuracy(probs.numpy(), val_labels),
+            "val_loss": label_loss(scores, val_labels, label_ids),
+            "val_accuracy": accuracy(scores.softmax(-1).numpy(), val_labels),
         }
 
     out = Path(cfg.output_dir)
