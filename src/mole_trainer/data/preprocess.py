@@ -410,9 +410,12 @@ def code_digest() -> str:
 
 def dataset_digest(root: str | Path) -> str:
     """sha256 over every file below a dataset folder (names and bytes), for cache invalidation."""
+    from ..layout import LOCK_FILE
+
     root = Path(root)
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    # an output lock (and its temporary files) is not data: a run writing the folder must not change it
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(LOCK_FILE)):
         h.update(str(f.relative_to(root)).encode() + b"\0")
         h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
