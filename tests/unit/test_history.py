@@ -175,6 +175,22 @@ def test_resume_links_the_last_interrupted_run_and_user_errors_keep_their_messag
     assert history.get(fresh.run_id)["resumed_from"] is None
 
 
+def test_a_run_whose_lease_was_taken_over_on_another_host_reads_interrupted(db: Path, tmp_path: Path):
+    import sqlite3
+
+    out = tmp_path / "ckpt"
+    history = History(db)
+    other = history.start("train.router", {}, output=str(out.resolve()))
+    with sqlite3.connect(db) as conn:  # as written by another container: its pid means nothing here
+        conn.execute("UPDATE runs SET host = 'container-a', pid = 7 WHERE run_id = ?", (other,))
+    holder = {"host": "container-a", "pid": 7}
+    with record_run(db, "train.router", {}, output=out, resume=True, taken_over=[holder]) as rec:
+        pass
+    assert history.get(other)["status"] == "interrupted"
+    assert "stopped renewing" in history.get(other)["error"]
+    assert history.get(rec.run_id)["resumed_from"] == other
+
+
 def test_database_without_the_new_columns_is_migrated(db: Path):
     import sqlite3
 

@@ -139,3 +139,12 @@ def test_lock_file_is_not_data(tmp_path: Path):
     before = dataset_digest(tmp_path), data_identity(tmp_path)
     with OutputLock(tmp_path, "data.preprocess", renew_every=None):
         assert (dataset_digest(tmp_path), data_identity(tmp_path)) == before
+
+
+def test_a_lock_renewed_or_replaced_since_it_was_judged_is_not_removed(tmp_path: Path):
+    stale = OutputLock(tmp_path, "train.router", pid=dead_pid(), renew_every=None).acquire()
+    judged = json.loads(stale.path.read_text())
+    stale.renew()  # the content changed after the taker read it: a taker must look again
+    taker = OutputLock(tmp_path, "train.router", renew_every=None)
+    assert not taker._break(judged)
+    assert json.loads(stale.path.read_text())["token"] == stale.token
