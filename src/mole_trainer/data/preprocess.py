@@ -202,7 +202,9 @@ def _start_method() -> str:
     """'fork' where the platform has it (workers inherit the loaded processor at no cost), else 'spawn'.
 
     Forking is safe here: preprocessing never touches CUDA, the pool is created before any progress
-    thread starts, and every worker runs torch on one thread (no OpenMP pool inherited in use).
+    thread starts, and every worker runs torch on one thread (no OpenMP pool inherited in use). The
+    output lock's heartbeat thread (locking.py) only sleeps or rewrites the lock file, which the
+    workers never touch.
     """
     import multiprocessing as mp
 
