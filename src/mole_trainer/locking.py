@@ -229,7 +229,15 @@ class OutputLock:
 
     def acquire(self) -> OutputLock:
         """Take the lock or raise LockHeld naming the holder; a stale lock is taken over with a message."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"{self.folder}: exists and is not a folder; expected an output folder")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return self._acquire()
+        except OSError as exc:  # a read-only or full filesystem, no permission
+            raise UserError(f"{self.folder}: cannot take the output lock {self.path}: {exc}") from exc
+
+    def _acquire(self) -> OutputLock:
         for _ in range(20):
             if self._create():
                 self._held = True

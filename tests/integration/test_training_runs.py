@@ -192,7 +192,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(wd, ref_rout
             assert first.poll() is None, first.stdout.read().decode()
             time.sleep(0.01)
         second = subprocess.run(
-            [sys.executable, *train_cmd(wd, cut_cfg)], env=env(), capture_output=True, text=True, timeout=120
+            [sys.executable, *train_cmd(wd, cut_cfg)], env=env(), capture_output=True, text=True, timeout=60
         )
         assert first.poll() is None, "the resumed run should still hold the folder"
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mole_trainer import locking
+from mole_trainer.errors import UserError
 from mole_trainer.layout import LOCK_FILE
 from mole_trainer.locking import LockHeld, OutputLock, output_locks, process_start
 
@@ -148,3 +149,11 @@ def test_a_lock_renewed_or_replaced_since_it_was_judged_is_not_removed(tmp_path:
     taker = OutputLock(tmp_path, "train.router", renew_every=None)
     assert not taker._break(judged)
     assert json.loads(stale.path.read_text())["token"] == stale.token
+
+
+def test_unusable_folder_is_a_user_error(tmp_path: Path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        OutputLock(tmp_path / "file", "deploy", renew_every=None).acquire()
+    with pytest.raises(UserError, match="cannot take the output lock"):  # below a file: mkdir fails
+        OutputLock(tmp_path / "file" / "out", "deploy", renew_every=None).acquire()
