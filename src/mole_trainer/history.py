@@ -8,7 +8,8 @@ once: the database runs in WAL mode and every connection waits up to ``TIMEOUT_S
 needs a local filesystem; a database on a network share may report "database is locked".
 
 A 'running' row whose process is gone (same host, pid not alive or reused) is marked 'interrupted' by
-``History.reconcile`` (history show, and the start of every run); a row of another host stays
+``History.reconcile`` (history show, and the start of every run; not under MOLE_LOCK_SHARED=1, where
+host names may repeat across containers); a row of another host stays
 'running' until a writer takes over that run's output lock once its lease expired. Databases written
 before the pid/output columns existed are migrated in place (ALTER TABLE ADD COLUMN); their old rows
 have no pid and are never marked.
@@ -166,9 +167,15 @@ class History:
         )
 
     def reconcile(self) -> list[str]:
-        """Mark 'interrupted' the running runs of this host whose process is gone; returns their ids."""
-        from .locking import process_alive
+        """Mark 'interrupted' the running runs of this host whose process is gone; returns their ids.
 
+        Nothing is judged by pid under MOLE_LOCK_SHARED=1 (containers may share a host name): there a
+        run is marked when a writer takes over its expired output lease.
+        """
+        from .locking import process_alive, shared_volume
+
+        if shared_volume():
+            return []
         gone = []
         with closing(self._connect()) as conn:
             rows = conn.execute(

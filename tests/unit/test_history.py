@@ -10,7 +10,7 @@ import pytest
 
 from mole_trainer.errors import UserError
 from mole_trainer.history import History, format_runs_table, record_run
-from mole_trainer.layout import HISTORY_DB
+from mole_trainer.layout import HISTORY_DB, LOCK_SHARED_ENV
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_run_records_host_and_pid_and_a_gone_process_reads_interrupted(db: Path):
+def test_run_records_host_and_pid_and_a_gone_process_reads_interrupted(db: Path, monkeypatch):
     import os
     import platform
     import sqlite3
@@ -149,6 +149,9 @@ def test_run_records_host_and_pid_and_a_gone_process_reads_interrupted(db: Path)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (_dead_pid(), gone))
         conn.execute("UPDATE runs SET host = 'other-host', pid = 1 WHERE run_id = ?", (elsewhere,))
+    monkeypatch.setenv(LOCK_SHARED_ENV, "1")  # containers may share host names: pids are not judged
+    assert history.reconcile() == []
+    monkeypatch.delenv(LOCK_SHARED_ENV)
     assert history.reconcile() == [gone]
     assert history.get(gone)["status"] == "interrupted" and "ended without" in history.get(gone)["error"]
     assert history.get(alive)["status"] == "running"
