@@ -84,6 +84,8 @@ def process_alive(pid: int, start: int | None = None) -> bool:
 
 def describe(holder: dict) -> str:
     """One line naming a lock's holder: pid, host, start time and command."""
+    if "pid" not in holder:
+        return "an unreadable lock (being written, or damaged)"
     return (
         f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started_at')} "
         f"({holder.get('stage')}: {holder.get('command')})"
