@@ -374,7 +374,11 @@ def run(args: argparse.Namespace) -> int:
         from .layout import HISTORY_DB
 
         db = os.path.join(wd, HISTORY_DB)
-        runs = History(db).runs(args.stage, None, args.limit) if os.path.exists(db) else []
+        runs = []
+        if os.path.exists(db):
+            history = History(db)
+            history.reconcile()  # a run whose process is gone shows (and is stored) as interrupted
+            runs = history.runs(args.stage, None, args.limit)
         if args.json:
             _print_json(runs)
         else:

@@ -34,6 +34,7 @@ from .layout import (
     DEPLOY_METADATA_FILE,
     DEPLOY_ROUTER_DIR,
     LABEL_MAP_FILE,
+    LOCK_FILE,
     MANIFEST_FILE,
 )
 
@@ -126,7 +127,7 @@ def _folder_files(folder: Path, rel_prefix: str) -> list[_File]:
     return [
         _File(f"{rel_prefix}/{path.relative_to(folder).as_posix()}", src=path)
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and not path.name.startswith(LOCK_FILE)  # a training run's lock is not deployed
     ]
 
 

@@ -1,21 +1,30 @@
 """Run history: one SQLite row per run of a pipeline stage (layout.HISTORY_DB in the work dir).
 
-Each row records the stage, its status (running, ok, failed, skipped), start and finish times (ISO
-8601 UTC), the config, an optional data hash, metrics, artifacts, the error text of a failed run,
-an optional cost and the host. Several processes may write at once: the database runs in WAL mode
-and every connection waits up to ``TIMEOUT_S`` for a lock. WAL needs a local filesystem; a
-database on a network share may report "database is locked".
+Each row records the stage, its status (running, ok, failed, skipped, interrupted), start and finish
+times (ISO 8601 UTC), the config, an optional data hash, metrics, artifacts, the error text of a failed
+run, an optional cost, the host and pid of the process (with its start time, against pid reuse), the
+output folder it wrote and, for a --resume run, the run it continues. Several processes may write at
+once: the database runs in WAL mode and every connection waits up to ``TIMEOUT_S`` for a lock. WAL
+needs a local filesystem; a database on a network share may report "database is locked".
+
+A 'running' row whose process is gone (same host, pid not alive or reused) is marked 'interrupted' by
+``History.reconcile`` (history show, and the start of every run; not under MOLE_LOCK_SHARED=1, where
+host names may repeat across containers); a row of another host stays
+'running' until a writer takes over that run's output lock once its lease expired. Databases written
+before the pid/output columns existed are migrated in place (ALTER TABLE ADD COLUMN); their old rows
+have no pid and are never marked.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import sqlite3
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +37,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TIMEOUT_S = 30.0
-STATUSES = ("running", "ok", "failed", "skipped")
+STATUSES = ("running", "ok", "failed", "skipped", "interrupted")
+RESUMABLE = ("interrupted", "failed")  # what a --resume run continues
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 _SCHEMA = """
@@ -51,6 +61,8 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_stage ON runs (stage, id);
 """
+# added after schema version 1; additive, so older readers still work and the version stays 1
+_ADDED_COLUMNS = {"pid": "INTEGER", "pid_start": "INTEGER", "output": "TEXT", "resumed_from": "TEXT"}
 _JSON_FIELDS = {"config_json": "config", "metrics_json": "metrics", "artifacts_json": "artifacts"}
 
 
@@ -98,6 +110,10 @@ class History:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
+                have = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
+                for column, kind in _ADDED_COLUMNS.items():
+                    if column not in have:
+                        conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
                 row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
                 if row[0] is None:
                     conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -111,16 +127,90 @@ class History:
                 f"supports ({SCHEMA_VERSION}); upgrade mole-trainer"
             )
 
-    def start(self, stage: str, config: dict, data_hash: str | None = None) -> str:
-        """Insert a run with status 'running' and return its run_id."""
+    def start(
+        self,
+        stage: str,
+        config: dict,
+        data_hash: str | None = None,
+        output: str | None = None,
+        resumed_from: str | None = None,
+    ) -> str:
+        """Insert a run of this process with status 'running' and return its run_id."""
+        from .locking import process_start
+
         run_id = uuid.uuid4().hex[:12]
+        pid = os.getpid()
         with closing(self._connect()) as conn:
             conn.execute(
-                "INSERT INTO runs (run_id, stage, status, started_at, config_json, data_hash, host) "
-                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
-                (run_id, stage, _now(), _dumps(config), data_hash, platform.node()),
+                "INSERT INTO runs (run_id, stage, status, started_at, config_json, data_hash, host, pid, "
+                "pid_start, output, resumed_from) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    stage,
+                    _now(),
+                    _dumps(config),
+                    data_hash,
+                    platform.node(),
+                    pid,
+                    process_start(pid),
+                    output,
+                    resumed_from,
+                ),
             )
         return run_id
+
+    def _interrupt(self, conn: sqlite3.Connection, row: sqlite3.Row, why: str) -> None:
+        # status = 'running' in the WHERE: a run that finished meanwhile keeps its own result
+        conn.execute(
+            "UPDATE runs SET status = 'interrupted', error = ? WHERE run_id = ? AND status = 'running'",
+            (f"process {row['pid']} on {row['host']} {why}", row["run_id"]),
+        )
+
+    def reconcile(self) -> list[str]:
+        """Mark 'interrupted' the running runs of this host whose process is gone; returns their ids.
+
+        Nothing is judged by pid under MOLE_LOCK_SHARED=1 (containers may share a host name): there a
+        run is marked when a writer takes over its expired output lease.
+        """
+        from .locking import process_alive, shared_volume
+
+        if shared_volume():
+            return []
+        gone = []
+        with closing(self._connect()) as conn:
+            rows = conn.execute(
+                "SELECT run_id, host, pid, pid_start FROM runs WHERE status = 'running' AND host = ? "
+                "AND pid IS NOT NULL",
+                (platform.node(),),
+            ).fetchall()
+            for row in rows:
+                if not process_alive(row["pid"], row["pid_start"]):
+                    self._interrupt(conn, row, "ended without recording a result")
+                    gone.append(row["run_id"])
+        return gone
+
+    def interrupt_holder(self, host: str, pid: int, output: str) -> list[str]:
+        """Mark 'interrupted' the running runs of a lock holder whose lock was taken over as stale."""
+        with closing(self._connect()) as conn:
+            rows = conn.execute(
+                "SELECT run_id, host, pid FROM runs WHERE status = 'running' AND host = ? AND pid = ? "
+                "AND output = ?",
+                (host, pid, output),
+            ).fetchall()
+            for row in rows:
+                self._interrupt(conn, row, "stopped renewing its output lock")
+        return [row["run_id"] for row in rows]
+
+    def last_attempt(self, stage: str, output: str) -> str | None:
+        """run_id of the newest interrupted or failed run of `stage` on `output` (what a resume continues)."""
+        marks = ",".join("?" * len(RESUMABLE))
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                f"SELECT run_id FROM runs WHERE stage = ? AND output = ? AND status IN ({marks}) "
+                "ORDER BY id DESC LIMIT 1",
+                (stage, output, *RESUMABLE),
+            ).fetchone()
+        return row["run_id"] if row else None
 
     def finish(
         self,
@@ -133,7 +223,7 @@ class History:
     ) -> None:
         """Close a run: set its final status, finish time, duration and results."""
         if status not in STATUSES or status == "running":
-            raise ValueError(f"final status must be one of ok, failed, skipped; got {status!r}")
+            raise ValueError(f"final status must be one of {', '.join(STATUSES[1:])}; got {status!r}")
         started = datetime.fromisoformat(self.get(run_id)["started_at"])
         finished = datetime.now(UTC)
         with closing(self._connect()) as conn:
@@ -206,22 +296,42 @@ class RunRecord:
 
 @contextmanager
 def record_run(
-    db_path: str | Path, stage: str, config: dict, data_hash: str | None = None
+    db_path: str | Path,
+    stage: str,
+    config: dict,
+    data_hash: str | None = None,
+    output: str | Path | None = None,
+    resume: bool = False,
+    taken_over: Sequence[dict] = (),
 ) -> Iterator[RunRecord]:
-    """Record the enclosed block as one run of ``stage``.
+    """Record the enclosed block as one run of ``stage`` writing ``output``.
+
+    Runs of this host whose process is gone are first marked 'interrupted', and so are the runs of
+    `taken_over` (holders of ``output``'s lock this run took over). A `resume` run records the newest
+    interrupted or failed run of the same stage and output as the one it continues.
 
     The run finishes with the record's status ('ok' unless the caller changed it) and its metrics,
-    artifacts and cost. An exception (KeyboardInterrupt included) marks the run 'failed' with the
-    error text and is re-raised; a failure to write that row is logged, never raised over it.
+    artifacts and cost. An exception marks the run 'failed' with the error text (a UserError's
+    message as printed), KeyboardInterrupt marks it 'interrupted'; the exception is re-raised, and a
+    failure to write that row is logged, never raised over it.
     """
     history = History(db_path)
-    record = RunRecord(history.start(stage, config, data_hash))
+    history.reconcile()
+    output = str(Path(output).resolve()) if output is not None else None
+    for holder in taken_over:
+        history.interrupt_holder(holder.get("host"), holder.get("pid"), output)
+    resumed_from = history.last_attempt(stage, output) if resume and output else None
+    record = RunRecord(history.start(stage, config, data_hash, output, resumed_from))
     try:
         yield record
     except BaseException as exc:
-        error = "".join(traceback.format_exception_only(exc)).strip()
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        if isinstance(exc, UserError):
+            error = str(exc)
+        else:
+            error = "".join(traceback.format_exception_only(exc)).strip()
         try:
-            history.finish(record.run_id, "failed", record.metrics, record.artifacts, error, record.cost_usd)
+            history.finish(record.run_id, status, record.metrics, record.artifacts, error, record.cost_usd)
         except (sqlite3.Error, UserError) as db_exc:
             log.warning("could not record the failure of run %s in %s: %s", record.run_id, db_path, db_exc)
         raise

@@ -31,6 +31,11 @@ OCR_UNLABELED_FILE = "unlabeled.jsonl"  # OCR crops whose text is unknown (reque
 OCR_SUMMARY_FILE = "ocr_crops.json"  # what `mole data ocr-crops` did (counts, options, skipped images)
 SPLITS = ("train", "val", "test")
 
+# one writer per output folder (locking.py): the lock file inside the folder, and its lease
+LOCK_FILE = ".mole-lock.json"
+LOCK_LEASE_S = 60.0  # a lock not renewed for this long is stale where its pid cannot be checked
+LOCK_SHARED_ENV = "MOLE_LOCK_SHARED"  # "1": the folder is on a shared Volume: judge every lock by its lease
+
 # deployment layout (what the serving side reads)
 DEPLOY_ROUTER_DIR = "routing/adapter"
 DEPLOY_EXPERTS_DIR = "loras"

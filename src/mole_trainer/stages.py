@@ -7,6 +7,7 @@ layers over these.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import DatasetConfig, ImageSpec, LorasConfig, RouterConfig, load_config, to_dict
@@ -21,15 +22,31 @@ def _db(workdir: str | Path) -> Path:
     return Path(workdir) / HISTORY_DB
 
 
-def _record_run(workdir: str | Path, stage: str, config: dict, digest: str):
-    """record_run on rank 0; under torchrun the other ranks record nothing (one row per run)."""
-    from contextlib import nullcontext
+@contextmanager
+def _writer_run(
+    workdir: str | Path,
+    stage: str,
+    config: dict,
+    digest: str | None,
+    output: str | Path,
+    folders: list[Path] | None = None,
+    resume: bool = False,
+):
+    """Lock the output `folders` (default: `output`) for the whole run, then record_run it.
 
+    A live writer holding one of them makes this a UserError before anything is written or recorded.
+    Under torchrun only rank 0 locks and records (one lock, one row per run).
+    """
     from .history import RunRecord
+    from .locking import output_locks
 
     if env_rank() != 0:
-        return nullcontext(RunRecord(run_id=""))
-    return record_run(_db(workdir), stage, config, digest)
+        yield RunRecord(run_id="")
+        return
+    with output_locks(folders or [output], stage) as locks:
+        stale = [holder for lock in locks for holder in lock.taken_over]
+        with record_run(_db(workdir), stage, config, digest, output, resume, stale) as run:
+            yield run
 
 
 def data_hash(*paths: str | Path) -> str:
@@ -101,7 +118,7 @@ def data_routing(config: str | Path, output: str | Path, workdir: str | Path = "
                 f"{config}: experts.{name}.path: dataset folder {src.path or '(empty)'} not found"
             )
     digest = data_hash(*(src.path for src in cfg.experts.values()))
-    with record_run(_db(workdir), "data.routing", to_dict(cfg), digest) as run:
+    with _writer_run(workdir, "data.routing", to_dict(cfg), digest, Path(output).resolve().parent) as run:
         stats = build_routing_dataset(cfg, output, source=str(config))
         run.metrics.update({"records": stats["records"], "imbalance_ratio": stats["imbalance_ratio"]})
         run.artifacts["routing_data"] = str(output)
@@ -219,7 +236,7 @@ def data_preprocess(
         "min_pixels": min_pixels,
         "max_pixels": max_pixels,
     }
-    with record_run(_db(workdir), "data.preprocess", config, data_hash(input)) as run:
+    with _writer_run(workdir, "data.preprocess", config, data_hash(input), output) as run:
         meta = preprocess_splits(
             splits,
             output,
@@ -280,8 +297,11 @@ def train_experts(
         entry = cfg.experts.get(name)
         if entry is not None and (not entry.data or not dataset_exists(entry.data)):
             raise UserError(f"{config}: experts.{name}.data: folder {entry.data or '(empty)'} not found")
-    digest = data_hash(*(cfg.experts[n].data for n in only or cfg.experts if n in cfg.experts))
-    with _record_run(workdir, "train.experts", {**to_dict(cfg), "concurrent": concurrent}, digest) as run:
+    names = [n for n in only or cfg.experts if n in cfg.experts]
+    digest = data_hash(*(cfg.experts[n].data for n in names))
+    record = {**to_dict(cfg), "concurrent": concurrent}
+    folders = [Path(cfg.output_dir) / n for n in names]  # per expert: `--only` runs on others may go on
+    with _writer_run(workdir, "train.experts", record, digest, cfg.output_dir, folders, resume) as run:
         results = run_experts(cfg, only, device, dtype, report, resume=resume, concurrent=concurrent)
         for name, r in results.items():
             run.metrics[f"{name}.{r['metric']}"] = r["value"]
@@ -307,7 +327,8 @@ def train_router(
     if not Path(dataset_path).is_dir():
         raise UserError(f"{dataset_path}: preprocessed router dataset not found")
     config_record = {**to_dict(cfg), "dataset": str(dataset_path)}
-    with _record_run(workdir, "train.router", config_record, data_hash(dataset_path)) as run:
+    digest = data_hash(dataset_path)
+    with _writer_run(workdir, "train.router", config_record, digest, cfg.output_dir, resume=resume) as run:
         info = run_router(dataset_path, cfg, device, dtype, report, resume=resume)
         run.metrics.update(info["best"])
         run.artifacts["adapter"] = info["adapter"]
@@ -382,7 +403,11 @@ def deploy(checkpoint: str | Path, experts_dir: str | Path, dest: str, workdir: 
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         metadata[name] = {k: info.get(k) for k in ("metric", "value", "base_value", "data", "steps")}
     config = {"checkpoint": str(checkpoint), "experts_dir": str(experts_dir), "dest": dest}
-    with record_run(_db(workdir), "deploy", config) as run:
+    if "://" not in dest or dest.startswith("file://"):
+        recorder = _writer_run(workdir, "deploy", config, None, dest.removeprefix("file://"))
+    else:  # a bucket is not locked: object stores have no atomic exclusive create
+        recorder = record_run(_db(workdir), "deploy", config)
+    with recorder as run:
         manifest = run_deploy(str(router), experts, label_map, dest, metadata)
         run.metrics["files"] = len(manifest["files"])
         run.artifacts["deployment"] = dest

@@ -1,4 +1,5 @@
-"""Training as users run it, in real processes: SIGKILL and --resume, torchrun with gloo, checkpointing.
+"""Training as users run it, in real processes: SIGKILL and --resume, torchrun with gloo, checkpointing,
+one writer per output folder and the history of killed and resumed runs.
 
 The router is trained through `python -m mole_trainer train router` on the tiny model.
 """
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from mole_trainer.cli import main
+from mole_trainer.layout import LOCK_FILE
 from mole_trainer.train import checkpoint as ckpt
 
 from ..helpers import write_small_configs
@@ -23,6 +25,9 @@ from ..helpers import write_small_configs
 pytestmark = pytest.mark.slow
 
 ROUTER_TRAIN = {"lr": 0.003, "steps": 8, "batch_size": 4, "eval_every": 4, "warmup_ratio": 0.25}
+# LoRA dropout on: resuming must also restore the RNG, not only weights and optimizer
+KILL_TRAIN = {**ROUTER_TRAIN, "steps": 12, "save_every": 1, "keep_checkpoints": 2}
+KILL_LORA = {"dropout": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +113,40 @@ def adapter_tensors(out: Path) -> dict:
     return load_file(out / "adapter/adapter_model.safetensors")
 
 
-def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(wd):
-    # LoRA dropout on: resuming must also restore the RNG, not only weights and optimizer
-    train = {**ROUTER_TRAIN, "steps": 12, "save_every": 1, "keep_checkpoints": 2}
-    lora = {"dropout": 0.1}
-    ref_cfg, cut_cfg = router_config(wd, "ref", train, lora), router_config(wd, "cut", train, lora)
-    run_ok(train_cmd(wd, ref_cfg))
-    ref, cut = wd / "checkpoints/ref", wd / "checkpoints/cut"
+def assert_same_training(ref: Path, out: Path) -> None:
+    """The same adapter, bit for bit, and the same training log."""
+    a, b = adapter_tensors(ref), adapter_tensors(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), key
+    assert (ref / "train_log.jsonl").read_text() == (out / "train_log.jsonl").read_text()
+
+
+def history_rows(wd: Path, output: Path) -> list[dict]:
+    """The runs `mole history show --json` lists for one output folder, oldest first."""
+    out = run_ok(["-m", "mole_trainer", "--workdir", str(wd), "history", "show", "--json"])
+    rows = json.loads(out[out.index("[") :])
+    return [r for r in reversed(rows) if r["output"] == str(output.resolve())]
+
+
+def lock_holder(folder: Path) -> int | None:
+    """pid in the folder's lock (None while there is none)."""
+    try:
+        return json.loads((folder / LOCK_FILE).read_text())["pid"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def ref_router(wd) -> Path:
+    """A lone, uninterrupted router run with the KILL_* settings: what every other run must equal."""
+    run_ok(train_cmd(wd, router_config(wd, "ref", KILL_TRAIN, KILL_LORA)))
+    return wd / "checkpoints/ref"
+
+
+def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(wd, ref_router):
+    cut_cfg = router_config(wd, "cut", KILL_TRAIN, KILL_LORA)
+    ref, cut = ref_router, wd / "checkpoints/cut"
     ckpts = cut / "checkpoints"
 
     # 1. killed at an arbitrary step: as soon as a randomly chosen step's checkpoint is on disk
@@ -126,6 +158,9 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(wd):
 
     kill_when(train_cmd(wd, cut_cfg), after_step_k)
     assert ckpts.is_dir() and ckpt.list_checkpoints(ckpts)
+    stale = json.loads((cut / LOCK_FILE).read_text())  # a killed run cannot remove its lock
+    (killed,) = history_rows(wd, cut)
+    assert killed["status"] == "interrupted" and killed["pid"] == stale["pid"]
 
     # 2. resumed, then killed in the middle of writing a checkpoint (a fault-injection pause between files)
     before = ckpt.list_checkpoints(ckpts)[-1]
@@ -134,6 +169,8 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(wd):
         return any((p / ckpt.STATE_FILE).is_file() for p in ckpts.glob(".step-*.tmp"))
 
     kill_when(train_cmd(wd, cut_cfg, "--resume"), mid_save, {ckpt.SAVE_DELAY_ENV: "30"})
+    run1, run2 = history_rows(wd, cut)
+    assert run2["status"] == "interrupted" and run2["resumed_from"] == run1["run_id"]
     leftovers = list(ckpts.glob(".step-*.tmp"))
     assert leftovers, "the kill should have landed inside a save"
     state, meta, newest = ckpt.load_latest(ckpts)
@@ -141,15 +178,37 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(wd):
     assert step_of(newest) == step_of(leftovers[0]) - 1 and step_of(newest) >= step_of(before)
     assert meta["step"] == step_of(newest) and set(state) >= {"trainable", "optimizer", "rng", "stream"}
 
-    # 3. resumed to the end: the same adapter, bit for bit, and the same log
-    out = run_ok(train_cmd(wd, cut_cfg, "--resume"))
+    # 3. resumed to the end, taking over the killed run's lock, while a second writer on the same
+    #    folder is refused: the same adapter as the lone reference run, bit for bit, and the same log
+    stale = json.loads((cut / LOCK_FILE).read_text())
+    first = subprocess.Popen(
+        [sys.executable, *train_cmd(wd, cut_cfg, "--resume")],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        while lock_holder(cut) != first.pid:
+            assert first.poll() is None, first.stdout.read().decode()
+            time.sleep(0.01)
+        second = subprocess.run(
+            [sys.executable, *train_cmd(wd, cut_cfg)], env=env(), capture_output=True, text=True, timeout=60
+        )
+        assert first.poll() is None, "the resumed run should still hold the folder"
+    finally:
+        out = first.communicate(timeout=300)[0].decode()
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"locked by another run: pid {first.pid} on " in second.stderr and "Traceback" not in second.stderr
+    assert first.returncode == 0, out
     assert f"resuming from {newest}" in out
-    a, b = adapter_tensors(ref), adapter_tensors(cut)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].equal(b[key]), key
-    assert (ref / "train_log.jsonl").read_text() == (cut / "train_log.jsonl").read_text()
+    assert f"taking over the lock of pid {stale['pid']}" in out and "is gone" in out
+    assert_same_training(ref, cut)
     assert not list(ckpts.glob(".step-*.tmp")), "a finished save removes what a killed one left"
+    assert not (cut / LOCK_FILE).exists()
+    rows = history_rows(wd, cut)
+    assert [r["run_id"] for r in rows[:2]] == [run1["run_id"], run2["run_id"]]
+    (last,) = rows[2:]  # the refused writer recorded no run
+    assert last["status"] == "ok" and last["resumed_from"] == run2["run_id"]
 
 
 def test_torchrun_two_gloo_processes_match_one_process(wd):

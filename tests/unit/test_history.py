@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from mole_trainer.errors import UserError
 from mole_trainer.history import History, format_runs_table, record_run
-from mole_trainer.layout import HISTORY_DB
+from mole_trainer.layout import HISTORY_DB, LOCK_SHARED_ENV
 
 
 @pytest.fixture
@@ -123,3 +124,93 @@ def test_format_runs_table(db: Path):
     assert "nested" not in lines[3]
     assert "very_long_metri~=7" in lines[3]
     assert lines[2].split()[2] == "running" and lines[2].split()[-1] == "-"
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_run_records_host_and_pid_and_a_gone_process_reads_interrupted(db: Path, monkeypatch):
+    import os
+    import platform
+    import sqlite3
+
+    history = History(db)
+    alive = history.start("train.router", {}, output="/out")
+    gone = history.start("train.router", {}, output="/out")
+    elsewhere = history.start("train.router", {}, output="/out")
+    run = history.get(alive)
+    assert (run["host"], run["pid"], run["output"]) == (platform.node(), os.getpid(), "/out")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (_dead_pid(), gone))
+        conn.execute("UPDATE runs SET host = 'other-host', pid = 1 WHERE run_id = ?", (elsewhere,))
+    monkeypatch.setenv(LOCK_SHARED_ENV, "1")  # containers may share host names: pids are not judged
+    assert history.reconcile() == []
+    monkeypatch.delenv(LOCK_SHARED_ENV)
+    assert history.reconcile() == [gone]
+    assert history.get(gone)["status"] == "interrupted" and "ended without" in history.get(gone)["error"]
+    assert history.get(alive)["status"] == "running"
+    assert history.get(elsewhere)["status"] == "running"  # another host's pid cannot be checked here
+    assert history.interrupt_holder("other-host", 1, "/out") == [elsewhere]
+
+
+def test_resume_links_the_last_interrupted_run_and_user_errors_keep_their_message(db: Path, tmp_path: Path):
+    out = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt), record_run(db, "train.router", {}, output=out):
+        raise KeyboardInterrupt
+    with pytest.raises(UserError), record_run(db, "train.router", {}, output=tmp_path / "other"):
+        raise UserError("other.yaml: lr: expected a number")
+    history = History(db)
+    interrupted = history.runs(status="interrupted")[0]
+    assert interrupted["output"] == str(out.resolve())
+    with record_run(db, "train.router", {}, output=out, resume=True) as resumed:
+        pass
+    assert history.get(resumed.run_id)["resumed_from"] == interrupted["run_id"]
+    failed = history.runs(status="failed")[0]
+    assert failed["error"] == "other.yaml: lr: expected a number"  # as printed, no class name
+    with record_run(db, "train.router", {}, output=out) as fresh:  # not --resume: links nothing
+        pass
+    assert history.get(fresh.run_id)["resumed_from"] is None
+
+
+def test_a_run_whose_lease_was_taken_over_on_another_host_reads_interrupted(db: Path, tmp_path: Path):
+    import sqlite3
+
+    out = tmp_path / "ckpt"
+    history = History(db)
+    other = history.start("train.router", {}, output=str(out.resolve()))
+    with sqlite3.connect(db) as conn:  # as written by another container: its pid means nothing here
+        conn.execute("UPDATE runs SET host = 'container-a', pid = 7 WHERE run_id = ?", (other,))
+    holder = {"host": "container-a", "pid": 7}
+    with record_run(db, "train.router", {}, output=out, resume=True, taken_over=[holder]) as rec:
+        pass
+    assert history.get(other)["status"] == "interrupted"
+    assert "stopped renewing" in history.get(other)["error"]
+    assert history.get(rec.run_id)["resumed_from"] == other
+
+
+def test_database_without_the_new_columns_is_migrated(db: Path):
+    import sqlite3
+
+    db.parent.mkdir(parents=True)
+    old_schema = (
+        "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);"
+        "CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL UNIQUE,"
+        " stage TEXT NOT NULL, status TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT,"
+        " duration_s REAL, config_json TEXT NOT NULL, data_hash TEXT, metrics_json TEXT,"
+        " artifacts_json TEXT, error TEXT, cost_usd REAL, host TEXT);"
+        "INSERT INTO runs (run_id, stage, status, started_at, config_json, host)"
+        " VALUES ('old1', 'train.router', 'running', '2026-01-01T00:00:00+00:00', '{}', 'h');"
+    )
+    with closing(sqlite3.connect(db)) as conn:
+        conn.executescript(old_schema)
+    history = History(db)
+    assert history.reconcile() == []  # an old row has no pid: never judged
+    new = history.start("train.router", {}, output="/o")
+    assert [r["run_id"] for r in history.runs()] == [new, "old1"]
+    assert history.get("old1")["pid"] is None and history.get(new)["pid"]

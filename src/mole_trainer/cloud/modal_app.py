@@ -28,7 +28,8 @@ import modal
 from mole_trainer import stages
 from mole_trainer.data.synth import DEFAULT_COUNTS, DEFAULT_IMAGE_SIZE
 from mole_trainer.errors import UserError
-from mole_trainer.layout import CACHE_DIR_ENV
+from mole_trainer.layout import CACHE_DIR_ENV, LOCK_SHARED_ENV
+from mole_trainer.locking import set_publisher
 
 APP_NAME = "mole-trainer"
 PYTHON_VERSION = "3.11"
@@ -87,6 +88,8 @@ image = (
     .pip_install(*PIP_PACKAGES)
     # images extracted from HF datasets live on the data Volume: later containers train on them
     .env({"HF_HOME": HF_HOME, CACHE_DIR_ENV: MOLE_CACHE})
+    # containers may share host names and pids: judge every output lock by its lease
+    .env({LOCK_SHARED_ENV: "1"})
     # ignore=[]: ship the package data (configs/*.yaml) too, not only the .py files
     .add_local_python_source("mole_trainer", ignore=[])
 )
@@ -122,10 +125,19 @@ def synced(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()):
     if mounted:
         for kind in dict.fromkeys(reads + writes):
             VOLUMES[kind].reload()
+        set_publisher(_commit_lock)
     yield
     if mounted:
         for kind in writes:
             VOLUMES[kind].commit()
+
+
+def _commit_lock(path: Path) -> None:
+    """Commit the Volume holding an output lock just written, renewed or removed: other containers see
+    a Volume's files only once committed (and after their own reload, done when a stage starts)."""
+    for kind, volume in VOLUMES.items():
+        if Path(path).is_relative_to(MOUNT_ROOT / kind):
+            volume.commit()
 
 
 def _names(csv: str) -> list[str] | None:

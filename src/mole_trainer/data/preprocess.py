@@ -277,7 +277,9 @@ def _start_method() -> str:
     """'fork' where the platform has it (workers inherit the loaded processor at no cost), else 'spawn'.
 
     Forking is safe here: preprocessing never touches CUDA, the pool is created before any progress
-    thread starts, and every worker runs torch on one thread (no OpenMP pool inherited in use).
+    thread starts, and every worker runs torch on one thread (no OpenMP pool inherited in use). The
+    output lock's heartbeat thread (locking.py) only sleeps or rewrites the lock file, which the
+    workers never touch.
     """
     import multiprocessing as mp
 
@@ -490,13 +492,15 @@ def dataset_digest(root: str | Path) -> str:
 
     For `DIR#NAME` (a LLaMA-Factory dataset by name), the folder's files and the selection.
     """
+    from ..layout import LOCK_FILE
     from .formats import split_dataset_path
 
     root, selection = split_dataset_path(root)
     h = hashlib.sha256()
     if selection is not None:
         h.update(f"#{selection}\0".encode())
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    # an output lock (and its temporary files) is not data: a run writing the folder must not change it
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(LOCK_FILE)):
         h.update(str(f.relative_to(root)).encode() + b"\0")
         h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()

@@ -127,7 +127,7 @@ def data_identity(folder: str | Path) -> str:
     """
     import hashlib
 
-    from ..layout import PREPROCESS_META_FILE
+    from ..layout import LOCK_FILE, PREPROCESS_META_FILE
 
     folder = Path(folder)
     h = hashlib.sha256()
@@ -135,7 +135,7 @@ def data_identity(folder: str | Path) -> str:
     if meta.is_file():
         h.update(meta.read_bytes())
     for f in sorted(folder.iterdir()):
-        if f.is_file():
+        if f.is_file() and not f.name.startswith(LOCK_FILE):  # a preprocess run's lock is not data
             h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
     return h.hexdigest()
 
