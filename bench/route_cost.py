@@ -17,7 +17,7 @@ merging, under a pixel budget that keeps it whole), instructions of different le
 The K-row method runs one request per call (batched, it needs tens of GB) and only for K up to
 --old-max-k; above that it is reported as skipped with the size of the fp32 logits it would build.
 
-Usage: python bench/route_cost.py [--requests 8] [--repeats 3] [--ks 4,16] [--old-max-k 4]
+Usage: python bench/route_cost.py [--requests 8] [--repeats 3] [--ks 4,16] [--old-max-k 4] [--old-requests N]
 The last line printed is one JSON object: the K = 16 figures at top level, every K under "by_k".
 """
 
@@ -213,7 +213,8 @@ def measure_k(model_dir: Path, images: Path, args, k: int) -> dict:
     model, prompts, labels, pad = setup(model_dir, images, args.requests, k)
     run_old = k <= args.old_max_k
     methods = [m for m in METHODS if m != "old" or run_old]
-    secs = {m: timed(m, model, prompts, labels, pad, args.repeats) for m in methods}
+    subset = {"old": prompts[: args.old_requests or len(prompts)]}
+    secs = {m: timed(m, model, subset.get(m, prompts), labels, pad, args.repeats) for m in methods}
     vocab = model.config.text_config.vocab_size
     row = {
         "k": k,
@@ -251,6 +252,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ks", default="4,16", help="numbers of experts, comma-separated")
     ap.add_argument("--old-max-k", type=int, default=4, help="largest K the K-row method runs at")
+    ap.add_argument("--old-requests", type=int, help="time the K-row method on the first N requests only")
     ap.add_argument("--child", choices=METHODS, dest="method", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--images", help=argparse.SUPPRESS)
