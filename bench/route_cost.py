@@ -157,6 +157,8 @@ def run_method(method: str, model, prompts, labels, pad) -> None:
         else:
             for p in prompts:
                 score_encoded_reference(model, [p], labels, pad)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _status_kb(field: str) -> int:
