@@ -117,14 +117,14 @@ def _continuation_scores(model, cache, prompt_mask, deltas, ids, owner, offset, 
     allowed = torch.cat(
         [prompt_mask.bool()[:, None, None, :].expand(n, 1, t, -1), own[None, None].expand(n, 1, t, t)], dim=-1
     )
-    dtype = next(model.parameters()).dtype
+    base = _causal_lm(model)
+    dtype = base.get_input_embeddings().weight.dtype  # the hidden states' dtype (sdpa wants it)
     additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
     additive.masked_fill_(~allowed, torch.finfo(dtype).min)
     text_pos = prompt_mask.sum(-1, keepdim=True) + offset_t[None, :]  # [n, t]: right after each prompt
     positions = (text_pos + deltas.to(device)).unsqueeze(0).expand(3, n, t)
     # the inner model gives hidden states only: the LM head then runs on a few positions at a time,
     # so no [n, t, vocabulary] tensor exists (t = 100 label tokens x 8 requests is 0.5 GB at 151,936)
-    base = _causal_lm(model)
     hidden = base.model(
         input_ids=torch.tensor(ids, device=device).expand(n, t),
         attention_mask=additive,
