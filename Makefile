@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/train_concurrent.py
 	$(BIN)/python bench/ocr_detector.py
+	$(BIN)/python bench/route_cost.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -9,6 +9,8 @@ from the loss) are peft_baseline.py's own (found at ../shared/bench or shared/be
 gets its own random rows; both paths train every expert `--steps` steps at the same per-expert batch
 (`--batch-2b`, `--batch-8b`). The concurrent path is the package's (MultiLora + train_concurrent),
 the sequential path get_peft_model + add_adapter + set_adapter in a standard loop (bench/train_concurrent.py).
+Then, on CUDA, bench/route_cost.py (router scoring: one prefill vs K rows, `--route-cost-ks`) in a
+subprocess, its JSON under "route_cost".
 Writes OUT_DIR/gpu_train.json and OUT_DIR/peft_baseline_2b.json; prints a short table last.
 On a machine without CUDA it runs the same code in fp32 on the CPU (check with --shapes tiny).
 """
@@ -104,6 +106,20 @@ def run_shape(pb, shape: str, a, device: str, dtype) -> dict:
     return res
 
 
+def route_cost(ks: str, repeats: int) -> dict | None:
+    """bench/route_cost.py in a subprocess (the K-row method at every K: a GPU has the memory)."""
+    cmd = [sys.executable, str(HERE / "route_cost.py"), "--ks", ks, "--repeats", str(repeats)]
+    cmd += ["--old-max-k", str(max(int(k) for k in ks.split(",")))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 300 s"}
+    if done.returncode:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return {"error": done.stderr[-500:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     """Measure every shape, run the PEFT reference, write the JSON files and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -117,6 +133,7 @@ def main() -> None:
     ap.add_argument("--batch-8b", type=int, default=1, help="per-expert batch at 8B")
     ap.add_argument("--text", type=int, default=128, help="text tokens per row")
     ap.add_argument("--baseline-shape", default="2b", help="shape for peft_baseline.py ('' to skip)")
+    ap.add_argument("--route-cost-ks", default="4,16", help="experts for bench/route_cost.py ('' to skip)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     import torch
@@ -159,6 +176,9 @@ def main() -> None:
             json.loads(target.read_text().splitlines()[-1]) if target.is_file() else None
         )
         (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
+    if a.route_cost_ks and device == "cuda":  # on the CPU: bench/route_cost.py itself (minutes, 2 cores)
+        report["route_cost"] = route_cost(a.route_cost_ks, a.repeats)
+        (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"\n{report['device']} {report['dtype']}, {a.experts} experts, LoRA r=16 on 7 projections")
     print(
         f"{'shape':6} {'batch/expert':>12} {'seq':>5} {'concurrent s/s':>15} {'seq. PEFT s/s':>14}"
@@ -176,6 +196,12 @@ def main() -> None:
     if b:
         print(
             f"peft_baseline.py --shape {b['shape']}: {b['train_samples_per_s']} samples/s at batch {b['batch']}"
+        )
+    for k, r in ((report.get("route_cost") or {}).get("by_k") or {}).items():
+        old_figures = f"K-row {r.get('old_route_over_prefill')} / {r.get('old_mem_over_prefill')}"
+        print(
+            f"route_cost K={k}: one-prefill {r['route_over_prefill']} x time / {r['mem_over_prefill']} x memory"
+            f" of a plain prompt forward; {old_figures}"
         )
 
 

@@ -93,3 +93,19 @@ def test_validation_loss_from_scores_equals_teacher_forced_loss(tiny_model, proc
     examples = [encode_sample(processor, s, "router", NAMES) for s in requests]
     expected = eval_loss(model, examples, processor.tokenizer.pad_token_id, batch_size=2)
     assert label_loss(scores, truth, labels) == pytest.approx(expected, rel=1e-5)
+
+
+def test_scoring_turns_the_cache_on_whatever_the_config_says(tiny_model, processor, requests):
+    """Gradient checkpointing (train/loop.py) and some checkpoints switch use_cache off in the config."""
+    from mole_trainer.train.loop import enable_gradient_checkpointing
+
+    labels = label_token_ids(processor.tokenizer, NAMES)
+    prompts = _prompts(processor, requests)
+    pad = processor.tokenizer.pad_token_id
+    model = _lora(tiny_model)
+    before = score_encoded(model, prompts, labels, pad)
+    enable_gradient_checkpointing(model)
+    model.config.text_config.use_cache = False
+    model.train()
+    model.eval()  # as train_loop does around evaluate()
+    assert float((score_encoded(model, prompts, labels, pad) - before).abs().max()) <= TOLERANCE

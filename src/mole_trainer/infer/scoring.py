@@ -14,8 +14,9 @@ abstention need a full distribution, not a sample). Two forward passes per batch
    images), so each packed label is scored exactly as if it alone followed the prompt. The cache is
    neither copied K times nor re-run.
 
-Logits exist only at the label-predicting positions ([requests, 1 + sum(len(label) - 1), vocabulary]),
-never for the prompt; log-probabilities are taken in fp32. M-RoPE positions and rope deltas are
+Logits exist only at the label-predicting positions: the prompt's last position, then the packed
+label positions through the LM head HEAD_CHUNK at a time (never a [rows, sequence, vocabulary]
+tensor); log-probabilities are taken in fp32. M-RoPE positions and rope deltas are
 computed per batch from the inputs (model.model.rope_deltas, state shared across calls, is neither
 read nor written). The additive float mask serves sdpa and eager attention alike.
 """
@@ -28,6 +29,7 @@ from ..model.chat import END_OF_TURN
 from ..router_prompt import router_messages
 
 MASKABLE_ATTENTION = ("sdpa", "eager")  # implementations that accept an arbitrary 4-D additive mask
+HEAD_CHUNK = 64  # label positions per LM-head call: bounds the fp32 logits to 64 x vocabulary
 
 
 def label_token_ids(tokenizer, names: list[str]) -> list[list[int]]:
@@ -44,10 +46,9 @@ def encode_router_prompts(processor, samples: list[Sample], names: list[str]) ->
     return out
 
 
-def _vl_model(model):
-    """The Qwen3VLModel inside a Qwen3VLForConditionalGeneration, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
+def _causal_lm(model):
+    """The Qwen3VLForConditionalGeneration, PEFT-wrapped or not (injected LoRA layers stay active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _packed_labels(label_ids: list[list[int]]):
@@ -81,7 +82,7 @@ def score_encoded(model, prompts: list[dict], label_ids: list[list[int]], pad_id
     mask = batch["attention_mask"]
     if "mm_token_type_ids" not in batch:
         batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
-    positions, deltas = _vl_model(model).get_rope_index(
+    positions, deltas = _causal_lm(model).model.get_rope_index(
         batch["input_ids"],
         batch["mm_token_type_ids"],
         image_grid_thw=batch.get("image_grid_thw"),
@@ -116,24 +117,29 @@ def _continuation_scores(model, cache, prompt_mask, deltas, ids, owner, offset, 
     allowed = torch.cat(
         [prompt_mask.bool()[:, None, None, :].expand(n, 1, t, -1), own[None, None].expand(n, 1, t, t)], dim=-1
     )
-    dtype = next(model.parameters()).dtype
+    base = _causal_lm(model)
+    dtype = base.get_input_embeddings().weight.dtype  # the hidden states' dtype (sdpa wants it)
     additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
     additive.masked_fill_(~allowed, torch.finfo(dtype).min)
     text_pos = prompt_mask.sum(-1, keepdim=True) + offset_t[None, :]  # [n, t]: right after each prompt
     positions = (text_pos + deltas.to(device)).unsqueeze(0).expand(3, n, t)
-    out = model(
+    # the inner model gives hidden states only: the LM head then runs on a few positions at a time,
+    # so no [n, t, vocabulary] tensor exists (t = 100 label tokens x 8 requests is 0.5 GB at 151,936)
+    hidden = base.model(
         input_ids=torch.tensor(ids, device=device).expand(n, t),
         attention_mask=additive,
         position_ids=positions,
         cache=cache,
         use_cache=True,
-    )
-    logits = out.logits  # [n, t, V]: every packed position predicts a label token
-    targets = torch.tensor(target, device=device)
-    token_logp = torch.empty(n, t, device=device)
-    for r in range(n):  # one request at a time: the fp32 copy stays [t, V]
-        row = logits[r].float()
-        token_logp[r] = row.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(row, dim=-1)
+    ).last_hidden_state.reshape(n * t, -1)
+    head = base.get_output_embeddings()
+    targets = torch.tensor(target, device=device).repeat(n)
+    token_logp = torch.empty(n * t, device=device)
+    for i in range(0, n * t, HEAD_CHUNK):
+        logits = head(hidden[i : i + HEAD_CHUNK]).float()
+        picked = logits.gather(-1, targets[i : i + HEAD_CHUNK, None])[:, 0]
+        token_logp[i : i + HEAD_CHUNK] = picked - torch.logsumexp(logits, dim=-1)
+    token_logp = token_logp.view(n, t)
     per_label = torch.zeros(n, n_labels, device=device)
     per_label.index_add_(1, owner_t, token_logp)
     return per_label
