@@ -1,0 +1,275 @@
+"""Reading text lines out of real screenshots for `mole data ocr-crops`.
+
+Two engines give the text lines of an image:
+
+- ``rapidocr``: PaddleOCR's PP-OCRv4 detection and recognition models (ONNX, shipped inside the
+  ``rapidocr-onnxruntime`` wheel, so nothing is downloaded at run time). Every line comes with its
+  recognised text and the recogniser's confidence.
+- ``opencv``: the classical detector of data/ocr.py (``detect_text_lines``); boxes only, no text.
+
+Images of any shape are first made into 8-bit RGB the way a viewer shows them (``load_image``: EXIF
+orientation applied, transparency flattened, 16-bit scaled), and images longer than
+``DETECT_MAX_SIDE`` are detected on a downscaled copy with the boxes mapped back to source pixels;
+recognition reads the full-resolution pixels of each box.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import cache
+
+from ..errors import UserError
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 / y1 exclusive
+
+ENGINES = ("rapidocr", "opencv")
+RAPIDOCR_PACKAGE = "rapidocr_onnxruntime"
+DEFAULT_MIN_CONFIDENCE = 0.8  # rapidocr lines at least this sure become training records
+DETECT_MAX_SIDE = 2000  # longer images are detected downscaled to this (memory, time); boxes map back
+# Pieces of one row with only background between them and a gap of at most this many line heights are
+# one line (a receipt's item and its price); rapidocr returns them as separate boxes.
+DEFAULT_JOIN_GAP = 10.0
+SPACE_GAP = 0.25  # a blank run of at least this many line heights between two characters is a space
+_NUMERIC = frozenset("0123456789.,:")
+MIN_SIDE = 2  # smaller boxes (after mapping back) carry no readable text
+
+
+@dataclass(frozen=True)
+class TextLine:
+    """One text line of an image: its box in source pixels, the text and confidence when recognised."""
+
+    box: Box
+    text: str | None = None
+    confidence: float | None = None
+
+
+def rapidocr_installed() -> bool:
+    """Whether the rapidocr engine can run (its package is importable)."""
+    return importlib.util.find_spec(RAPIDOCR_PACKAGE) is not None
+
+
+def default_engine() -> str:
+    """rapidocr when installed (the `ocr` extra that `make setup` installs), else opencv."""
+    return "rapidocr" if rapidocr_installed() else "opencv"
+
+
+def check_engine(engine: str | None) -> str:
+    """The engine to use (None: the default); a UserError for an unknown or uninstalled one."""
+    engine = default_engine() if engine is None else engine
+    if engine not in ENGINES:
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "rapidocr" and not rapidocr_installed():
+        raise UserError(
+            "engine rapidocr is not installed: run `make setup` (it installs the ocr extra and "
+            "rapidocr-onnxruntime), or use --engine opencv (boxes only, no text)"
+        )
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------------------
+# images
+
+
+def load_image(path):
+    """The image at `path` as 8-bit RGB as a viewer shows it: EXIF orientation applied, 16-bit and float
+    pixels scaled to 8 bits, transparency flattened onto black or white, whichever contrasts more with
+    the opaque pixels (dark text on a transparent background stays readable, and so does light text).
+    Raises whatever PIL raises for an undecodable file."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im.load()
+        image = ImageOps.exif_transpose(im)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if image.mode == "F" and top <= 1.0:
+            arr = arr * 255.0
+        elif top > 255.0:
+            arr = arr / 257.0  # 16-bit range onto 8 bits
+        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        opaque = alpha[..., 0] > 0.5
+        luma = rgba[..., :3].mean(axis=2)
+        background = 0.0 if opaque.any() and luma[opaque].mean() > 127.5 else 255.0
+        rgb = rgba[..., :3] * alpha + background * (1.0 - alpha)
+        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# engines
+
+
+def read_text_lines(image, engine: str, params=None, join_gap: float = DEFAULT_JOIN_GAP) -> list[TextLine]:
+    """The text lines of an 8-bit RGB PIL image, top to bottom, in source pixels.
+
+    `params` are the opencv detector's DetectorParams (ignored by rapidocr); `join_gap` joins rapidocr's
+    pieces of one row (see DEFAULT_JOIN_GAP; 0 keeps them apart).
+    """
+    from PIL import Image
+
+    w, h = image.size
+    scale = min(1.0, DETECT_MAX_SIDE / max(w, h))
+    small = (
+        image
+        if scale == 1.0
+        else image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    )
+    if engine == "opencv":
+        from .ocr import detect_text_lines
+
+        boxes = [_to_source(b, scale, w, h) for b in detect_text_lines(small, params)]
+        return [TextLine(b) for b in boxes if b is not None]
+    if engine != "rapidocr":
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    return _rapidocr_lines(image, small, scale, join_gap)
+
+
+def _to_source(box, scale: float, w: int, h: int) -> Box | None:
+    """A detection box on the downscaled image as a box of source pixels (None when it shrinks away)."""
+    import math
+
+    x0, y0 = max(0, math.floor(box[0] / scale)), max(0, math.floor(box[1] / scale))
+    x1, y1 = min(w, math.ceil(box[2] / scale)), min(h, math.ceil(box[3] / scale))
+    return (x0, y0, x1, y1) if x1 - x0 >= MIN_SIDE and y1 - y0 >= MIN_SIDE else None
+
+
+@cache
+def _rapidocr():
+    from rapidocr_onnxruntime import RapidOCR
+
+    # no score filter: every line comes back with its confidence and the caller decides
+    return RapidOCR(text_score=0.0, print_verbose=False)
+
+
+def _rapidocr_lines(image, small, scale: float, join_gap: float) -> list[TextLine]:
+    """PP-OCR detection on `small`, recognition on the source pixels of each (axis-aligned) box."""
+    import numpy as np
+
+    engine = _rapidocr()
+    bgr = np.ascontiguousarray(np.asarray(small)[..., ::-1])
+    quads, _ = engine(bgr, use_det=True, use_cls=False, use_rec=False)
+    w, h = image.size
+    boxes = []
+    for quad in quads or []:
+        q = np.asarray(quad, dtype=np.float64)
+        box = _to_source((q[:, 0].min(), q[:, 1].min(), q[:, 0].max(), q[:, 1].max()), scale, w, h)
+        if box is not None:
+            boxes.append(box)
+    if not boxes:
+        return []
+    src = np.asarray(image)[..., ::-1]
+    crops = [np.ascontiguousarray(src[b[1] : b[3], b[0] : b[2]]) for b in boxes]
+    recognised, _ = engine.text_rec(crops, return_word_box=True)
+    lines = [
+        TextLine(b, restore_spaces(crop, text, info[0], info[2]).strip(), float(conf))
+        for b, crop, (text, conf, info) in zip(boxes, crops, recognised, strict=True)
+    ]
+    if join_gap > 0:
+        lines = join_row_pieces(lines, join_gap)
+    return sorted(lines, key=lambda ln: (ln.box[1], ln.box[0]))
+
+
+def restore_spaces(crop, text: str, frames: float, columns: list[list[int]]) -> str:
+    """`text` with a space put back between two characters whose ink is at least SPACE_GAP line heights
+    apart in `crop` (the recogniser's input; PP-OCRv4's Chinese-English model often drops the spaces of
+    English text). `frames` is how many of the recogniser's output columns cover the crop and `columns`
+    the output column of each decoded character, grouped in words (rapidocr's return_word_box)."""
+    import numpy as np
+
+    cols = [c for word in columns for c in word]
+    if len(cols) != len(text) or frames <= 0 or len(text) < 2:
+        return text
+    grey = crop.mean(axis=2) if crop.ndim == 3 else crop.astype(np.float64)
+    lo, hi = float(grey.min()), float(grey.max())
+    if hi - lo < 1:
+        return text
+    # ink is whichever side of the mid grey is the minority (dark text on light or light on dark)
+    dark = grey < (lo + hi) / 2
+    ink = dark if dark.mean() <= 0.5 else ~dark
+    rows = np.flatnonzero(ink.any(axis=1))
+    height = rows[-1] - rows[0] + 1 if rows.size else crop.shape[0]
+    inked = ink.any(axis=0)
+    width = crop.shape[1]
+    out = [text[0]]
+    for i in range(1, len(text)):
+        if text[i] != " " and text[i - 1] != " ":
+            a = int((cols[i - 1] + 0.5) * width / frames)
+            b = int((cols[i] + 0.5) * width / frames)
+            # tabular digits (a '1' is as wide as an '8') leave wide blanks inside numbers
+            gap = SPACE_GAP * (2 if text[i - 1] in _NUMERIC and text[i] in _NUMERIC else 1)
+            if _longest_blank(inked[max(0, a) : min(width, b)]) >= gap * height:
+                out.append(" ")
+        out.append(text[i])
+    return "".join(out)
+
+
+def _longest_blank(inked) -> int:
+    best = run = 0
+    for v in inked:
+        run = 0 if v else run + 1
+        best = max(best, run)
+    return best
+
+
+def join_row_pieces(lines: list[TextLine], join_gap: float) -> list[TextLine]:
+    """Join each line with its right neighbour on the row (the nearest line to its right that overlaps it
+    vertically) when they share the row (overlap >= 60 % of the taller) and the gap is at most
+    `join_gap` heights of the lower one: text joined with a space left to right, the lowest confidence."""
+    parent = list(range(len(lines)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, a in enumerate(lines):
+        right = [
+            j
+            for j, b in enumerate(lines)
+            if j != i and b.box[0] >= a.box[0] and min(a.box[3], b.box[3]) > max(a.box[1], b.box[1])
+        ]
+        if not right:
+            continue
+        j = min(right, key=lambda j: (lines[j].box[0], j))
+        if _same_row(a.box, lines[j].box, join_gap):
+            parent[root(j)] = root(i)
+    groups: dict[int, list[TextLine]] = {}
+    for i, line in enumerate(lines):
+        groups.setdefault(root(i), []).append(line)
+    out = []
+    for pieces in groups.values():
+        pieces.sort(key=lambda ln: ln.box[0])
+        confidences = [p.confidence for p in pieces]
+        out.append(
+            TextLine(
+                (
+                    min(p.box[0] for p in pieces),
+                    min(p.box[1] for p in pieces),
+                    max(p.box[2] for p in pieces),
+                    max(p.box[3] for p in pieces),
+                ),
+                " ".join(p.text for p in pieces if p.text)
+                if any(p.text is not None for p in pieces)
+                else None,
+                None if None in confidences else min(confidences),
+            )
+        )
+    return out
+
+
+def _same_row(a: Box, b: Box, join_gap: float) -> bool:
+    """Whether b (right of a) shares a's row: vertical overlap >= 60 % of the taller box and a horizontal
+    gap of at most join_gap heights of the lower one."""
+    top, bottom = max(a[1], b[1]), min(a[3], b[3])
+    if bottom - top < 0.6 * max(a[3] - a[1], b[3] - b[1]):
+        return False
+    return b[0] - a[2] <= join_gap * min(a[3] - a[1], b[3] - b[1])
