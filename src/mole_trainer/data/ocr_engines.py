@@ -30,7 +30,10 @@ DETECT_MAX_SIDE = 2000  # longer images are detected downscaled to this (memory,
 # Pieces of one row with only background between them and a gap of at most this many line heights are
 # one line (a receipt's item and its price); rapidocr returns them as separate boxes.
 DEFAULT_JOIN_GAP = 10.0
-SPACE_GAP = 0.25  # a blank run of at least this many line heights between two characters is a space
+# a blank between two characters' ink is a space when it is at least SPACE_GAP crop heights and
+# SPACE_OVER_MEDIAN times the line's median blank between characters (letter gaps are the median)
+SPACE_GAP = 0.18
+SPACE_OVER_MEDIAN = 1.5
 _NUMERIC = frozenset("0123456789.,:")
 MIN_SIDE = 2  # smaller boxes (after mapping back) carry no readable text
 
@@ -178,10 +181,11 @@ def _rapidocr_lines(image, small, scale: float, join_gap: float) -> list[TextLin
 
 
 def restore_spaces(crop, text: str, frames: float, columns: list[list[int]]) -> str:
-    """`text` with a space put back between two characters whose ink is at least SPACE_GAP line heights
-    apart in `crop` (the recogniser's input; PP-OCRv4's Chinese-English model often drops the spaces of
-    English text). `frames` is how many of the recogniser's output columns cover the crop and `columns`
-    the output column of each decoded character, grouped in words (rapidocr's return_word_box)."""
+    """`text` with a space put back between two characters whose ink lies apart by a blank run of at least
+    SPACE_GAP crop heights and SPACE_OVER_MEDIAN times the line's median blank between characters (PP-OCRv4's
+    Chinese-English recogniser often drops the spaces of English text). `crop` is the recogniser's input,
+    `frames` how many of its output columns cover the crop, `columns` the output column of each decoded
+    character, grouped in words (rapidocr's return_word_box)."""
     import numpy as np
 
     cols = [c for word in columns for c in word]
@@ -193,20 +197,23 @@ def restore_spaces(crop, text: str, frames: float, columns: list[list[int]]) -> 
         return text
     # ink is whichever side of the mid grey is the minority (dark text on light or light on dark)
     dark = grey < (lo + hi) / 2
-    ink = dark if dark.mean() <= 0.5 else ~dark
-    rows = np.flatnonzero(ink.any(axis=1))
-    height = rows[-1] - rows[0] + 1 if rows.size else crop.shape[0]
-    inked = ink.any(axis=0)
-    width = crop.shape[1]
-    out = [text[0]]
+    inked = (dark if dark.mean() <= 0.5 else ~dark).any(axis=0)
+    height, width = crop.shape[:2]
+    blanks = {}
     for i in range(1, len(text)):
         if text[i] != " " and text[i - 1] != " ":
-            a = int((cols[i - 1] + 0.5) * width / frames)
-            b = int((cols[i] + 0.5) * width / frames)
-            # tabular digits (a '1' is as wide as an '8') leave wide blanks inside numbers
-            gap = SPACE_GAP * (2 if text[i - 1] in _NUMERIC and text[i] in _NUMERIC else 1)
-            if _longest_blank(inked[max(0, a) : min(width, b)]) >= gap * height:
-                out.append(" ")
+            a = max(0, int((cols[i - 1] + 0.5) * width / frames))
+            b = min(width, int((cols[i] + 0.5) * width / frames))
+            blanks[i] = _longest_blank(inked[a:b])
+    if not blanks:
+        return text
+    least = max(SPACE_GAP * height, SPACE_OVER_MEDIAN * float(np.median(list(blanks.values()))))
+    out = [text[0]]
+    for i in range(1, len(text)):
+        # tabular digits (a '1' is as wide as an '8') leave wide blanks inside numbers
+        numeric = text[i - 1] in _NUMERIC and text[i] in _NUMERIC
+        if i in blanks and blanks[i] >= least * (2 if numeric else 1):
+            out.append(" ")
         out.append(text[i])
     return "".join(out)
 
