@@ -30,9 +30,10 @@ DETECT_MAX_SIDE = 2000  # longer images are detected downscaled to this (memory,
 # Pieces of one row with only background between them and a gap of at most this many line heights are
 # one line (a receipt's item and its price); rapidocr returns them as separate boxes.
 DEFAULT_JOIN_GAP = 10.0
-# a blank between two characters' ink is a space when it is at least SPACE_GAP crop heights and
-# SPACE_OVER_MEDIAN times the line's median blank between characters (letter gaps are the median)
-SPACE_GAP = 0.18
+# a blank between two characters' ink is a space when it is at least SPACE_PITCH of the line's mean
+# character pitch (word spaces are about a third of an em, letter gaps a tenth) and SPACE_OVER_MEDIAN
+# times the line's median blank between characters (most of those are letter gaps)
+SPACE_PITCH = 0.36
 SPACE_OVER_MEDIAN = 1.5
 _NUMERIC = frozenset("0123456789.,:")
 MIN_SIDE = 2  # smaller boxes (after mapping back) carry no readable text
@@ -171,8 +172,9 @@ def _rapidocr_lines(image, small, scale: float, join_gap: float) -> list[TextLin
     src = np.asarray(image)[..., ::-1]
     crops = [np.ascontiguousarray(src[b[1] : b[3], b[0] : b[2]]) for b in boxes]
     recognised, _ = engine.text_rec(crops, return_word_box=True)
+    # PP-OCR boxes are grown around the text (unclip); the reported box is the ink inside
     lines = [
-        TextLine(b, restore_spaces(crop, text, info[0], info[2]).strip(), float(conf))
+        TextLine(_ink_box(crop, b), restore_spaces(crop, text, info[0], info[2]).strip(), float(conf))
         for b, crop, (text, conf, info) in zip(boxes, crops, recognised, strict=True)
     ]
     if join_gap > 0:
@@ -182,8 +184,8 @@ def _rapidocr_lines(image, small, scale: float, join_gap: float) -> list[TextLin
 
 def restore_spaces(crop, text: str, frames: float, columns: list[list[int]]) -> str:
     """`text` with a space put back between two characters whose ink lies apart by a blank run of at least
-    SPACE_GAP crop heights and SPACE_OVER_MEDIAN times the line's median blank between characters (PP-OCRv4's
-    Chinese-English recogniser often drops the spaces of English text). `crop` is the recogniser's input,
+    SPACE_PITCH mean character pitches and SPACE_OVER_MEDIAN times the line's median blank between
+    characters (PP-OCRv4's Chinese-English recogniser often drops the spaces of English text). `crop` is the recogniser's input,
     `frames` how many of its output columns cover the crop, `columns` the output column of each decoded
     character, grouped in words (rapidocr's return_word_box)."""
     import numpy as np
@@ -191,14 +193,13 @@ def restore_spaces(crop, text: str, frames: float, columns: list[list[int]]) -> 
     cols = [c for word in columns for c in word]
     if len(cols) != len(text) or frames <= 0 or len(text) < 2:
         return text
-    grey = crop.mean(axis=2) if crop.ndim == 3 else crop.astype(np.float64)
-    lo, hi = float(grey.min()), float(grey.max())
-    if hi - lo < 1:
+    ink = _ink(crop)
+    if ink is None:
         return text
-    # ink is whichever side of the mid grey is the minority (dark text on light or light on dark)
-    dark = grey < (lo + hi) / 2
-    inked = (dark if dark.mean() <= 0.5 else ~dark).any(axis=0)
-    height, width = crop.shape[:2]
+    inked = ink.any(axis=0)
+    width = crop.shape[1]
+    xs = [(c + 0.5) * width / frames for c, ch in zip(cols, text, strict=True) if ch != " "]
+    pitch = (xs[-1] - xs[0]) / max(1, len(xs) - 1)
     blanks = {}
     for i in range(1, len(text)):
         if text[i] != " " and text[i - 1] != " ":
@@ -207,7 +208,7 @@ def restore_spaces(crop, text: str, frames: float, columns: list[list[int]]) -> 
             blanks[i] = _longest_blank(inked[a:b])
     if not blanks:
         return text
-    least = max(SPACE_GAP * height, SPACE_OVER_MEDIAN * float(np.median(list(blanks.values()))))
+    least = max(SPACE_PITCH * pitch, SPACE_OVER_MEDIAN * float(np.median(list(blanks.values()))))
     out = [text[0]]
     for i in range(1, len(text)):
         # tabular digits (a '1' is as wide as an '8') leave wide blanks inside numbers
@@ -216,6 +217,35 @@ def restore_spaces(crop, text: str, frames: float, columns: list[list[int]]) -> 
             out.append(" ")
         out.append(text[i])
     return "".join(out)
+
+
+def _ink(crop):
+    """Boolean mask of the text pixels of a line crop (None for a flat one): whichever side of the mid
+    grey is the minority, so dark text on light and light text on dark both work."""
+    import numpy as np
+
+    grey = crop.mean(axis=2) if crop.ndim == 3 else crop.astype(np.float64)
+    lo, hi = float(grey.min()), float(grey.max())
+    if hi - lo < 1:
+        return None
+    dark = grey < (lo + hi) / 2
+    return dark if dark.mean() <= 0.5 else ~dark
+
+
+def _ink_box(crop, box: Box) -> Box:
+    """`box` shrunk to the ink of its crop; unchanged when the crop is flat."""
+    import numpy as np
+
+    ink = _ink(crop)
+    if ink is None:
+        return box
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    return (
+        box[0] + int(cols[0]),
+        box[1] + int(rows[0]),
+        box[0] + int(cols[-1]) + 1,
+        box[1] + int(rows[-1]) + 1,
+    )
 
 
 def _longest_blank(inked) -> int:
