@@ -27,8 +27,8 @@ ENGINES = ("rapidocr", "opencv")
 RAPIDOCR_PACKAGE = "rapidocr_onnxruntime"
 DEFAULT_MIN_CONFIDENCE = 0.8  # rapidocr lines at least this sure become training records
 DETECT_MAX_SIDE = 2000  # longer images are detected downscaled to this (memory, time); boxes map back
-# Pieces of one row with only background between them and a gap of at most this many line heights are
-# one line (a receipt's item and its price); rapidocr returns them as separate boxes.
+# Neighbouring pieces of one row (no other line between) at most this many ink heights apart are one
+# line (a receipt's item and its price); rapidocr returns them as separate boxes.
 DEFAULT_JOIN_GAP = 10.0
 # a blank between two characters' ink is a space when it is at least SPACE_PITCH of the line's mean
 # character pitch (word spaces are about a third of an em, letter gaps a tenth) and SPACE_OVER_MEDIAN
@@ -87,7 +87,7 @@ def load_image(path):
         im.load()
         image = ImageOps.exif_transpose(im)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        arr = np.asarray(image, dtype=np.float64)
+        arr = np.asarray(image, dtype=np.float32)
         top = float(arr.max()) if arr.size else 0.0
         if image.mode == "F" and top <= 1.0:
             arr = arr * 255.0
@@ -97,13 +97,12 @@ def load_image(path):
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
-        alpha = rgba[..., 3:] / 255.0
-        opaque = alpha[..., 0] > 0.5
-        luma = rgba[..., :3].mean(axis=2)
-        background = 0.0 if opaque.any() and luma[opaque].mean() > 127.5 else 255.0
-        rgb = rgba[..., :3] * alpha + background * (1.0 - alpha)
-        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+        rgba = image.convert("RGBA")
+        opaque = np.asarray(rgba.getchannel("A")) > 127
+        luma = np.asarray(rgba.convert("RGB").convert("L"))
+        light_ink = bool(opaque.any()) and float(luma[opaque].mean()) > 127.5
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255) if light_ink else (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
