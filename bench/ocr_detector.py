@@ -42,7 +42,13 @@ from PIL import Image, ImageDraw
 
 from mole_trainer.data.formats import load_expert_dataset
 from mole_trainer.data.ocr import box_iou, match_pairs
-from mole_trainer.data.ocr_engines import ENGINES, load_image, rapidocr_installed, read_text_lines
+from mole_trainer.data.ocr_engines import (
+    DEFAULT_JOIN_GAP,
+    ENGINES,
+    load_image,
+    rapidocr_installed,
+    read_text_lines,
+)
 from mole_trainer.data.synth import DEFAULT_IMAGE_SIZE, SYNTH_EXPERTS, synthesize
 from mole_trainer.eval.task_metrics import levenshtein
 
@@ -102,12 +108,12 @@ def _jpeg(image: Image.Image, quality: int) -> Image.Image:
     return Image.open(buf).convert("RGB")
 
 
-def score(engine: str, screens) -> dict:
+def score(engine: str, screens, join_gap: float = DEFAULT_JOIN_GAP) -> dict:
     """Line recall / precision / F1 at IoU >= 0.5, covered / on_text, CER (rapidocr), seconds per image."""
     seconds, detections = [], []
     for img, _, _ in screens:
         t0 = time.perf_counter()
-        detections.append(read_text_lines(img, engine))
+        detections.append(read_text_lines(img, engine, join_gap=join_gap))
         seconds.append(time.perf_counter() - t0)
     n_true = sum(len(t) for _, t, _ in screens)
     n_det = sum(len(d) for d in detections)
@@ -145,14 +151,30 @@ def score(engine: str, screens) -> dict:
     }
 
 
-def run_once(expert: str, n: int, seed: int, size: tuple[int, int], engines, jpeg: int | None = None) -> list:
+def run_once(
+    expert: str,
+    n: int,
+    seed: int,
+    size: tuple[int, int],
+    engines,
+    jpeg: int | None = None,
+    join_gap=DEFAULT_JOIN_GAP,
+) -> list:
     """Each engine's scores on the same n screens of one expert (re-encoded as JPEG when `jpeg`)."""
     with tempfile.TemporaryDirectory() as tmp:
         screens = _screens(expert, n, seed, size, Path(tmp))
     if jpeg is not None:
         screens = [(_jpeg(img, jpeg), boxes, texts) for img, boxes, texts in screens]
     return [
-        {"expert": expert, "seed": seed, "jpeg": jpeg, "screens": n, **score(e, screens)} for e in engines
+        {
+            "expert": expert,
+            "seed": seed,
+            "jpeg": jpeg,
+            "join_gap": join_gap,
+            "screens": n,
+            **score(e, screens, join_gap),
+        }
+        for e in engines
     ]
 
 
@@ -170,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         "--engines", default=None, help=f"comma-separated, of {','.join(ENGINES)} (all installed)"
     )
     ap.add_argument("--jpeg", type=int, default=None, help="re-encode screens as JPEG of this quality first")
+    ap.add_argument(
+        "--join-gap",
+        type=float,
+        default=DEFAULT_JOIN_GAP,
+        help=f"rapidocr row joining ({DEFAULT_JOIN_GAP}; 0: off)",
+    )
     ap.add_argument("--size", default="x".join(map(str, DEFAULT_IMAGE_SIZE)), help="WIDTHxHEIGHT (448x336)")
     args = ap.parse_args(argv)
     size = tuple(int(v) for v in args.size.split("x"))
@@ -181,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for expert in args.experts.split(","):
         for r in range(args.runs):
-            for res in run_once(expert, args.screens, args.seed + r, size, engines, args.jpeg):
+            for res in run_once(expert, args.screens, args.seed + r, size, engines, args.jpeg, args.join_gap):
                 results.append(res)
                 cer = "" if res["cer"] is None else f" cer={res['cer']:.4f} cer_all={res['cer_all']:.4f}"
                 print(

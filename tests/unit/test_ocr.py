@@ -382,3 +382,17 @@ def test_unknown_or_missing_engine_is_a_user_error(synth_data, tmp_path, monkeyp
     assert engines.default_engine() == "opencv"
     with pytest.raises(UserError, match="rapidocr is not installed"):
         make_ocr_crops(synth_data / "ocr", tmp_path / "out", engine="rapidocr")
+
+
+def test_join_row_pieces_joins_two_piece_rows_only():
+    from mole_trainer.data.ocr_engines import TextLine, join_row_pieces
+
+    item, price = TextLine((10, 20, 60, 30), "Bagel", 0.99), TextLine((120, 21, 150, 30), "3.50", 0.9)
+    assert join_row_pieces([price, item], 10) == [TextLine((10, 20, 150, 30), "Bagel 3.50", 0.9)]
+    assert len(join_row_pieces([item, price], 5)) == 2  # 60 px apart: more than 5 heights of 9 px
+    toolbar = [
+        TextLine((x, 5, x + 30, 15), name, 0.99) for x, name in ((0, "File"), (50, "Edit"), (100, "View"))
+    ]
+    assert join_row_pieces(toolbar, 10) == toolbar  # a row of three labels stays three lines
+    below = TextLine((10, 40, 60, 50), "Tea", 0.98)
+    assert len(join_row_pieces([item, below], 10)) == 2  # another row

@@ -27,8 +27,9 @@ ENGINES = ("rapidocr", "opencv")
 RAPIDOCR_PACKAGE = "rapidocr_onnxruntime"
 DEFAULT_MIN_CONFIDENCE = 0.8  # rapidocr lines at least this sure become training records
 DETECT_MAX_SIDE = 2000  # longer images are detected downscaled to this (memory, time); boxes map back
-# Neighbouring pieces of one row (no other line between) at most this many ink heights apart are one
-# line (a receipt's item and its price); rapidocr returns them as separate boxes.
+# A row of exactly two pieces at most this many ink heights apart is one line (a receipt's item and its
+# price, a label and its value; rapidocr returns them as two boxes); rows of more pieces (toolbars,
+# calendar weeks, axis labels) stay apart, so neighbouring labels are not merged.
 DEFAULT_JOIN_GAP = 10.0
 # a blank between two characters' ink is a space when it is at least SPACE_PITCH of the line's mean
 # character pitch (word spaces are about a third of an em, letter gaps a tenth) and SPACE_OVER_MEDIAN
@@ -256,56 +257,44 @@ def _longest_blank(inked) -> int:
 
 
 def join_row_pieces(lines: list[TextLine], join_gap: float) -> list[TextLine]:
-    """Join each line with its right neighbour on the row (the nearest line to its right that overlaps it
-    vertically) when they share the row (overlap >= 60 % of the taller) and the gap is at most
-    `join_gap` heights of the lower one: text joined with a space left to right, the lowest confidence."""
-    parent = list(range(len(lines)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, a in enumerate(lines):
-        right = [
-            j
-            for j, b in enumerate(lines)
-            if j != i and b.box[0] >= a.box[0] and min(a.box[3], b.box[3]) > max(a.box[1], b.box[1])
-        ]
-        if not right:
-            continue
-        j = min(right, key=lambda j: (lines[j].box[0], j))
-        if _same_row(a.box, lines[j].box, join_gap):
-            parent[root(j)] = root(i)
-    groups: dict[int, list[TextLine]] = {}
-    for i, line in enumerate(lines):
-        groups.setdefault(root(i), []).append(line)
+    """Join the two pieces of a row that has exactly two (pieces share a row when they overlap vertically
+    by >= 60 % of the taller) when the gap between them is at most `join_gap` heights of the lower one:
+    text joined with a space left to right, the lowest confidence. Other lines are returned as they are."""
     out = []
-    for pieces in groups.values():
-        pieces.sort(key=lambda ln: ln.box[0])
-        confidences = [p.confidence for p in pieces]
-        out.append(
-            TextLine(
-                (
-                    min(p.box[0] for p in pieces),
-                    min(p.box[1] for p in pieces),
-                    max(p.box[2] for p in pieces),
-                    max(p.box[3] for p in pieces),
-                ),
-                " ".join(p.text for p in pieces if p.text)
-                if any(p.text is not None for p in pieces)
-                else None,
-                None if None in confidences else min(confidences),
-            )
-        )
+    used: set[int] = set()
+    for i, a in enumerate(lines):
+        if i in used:
+            continue
+        row = [j for j, b in enumerate(lines) if j != i and _shares_row(a.box, b.box)]
+        if len(row) == 1 and row[0] not in used:
+            j = row[0]
+            partners = [k for k, c in enumerate(lines) if k != j and _shares_row(lines[j].box, c.box)]
+            left, right = sorted((a, lines[j]), key=lambda ln: ln.box[0])
+            gap = right.box[0] - left.box[2]
+            lower = min(a.box[3] - a.box[1], lines[j].box[3] - lines[j].box[1])
+            if partners == [i] and gap <= join_gap * lower:
+                used.update((i, j))
+                out.append(_joined(left, right))
+                continue
+        out.append(a)
     return out
 
 
-def _same_row(a: Box, b: Box, join_gap: float) -> bool:
-    """Whether b (right of a) shares a's row: vertical overlap >= 60 % of the taller box and a horizontal
-    gap of at most join_gap heights of the lower one."""
-    top, bottom = max(a[1], b[1]), min(a[3], b[3])
-    if bottom - top < 0.6 * max(a[3] - a[1], b[3] - b[1]):
-        return False
-    return b[0] - a[2] <= join_gap * min(a[3] - a[1], b[3] - b[1])
+def _joined(left: TextLine, right: TextLine) -> TextLine:
+    texts = [t for t in (left.text, right.text) if t is not None]
+    confidences = [c for c in (left.confidence, right.confidence) if c is not None]
+    return TextLine(
+        (
+            min(left.box[0], right.box[0]),
+            min(left.box[1], right.box[1]),
+            max(left.box[2], right.box[2]),
+            max(left.box[3], right.box[3]),
+        ),
+        " ".join(t for t in texts if t) if texts else None,
+        min(confidences) if len(confidences) == 2 else None,
+    )
+
+
+def _shares_row(a: Box, b: Box) -> bool:
+    """Vertical overlap of at least 60 % of the taller box."""
+    return min(a[3], b[3]) - max(a[1], b[1]) >= 0.6 * max(a[3] - a[1], b[3] - b[1])
