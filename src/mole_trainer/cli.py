@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("dir", metavar="DIR", help="routing dataset folder (or its routing JSONL)")
     from .data.ocr import DEFAULT_PADDING  # light: no image library at import
-    from .data.ocr_engines import DEFAULT_MIN_CONFIDENCE, ENGINES
+    from .data.ocr_engines import DEFAULT_JOIN_GAP, DEFAULT_MIN_CONFIDENCE, ENGINES
 
     ocr = data.add_parser(
         "ocr-crops",
@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"rapidocr lines read at least this sure become training records, the rest unlabeled "
         f"({DEFAULT_MIN_CONFIDENCE})",
+    )
+    ocr.add_argument(
+        "--join-gap",
+        type=float,
+        default=None,
+        help=f"rapidocr: a row of two pieces at most this many text heights apart is one line (an item and "
+        f"its price; {DEFAULT_JOIN_GAP}); 0 keeps PP-OCR's boxes",
     )
     prep = data.add_parser("preprocess", help="chat template + processor + label masks, cached for training")
     prep.add_argument("--input", required=True, help="expert dataset folder or routing JSONL")
@@ -309,7 +316,14 @@ def run(args: argparse.Namespace) -> int:
         from .data.ocr import format_ocr_summary
 
         summary = stages.data_ocr_crops(
-            args.input, args.output, wd, args.padding, args.boxes_out, args.engine, args.min_confidence
+            args.input,
+            args.output,
+            wd,
+            args.padding,
+            args.boxes_out,
+            args.engine,
+            args.min_confidence,
+            args.join_gap,
         )
         print(format_ocr_summary(summary))
     elif cmd == ("data", "preprocess"):

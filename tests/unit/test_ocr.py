@@ -195,6 +195,15 @@ def test_cli_writes_crops_and_records_the_run(synth_data, tmp_path, capsys):
     assert "labeled crops (training records): train" in out and "unlabeled crops: 0" in out
     runs = History(tmp_path / HISTORY_DB).runs("data.ocr_crops", None, None)
     assert runs and runs[0]["status"] == "ok"
+    assert runs[0]["config"]["engine"] in ("rapidocr", "opencv")
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    _screenshot()[0].save(folder / "s.png")
+    opts = ["--engine", "opencv", "--min-confidence", "0.5", "--join-gap", "0"]
+    assert main([*args[:4], "--input", str(folder), "--output", str(tmp_path / "cv"), *opts]) == 0
+    summary = json.loads((tmp_path / "cv" / OCR_SUMMARY_FILE).read_text())
+    assert (summary["engine"], summary["min_confidence"], summary["join_gap"]) == ("opencv", 0.5, 0.0)
+    assert summary["crops"]["unlabeled"] == 3 and "through the opencv engine" in capsys.readouterr().out
     missing = ["--workdir", str(tmp_path), "data", "ocr-crops", "--input", str(tmp_path / "nope")]
     assert main([*missing, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

@@ -240,7 +240,7 @@ def make_ocr_crops(
     ):
         raise UserError(f"min_confidence must be a number from 0 to 1, got {min_confidence!r}")
     if isinstance(join_gap, bool) or not isinstance(join_gap, int | float) or join_gap < 0:
-        raise UserError(f"join_gap must be a number of line heights >= 0, got {join_gap!r}")
+        raise UserError(f"join_gap must be a number of text heights >= 0, got {join_gap!r}")
     engine = check_engine(engine)
     params = params or DetectorParams()
     root, out = Path(input), Path(output)
