@@ -11,10 +11,17 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-# (re)install when pyproject.toml changes; torch/torchvision come from the pinned versions
-$(STAMP): pyproject.toml
+# rapidocr-onnxruntime (PP-OCRv4 models inside the wheel) for `mole data ocr-crops`. It is installed
+# without its dependencies: it asks for opencv-python, a second cv2 (GUI build, needs libGL) over our
+# opencv-python-headless; its other dependencies are pinned in pyproject's `ocr` extra.
+RAPIDOCR := rapidocr-onnxruntime==1.4.4
+
+# (re)install when pyproject.toml or this file changes; torch/torchvision come from the pinned versions
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev,modal]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,modal,ocr]"
+	$(BIN)/python -m pip install --quiet --no-deps $(RAPIDOCR)
+	$(BIN)/python -c "import cv2, rapidocr_onnxruntime"
 	touch $(STAMP)
 
 demo: $(STAMP)

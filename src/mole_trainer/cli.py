@@ -120,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("dir", metavar="DIR", help="routing dataset folder (or its routing JSONL)")
     from .data.ocr import DEFAULT_PADDING  # light: no image library at import
+    from .data.ocr_engines import DEFAULT_JOIN_GAP, DEFAULT_MIN_CONFIDENCE, ENGINES
 
     ocr = data.add_parser(
-        "ocr-crops", help="crop text lines (known boxes, else detected) into an OCR expert dataset"
+        "ocr-crops",
+        help="crop text lines (known boxes, else read by an OCR engine) into an OCR expert dataset",
     )
     ocr.add_argument("--input", required=True, help="expert dataset folder or folder of images")
     ocr.add_argument(
@@ -134,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         help=f"pixels added around each text box ({DEFAULT_PADDING})",
+    )
+    ocr.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="rapidocr: PP-OCRv4 boxes + text (default when installed); opencv: boxes only, no text",
+    )
+    ocr.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help=f"rapidocr lines read at least this sure become training records, the rest unlabeled "
+        f"({DEFAULT_MIN_CONFIDENCE})",
+    )
+    ocr.add_argument(
+        "--join-gap",
+        type=float,
+        default=None,
+        help=f"rapidocr: a row of two pieces at most this many text heights apart is one line (an item and "
+        f"its price; {DEFAULT_JOIN_GAP}); 0 keeps PP-OCR's boxes",
     )
     prep = data.add_parser("preprocess", help="chat template + processor + label masks, cached for training")
     prep.add_argument(
@@ -299,7 +321,16 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == ("data", "ocr-crops"):
         from .data.ocr import format_ocr_summary
 
-        summary = stages.data_ocr_crops(args.input, args.output, wd, args.padding, args.boxes_out)
+        summary = stages.data_ocr_crops(
+            args.input,
+            args.output,
+            wd,
+            args.padding,
+            args.boxes_out,
+            args.engine,
+            args.min_confidence,
+            args.join_gap,
+        )
         print(format_ocr_summary(summary))
     elif cmd == ("data", "preprocess"):
         from pathlib import Path

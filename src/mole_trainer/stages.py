@@ -145,16 +145,33 @@ def data_ocr_crops(
     workdir: str | Path = ".",
     padding: int | None = None,
     boxes_out: str | Path | None = None,
+    engine: str | None = None,
+    min_confidence: float | None = None,
+    join_gap: float | None = None,
 ) -> dict:
     """Crop the text lines of an expert dataset or image folder into an OCR dataset (see data/ocr.py)."""
     from .data.ocr import DEFAULT_PADDING, make_ocr_crops
+    from .data.ocr_engines import DEFAULT_JOIN_GAP, DEFAULT_MIN_CONFIDENCE, check_engine
 
     padding = DEFAULT_PADDING if padding is None else padding
+    min_confidence = DEFAULT_MIN_CONFIDENCE if min_confidence is None else min_confidence
+    join_gap = DEFAULT_JOIN_GAP if join_gap is None else join_gap
     if not Path(input).exists():
         raise UserError(f"{input}: input not found (expected an expert dataset folder or a folder of images)")
-    config = {"input": str(input), "output": str(output), "padding": padding, "boxes_out": boxes_out}
+    engine = check_engine(engine)
+    config = {
+        "input": str(input),
+        "output": str(output),
+        "padding": padding,
+        "boxes_out": boxes_out,
+        "engine": engine,
+        "min_confidence": min_confidence,
+        "join_gap": join_gap,
+    }
     with record_run(_db(workdir), "data.ocr_crops", config, data_hash(input)) as run:
-        summary = make_ocr_crops(input, output, padding, boxes_out)
+        summary = make_ocr_crops(
+            input, output, padding, boxes_out, engine=engine, min_confidence=min_confidence, join_gap=join_gap
+        )
         run.metrics.update({f"crops_{k}": v for k, v in summary["crops"].items()})
         run.metrics["images_skipped"] = summary["images_skipped"]
         run.artifacts["ocr_crops"] = str(output)

@@ -3,9 +3,14 @@
 Input is an expert dataset folder (train/val/test.jsonl + images) or a folder of images. A record whose
 metadata carries its text lines and their pixel boxes (``lines`` + ``boxes``, as the synthetic ``ocr``
 expert writes) is cropped at those boxes and each crop is labelled with its line. Any other image goes
-through a classical text-line detector (OpenCV morphology + connected components); its crops have no
-known text, so they cannot be training targets and are written as requests to ``unlabeled.jsonl``
+through a text-line engine (data/ocr_engines.py): ``rapidocr`` (PP-OCRv4, the default when installed)
+reads each line's text with a confidence, and lines at or above ``min_confidence`` become training
+records; ``opencv`` (this module's classical detector, OpenCV morphology + connected components) finds
+boxes only. Crops without a trusted text are written as requests to ``unlabeled.jsonl``
 (``mole infer --input DIR/unlabeled.jsonl --expert ocr`` reads it as it is).
+
+Splits: a dataset's records keep their split; the images of a folder are split by image content
+(``split_images``), so no source image, nor two copies of one, straddles two splits.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from ..errors import UserError
 from ..hashing import sha256_file
 from ..layout import OCR_SUMMARY_FILE, OCR_UNLABELED_FILE, SPLITS
 from .formats import load_expert_dataset, write_jsonl
+from .ocr_engines import DEFAULT_JOIN_GAP, DEFAULT_MIN_CONFIDENCE, check_engine, load_image, read_text_lines
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 / y1 exclusive
 
@@ -26,6 +32,8 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 / y1 exclusive
 OCR_PROMPT = "Read the text in the image."
 OCR_TASK = "ocr"  # metadata.task of the crops (eval/task_metrics.py scores it by character similarity)
 DEFAULT_PADDING = 4
+# share of an image folder's (distinct) images that become val and test crops; the rest are train
+FOLDER_SPLIT_SHARES = {"val": 0.1, "test": 0.1}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,19 +130,26 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def match_boxes(detected: list[Box], truth: list[Box], min_iou: float = 0.5) -> int:
-    """Greedy matching: detections by best IoU first, each to one unmatched true box; the match count."""
+def match_pairs(detected: list[Box], truth: list[Box], min_iou: float = 0.5) -> list[tuple[int, int]]:
+    """Greedy matching: detections by best IoU first, each to one unmatched true box at IoU >= min_iou;
+    the (detection index, true index) pairs."""
     pairs = sorted(
         ((box_iou(d, t), i, j) for i, d in enumerate(detected) for j, t in enumerate(truth)), reverse=True
     )
-    used_d, used_t = set(), set()
+    used_d, used_t, out = set(), set(), []
     for iou, i, j in pairs:
         if iou < min_iou:
             break
         if i not in used_d and j not in used_t:
             used_d.add(i)
             used_t.add(j)
-    return len(used_t)
+            out.append((i, j))
+    return out
+
+
+def match_boxes(detected: list[Box], truth: list[Box], min_iou: float = 0.5) -> int:
+    """How many true boxes match_pairs matches."""
+    return len(match_pairs(detected, truth, min_iou))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,20 +217,31 @@ def make_ocr_crops(
     padding: int = DEFAULT_PADDING,
     boxes_out: str | Path | None = None,
     params: DetectorParams | None = None,
+    engine: str | None = None,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    join_gap: float = DEFAULT_JOIN_GAP,
 ) -> dict:
     """Cut the text lines of an expert dataset or an image folder into an OCR dataset in `output`.
 
-    Dataset input keeps each record's split (so crops of one source image stay in one split); crops with
-    known text go to output/{train,val,test}.jsonl, detected crops (text unknown) to
-    output/unlabeled.jsonl as {"id", "image", "prompt", "split", "metadata"} requests. Crops are PNGs in
-    output/images/. `boxes_out` gets one JSONL row per box. Unreadable images in an image folder are
-    skipped and listed. Returns the summary also written to output/ocr_crops.json.
+    Dataset input keeps each record's split, image-folder input is split by split_images (so crops of
+    one source image stay in one split). Crops with known text, or text read by `engine` (None: the
+    default, rapidocr when installed) with confidence >= `min_confidence`, go to
+    output/{train,val,test}.jsonl as OCR records; the others to output/unlabeled.jsonl as {"id", "image",
+    "prompt", "split", "metadata"} requests. Crops are PNGs in output/images/. `boxes_out` gets one JSONL
+    row per box. Unreadable images in an image folder are skipped and listed. Returns the summary also
+    written to output/ocr_crops.json.
     """
-
-    from PIL import Image
-
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise UserError(f"padding must be a whole number of pixels >= 0, got {padding!r}")
+    if (
+        isinstance(min_confidence, bool)
+        or not isinstance(min_confidence, int | float)
+        or not 0 <= min_confidence <= 1
+    ):
+        raise UserError(f"min_confidence must be a number from 0 to 1, got {min_confidence!r}")
+    if isinstance(join_gap, bool) or not isinstance(join_gap, int | float) or join_gap < 0:
+        raise UserError(f"join_gap must be a number of text heights >= 0, got {join_gap!r}")
+    engine = check_engine(engine)
     params = params or DetectorParams()
     root, out = Path(input), Path(output)
     sources, mode = _sources(root)
@@ -227,15 +253,19 @@ def make_ocr_crops(
     box_rows: list[dict] = []
     used_ids: set[str] = set()
     skipped: list[dict] = []
-    counts = {"known": 0, "detected": 0, "without_text": 0, "blank_lines": 0}
+    counts = {"known": 0, "detected": 0, "without_text": 0, "blank_lines": 0, "below_confidence": 0}
+    shas = {src.rel: sha256_file(src.path) for src in sources}
+    if mode == "images":
+        split_of = split_images(shas)
+        for src in sources:
+            src.split = split_of[src.rel]
     for src in sources:
         try:
-            with Image.open(src.path) as im:
-                image = im.convert("RGB")
+            image = load_image(src.path)
         except Exception as exc:  # a folder of images may hold a broken file: skip it, say so
             skipped.append({"image": src.rel, "reason": f"cannot be decoded ({type(exc).__name__}: {exc})"})
             continue
-        sha = sha256_file(src.path)
+        sha = shas[src.rel]
         if src.known is not None:
             counts["known"] += 1
             lines = []
@@ -248,13 +278,14 @@ def make_ocr_crops(
                 if not text.strip():
                     counts["blank_lines"] += 1
                     continue
-                lines.append((clamped, text, "known"))
+                lines.append((clamped, text, None, "known"))
         else:
             counts["detected"] += 1
-            lines = [(box, None, "detected") for box in detect_text_lines(image, params)]
+            found = read_text_lines(image, engine, params, join_gap)
+            lines = [(ln.box, ln.text, ln.confidence, "detected") for ln in found]
             counts["without_text"] += not lines
         base = _safe_id(src.record_id if src.record_id is not None else src.rel.rsplit(".", 1)[0])
-        for k, (box, text, origin) in enumerate(lines):
+        for k, (box, text, confidence, origin) in enumerate(lines):
             crop_id = _unique(f"{base}-{k:03d}", used_ids)
             crop_box = pad_box(box, padding, *image.size)
             rel = f"images/{crop_id}.png"
@@ -268,11 +299,20 @@ def make_ocr_crops(
                 "crop_box": list(crop_box),
                 "padding": padding,
                 "box_origin": origin,
+                "engine": None if origin == "known" else engine,
+                "confidence": confidence,
+                "source_size": list(image.size),
             }
-            if text is not None:
+            trusted = origin == "known" or (
+                confidence is not None and confidence >= min_confidence and bool(text and text.strip())
+            )
+            if trusted:
                 splits[src.split or "train"].append(_labeled_record(crop_id, rel, text, meta))
                 target = f"{src.split or 'train'}.jsonl"
             else:
+                counts["below_confidence"] += confidence is not None
+                if text is not None:
+                    meta["recognised_text"] = text  # kept for review; not a training target
                 unlabeled.append(
                     {"id": crop_id, "image": rel, "prompt": OCR_PROMPT, "split": src.split, "metadata": meta}
                 )
@@ -287,10 +327,11 @@ def make_ocr_crops(
                     "text_box": list(box),
                     "crop_box": list(crop_box),
                     "text": text,
+                    "confidence": confidence,
                     "origin": origin,
                 }
             )
-    if mode == "dataset":
+    if mode == "dataset" or any(splits.values()):
         for split, records in splits.items():
             write_jsonl(out / f"{split}.jsonl", records)
     write_jsonl(out / OCR_UNLABELED_FILE, unlabeled)
@@ -309,6 +350,10 @@ def make_ocr_crops(
         "images_detected_without_text": counts["without_text"],
         "blank_lines_skipped": counts["blank_lines"],
         "crops": {**{s: len(r) for s, r in splits.items()}, "unlabeled": len(unlabeled)},
+        "engine": engine,
+        "min_confidence": min_confidence,
+        "join_gap": join_gap,
+        "lines_below_confidence": counts["below_confidence"],
         "boxes_out": None if boxes_out is None else str(boxes_out),
         "skipped": skipped,
         "detector": asdict(params),
@@ -316,6 +361,20 @@ def make_ocr_crops(
     assert summary["images"] == counts["known"] + counts["detected"] + len(skipped)
     (out / OCR_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def split_images(shas: dict[str, str]) -> dict[str, str]:
+    """The split of each image (name -> sha256): distinct contents ordered by their hash, the first
+    FOLDER_SPLIT_SHARES of them (rounded, none for a folder of a few images) test and val, the rest train;
+    copies of one image share its split. Stable: the same folder always splits the same way."""
+    distinct = sorted(set(shas.values()))
+    n = len(distinct)
+    n_test, n_val = (round(FOLDER_SPLIT_SHARES[s] * n) for s in ("test", "val"))
+    split_of_sha = {
+        sha: "test" if i < n_test else "val" if i < n_test + n_val else "train"
+        for i, sha in enumerate(distinct)
+    }
+    return {name: split_of_sha[sha] for name, sha in shas.items()}
 
 
 def _labeled_record(crop_id: str, rel: str, text: str, metadata: dict) -> dict:
@@ -399,15 +458,18 @@ def format_ocr_summary(summary: dict) -> str:
     lines = [
         f"ocr crops from {summary['images']} image(s) of {summary['input']}: "
         f"{summary['images_known_boxes']} with known text lines, {summary['images_detected']} through the "
-        f"detector ({summary['images_detected_without_text']} without any text found), "
+        f"{summary['engine']} engine ({summary['images_detected_without_text']} without any text found), "
         f"{summary['images_skipped']} skipped"
     ]
-    if summary["mode"] == "dataset":
+    if summary["mode"] == "dataset" or any(crops[s] for s in SPLITS):
         labeled = ", ".join(f"{s} {crops[s]}" for s in SPLITS)
         lines.append(f"  labeled crops (training records): {labeled} -> {out}/{{{','.join(SPLITS)}}}.jsonl")
+    why = "text unknown"
+    if summary["lines_below_confidence"]:
+        why += f" or read with confidence < {summary['min_confidence']}: {summary['lines_below_confidence']}"
     lines.append(
-        f"  unlabeled crops: {crops['unlabeled']} -> {out}/{OCR_UNLABELED_FILE} (text unknown, so not training "
-        f"targets; label them first, e.g. mole infer --input {out}/{OCR_UNLABELED_FILE} --expert ocr)"
+        f"  unlabeled crops: {crops['unlabeled']} -> {out}/{OCR_UNLABELED_FILE} ({why}; not training "
+        f"targets until labelled, e.g. mole infer --input {out}/{OCR_UNLABELED_FILE} --expert ocr)"
     )
     if summary["blank_lines_skipped"]:
         lines.append(f"  known lines with blank text skipped: {summary['blank_lines_skipped']}")
