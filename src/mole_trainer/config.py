@@ -248,6 +248,32 @@ class DatasetConfig:
 def load_config(path: str | Path, cls: type) -> Any:
     """Load a YAML/JSON file into the dataclass `cls`, resolving relative paths against its folder."""
     path = Path(path)
+    cfg = from_dict(cls, _read_raw(path), source=str(path))
+    return resolve_paths(cfg, path.parent)
+
+
+def load_model_config(path: str | Path) -> LorasConfig | RouterConfig:
+    """A loras.yaml or a router.yaml (both name a base model and a pixel budget), told apart by its keys.
+
+    A file with a key only loras.yaml has (`experts`, `eval_records`) is read as loras.yaml, one
+    with a key only router.yaml has as router.yaml; either way strictly, so typos are still errors.
+    """
+    path = Path(path)
+    raw = _read_raw(path)
+    own = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (LorasConfig, RouterConfig)}
+    keys = set(raw) if isinstance(raw, dict) else set()
+    loras_only = sorted(keys & (own[LorasConfig] - own[RouterConfig]))
+    router_only = sorted(keys & (own[RouterConfig] - own[LorasConfig]))
+    if loras_only and router_only:
+        raise UserError(
+            f"{path}: mixes loras.yaml keys ({', '.join(loras_only)}) and router.yaml keys "
+            f"({', '.join(router_only)}); expected one or the other"
+        )
+    return load_config(path, LorasConfig if loras_only else RouterConfig)
+
+
+def _read_raw(path: Path) -> Any:
+    """The parsed content of a YAML/JSON config file ({} for an empty one)."""
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     text = path.read_text(encoding="utf-8")
@@ -260,10 +286,7 @@ def load_config(path: str | Path, cls: type) -> Any:
             raw = yaml.safe_load(text)
     except Exception as exc:  # parser errors carry their own line numbers
         raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
-    if raw is None:
-        raw = {}
-    cfg = from_dict(cls, raw, source=str(path))
-    return resolve_paths(cfg, path.parent)
+    return {} if raw is None else raw
 
 
 def from_dict(cls: type, data: Any, source: str = "<config>", prefix: str = "") -> Any:

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import DatasetConfig, ImageSpec, LorasConfig, RouterConfig, load_config, to_dict
+from .config import (
+    DatasetConfig,
+    ImageSpec,
+    LorasConfig,
+    RouterConfig,
+    load_config,
+    load_model_config,
+    to_dict,
+)
 from .errors import UserError
 from .history import record_run
 from .layout import HISTORY_DB, LABEL_MAP_FILE, SPLITS
@@ -159,12 +167,12 @@ def data_preprocess(
 ) -> dict:
     """Preprocess an expert dataset folder or a routing JSONL into a training cache folder.
 
-    With `config` (router.yaml for task 'router', loras.yaml for 'sft'), the base model and the pixel
+    With `config` (a router.yaml or a loras.yaml, whatever the task), the base model and the pixel
     budget default to the config's, so the data matches what that training run checks for.
     `workers` processes encode in parallel; bad records go to rejects.jsonl, or fail with `strict`.
     """
     if config is not None:
-        cfg = load_config(config, RouterConfig if task == "router" else LorasConfig)
+        cfg = load_model_config(config)
         model = model or cfg.base_model
         min_pixels = cfg.image.min_pixels if min_pixels is None else min_pixels
         max_pixels = cfg.image.max_pixels if max_pixels is None else max_pixels
