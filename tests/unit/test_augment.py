@@ -35,6 +35,10 @@ def test_each_family_changes_the_words_not_the_request():
     assert "click on the 3rd." in {rewrite("Click on the 3rd.", ["case"], rng) for _ in range(30)}
     polite = {rewrite("Which bar is highest?", ["polite"], rng) for _ in range(60)}
     assert "Could you tell me which bar is highest?" in polite and "Which bar is highest? Thanks." in polite
+    # a question keeps a question's polite prefix whatever else is rewritten
+    for _ in range(100):
+        out = rewrite("Which bar is highest?", list(REWRITES), rng)
+        assert not out.lower().startswith(("please which", "could you which", "kindly which")), out
     assert rewrite("123", ["case"], rng) is None  # nothing to change: no copy rather than a duplicate
     assert lower_first("OCR this.") == "OCR this." and lower_first("Open it") == "open it"
     assert politely("Open it.") == "Please open it." and politely("Who?") == "Could you tell me who?"

@@ -88,6 +88,9 @@ def _polite(text: str, rng: random.Random) -> str:
 
 # the rewrite families dataset.yaml's `augment.rewrites` can name
 REWRITES = {"punctuation": _punctuation, "case": _case, "polite": _polite}
+# the order they apply in: politeness reads the request's own final mark (a question gets a question's
+# prefix), which the punctuation rewrite may change afterwards
+APPLY_ORDER = ("polite", "case", "punctuation")
 
 
 def canonical(text: str) -> str:
@@ -98,7 +101,7 @@ def canonical(text: str) -> str:
 def rewrite(
     text: str, families: list[str], rng: random.Random, avoid: set[str] | None = None, attempts: int = 8
 ) -> str | None:
-    """A rewrite of `text` by a random non-empty subset of `families` (in a random order), or None.
+    """A rewrite of `text` by a random non-empty subset of `families` (in APPLY_ORDER), or None.
 
     The result differs from `text` beyond whitespace and from every (canonical) text in `avoid`;
     None when no attempt found one (a text the families cannot change).
@@ -106,9 +109,8 @@ def rewrite(
     avoid = {canonical(text), *(avoid or ())}
     for _ in range(attempts):
         chosen = [f for f in families if rng.random() < 0.5] or [rng.choice(families)]
-        rng.shuffle(chosen)
         out = text
-        for f in chosen:
+        for f in sorted(chosen, key=APPLY_ORDER.index):
             out = REWRITES[f](out, rng)
         if canonical(out) not in avoid:
             return out
