@@ -39,6 +39,16 @@ def _whole(value: str, least: int) -> int:
     return n
 
 
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got '{value}'") from None
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {x:g}")
+    return x
+
+
 def _positive(value: str) -> int:
     return _whole(value, 0)
 
@@ -246,10 +256,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     device_opts(evr)
 
+    tst = sub.add_parser(
+        "test", help="quick checks before a deploy (exit 1 below the threshold)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    tr = tst.add_parser(
+        "router", help="route a small held-out sample per expert; per-expert and overall accuracy"
+    )
+    tr.add_argument("--checkpoint", required=True, help="router checkpoint (or adapter) folder")
+    tr.add_argument("--test-data", required=True, help="routing JSONL")
+    from .eval.router_check import DEFAULT_PER_EXPERT  # light: no model library at import
+
+    tr.add_argument(
+        "--per-expert",
+        type=_at_least_one,
+        default=DEFAULT_PER_EXPERT,
+        help=f"test records per expert, the same ones every time ({DEFAULT_PER_EXPERT})",
+    )
+    tr.add_argument(
+        "--min-accuracy",
+        type=_fraction,
+        default=None,
+        help="exit 1 when the overall accuracy is below this (0..1); without it, exit 0",
+    )
+    tr.add_argument(
+        "--split", default="test", help="records of this split when records carry one (default test)"
+    )
+    tr.add_argument("--batch-size", type=_at_least_one, default=8)
+    tr.add_argument("--base-model", default=None, help="base to load instead of the one the router recorded")
+    device_opts(tr)
+
     dep = sub.add_parser("deploy", help="copy router + experts + label map + checksummed manifest to storage")
     dep.add_argument("--checkpoint", required=True, help="router checkpoint folder")
     dep.add_argument("--experts", required=True, help="folder holding <expert>/adapter for every expert")
     dep.add_argument("--bucket", required=True, help="destination: a folder (or fsspec URL)")
+    dep.add_argument(
+        "--min-accuracy",
+        type=_fraction,
+        default=None,
+        help="refuse (exit 1) a router whose recorded evaluation is below this: the `mole eval router` "
+        "report of these weights (CHECKPOINT/eval_report.json or --eval-report), else router_info.json's "
+        "validation accuracy; none recorded: refuse (exit 2)",
+    )
+    dep.add_argument(
+        "--eval-report", default=None, help="the `mole eval router` report to check (written elsewhere)"
+    )
+    dep.add_argument("--force", action="store_true", help="deploy even below --min-accuracy")
 
     inf = sub.add_parser("infer", help="route each request, then generate with the chosen expert")
     inf.add_argument("--deployment", required=True)
@@ -395,8 +446,34 @@ def run(args: argparse.Namespace) -> int:
             args.base_model,
         )
         print(format_router_report(report))
+    elif cmd == ("test", "router"):
+        from .eval.router_check import format_router_test
+
+        result = stages.test_router(
+            args.checkpoint,
+            args.test_data,
+            args.per_expert,
+            args.min_accuracy,
+            args.split or None,
+            wd,
+            args.batch_size,
+            args.device,
+            args.dtype,
+            args.base_model,
+        )
+        print(format_router_test(result))
+        return 0 if result["passed"] else 1
     elif cmd[0] == "deploy":
-        manifest = stages.deploy(args.checkpoint, args.experts, args.bucket, wd)
+        from .eval.router_check import format_gate
+
+        if args.eval_report and args.min_accuracy is None:
+            raise UserError("--eval-report is read only with --min-accuracy")
+        manifest = stages.deploy(
+            args.checkpoint, args.experts, args.bucket, wd, args.min_accuracy, args.force, args.eval_report
+        )
+        gate = manifest.get("router_gate")
+        if gate:
+            print(format_gate(gate))
         print(f"deployed {len(manifest['files'])} files ({', '.join(manifest['experts'])}) to {args.bucket}")
     elif cmd[0] == "infer":
         _infer(args, stages, wd)

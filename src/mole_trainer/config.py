@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.rewrites import REWRITES
 from .errors import UserError
 
 # The language-model projections of Qwen3-VL; the regex below keeps LoRA off the vision tower,
@@ -186,6 +187,35 @@ class ExpertSource:
 
 
 @dataclass
+class AugmentSpec:
+    """Benign rewrites of train instructions (data/rewrites.py) added as extra routing records.
+
+    Each of a seeded `fraction` of every expert's train records gets `copies` rewritten copies
+    (same images, same expert, train split only); each copy applies a random non-empty subset of
+    `rewrites`. `seed` defaults to the dataset's seed.
+    """
+
+    copies: int = 0  # rewritten copies per chosen train record; 0 = off
+    fraction: float = 1.0  # share of the train records that get copies
+    rewrites: list[str] = field(default_factory=lambda: list(REWRITES))
+    seed: int | None = None
+
+    def problems(self) -> dict[str, str]:
+        """Invalid values, by key."""
+        out = {}
+        if self.copies < 0:
+            out["copies"] = "must be >= 0 (0 = no augmentation)"
+        if not 0 < self.fraction <= 1:
+            out["fraction"] = "must be in (0, 1]"
+        unknown = [r for r in self.rewrites if r not in REWRITES]
+        if unknown or not self.rewrites or len(set(self.rewrites)) != len(self.rewrites):
+            out["rewrites"] = (
+                f"expected distinct names from {', '.join(REWRITES)}, got {self.rewrites or '[]'}"
+            )
+        return out
+
+
+@dataclass
 class DatasetConfig:
     """dataset.yaml: which expert datasets make the routing dataset and how it is split.
 
@@ -194,7 +224,8 @@ class DatasetConfig:
     `balanced` gives every expert `train_per_expert` records (times its weight, or its own
     target), `proportional` keeps each expert's available records (times its weight, or its
     target). `max_records_per_expert` caps every expert's train records; `oversample` repeats
-    train records (seeded) to reach a target that the data cannot fill.
+    train records (seeded) to reach a target that the data cannot fill; `augment` adds rewritten
+    copies of train records (AugmentSpec).
     """
 
     experts: dict[str, ExpertSource] = field(default_factory=dict)
@@ -206,10 +237,11 @@ class DatasetConfig:
     val_fraction: float | None = None
     test_per_expert: int = 24
     seed: int = 0
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def problems(self) -> dict[str, str]:
         """Invalid values, by key."""
-        out = {}
+        out = {f"augment.{k}": v for k, v in self.augment.problems().items()}
         if self.strategy not in ROUTING_STRATEGIES:
             out["strategy"] = f"must be one of {', '.join(ROUTING_STRATEGIES)}, got {self.strategy!r}"
         elif self.strategy == "proportional" and self.train_per_expert is not None:
@@ -248,6 +280,32 @@ class DatasetConfig:
 def load_config(path: str | Path, cls: type) -> Any:
     """Load a YAML/JSON file into the dataclass `cls`, resolving relative paths against its folder."""
     path = Path(path)
+    cfg = from_dict(cls, _read_raw(path), source=str(path))
+    return resolve_paths(cfg, path.parent)
+
+
+def load_model_config(path: str | Path) -> LorasConfig | RouterConfig:
+    """A loras.yaml or a router.yaml (both name a base model and a pixel budget), told apart by its keys.
+
+    A file with a key only loras.yaml has (`experts`, `eval_records`) is read as loras.yaml, one
+    with a key only router.yaml has as router.yaml; either way strictly, so typos are still errors.
+    """
+    path = Path(path)
+    raw = _read_raw(path)
+    own = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (LorasConfig, RouterConfig)}
+    keys = set(raw) if isinstance(raw, dict) else set()
+    loras_only = sorted(keys & (own[LorasConfig] - own[RouterConfig]))
+    router_only = sorted(keys & (own[RouterConfig] - own[LorasConfig]))
+    if loras_only and router_only:
+        raise UserError(
+            f"{path}: mixes loras.yaml keys ({', '.join(loras_only)}) and router.yaml keys "
+            f"({', '.join(router_only)}); expected one or the other"
+        )
+    return load_config(path, LorasConfig if loras_only else RouterConfig)
+
+
+def _read_raw(path: Path) -> Any:
+    """The parsed content of a YAML/JSON config file ({} for an empty one)."""
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     text = path.read_text(encoding="utf-8")
@@ -260,10 +318,7 @@ def load_config(path: str | Path, cls: type) -> Any:
             raw = yaml.safe_load(text)
     except Exception as exc:  # parser errors carry their own line numbers
         raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
-    if raw is None:
-        raw = {}
-    cfg = from_dict(cls, raw, source=str(path))
-    return resolve_paths(cfg, path.parent)
+    return {} if raw is None else raw
 
 
 def from_dict(cls: type, data: Any, source: str = "<config>", prefix: str = "") -> Any:

@@ -199,7 +199,11 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
             for n, e in experts.items()
         },
         "stacked_inference": stacked,
-        "routing_data": {"records": routing_stats["records"], "counts": routing_stats["counts"]},
+        "routing_data": {
+            "records": routing_stats["records"],
+            "counts": routing_stats["counts"],
+            "augmented": routing_stats.get("augmented"),
+        },
         "stage_seconds": r.seconds,
         "skipped_stages": r.skipped,
         "total_seconds": round(sum(r.seconds.values()), 2),

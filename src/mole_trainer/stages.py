@@ -10,7 +10,15 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import DatasetConfig, ImageSpec, LorasConfig, RouterConfig, load_config, to_dict
+from .config import (
+    DatasetConfig,
+    ImageSpec,
+    LorasConfig,
+    RouterConfig,
+    load_config,
+    load_model_config,
+    to_dict,
+)
 from .data.formats import dataset_exists, split_dataset_path
 from .errors import UserError
 from .history import record_run
@@ -194,12 +202,12 @@ def data_preprocess(
 ) -> dict:
     """Preprocess an expert dataset folder or a routing JSONL into a training cache folder.
 
-    With `config` (router.yaml for task 'router', loras.yaml for 'sft'), the base model and the pixel
+    With `config` (a router.yaml or a loras.yaml, whatever the task), the base model and the pixel
     budget default to the config's, so the data matches what that training run checks for.
     `workers` processes encode in parallel; bad records go to rejects.jsonl, or fail with `strict`.
     """
     if config is not None:
-        cfg = load_config(config, RouterConfig if task == "router" else LorasConfig)
+        cfg = load_model_config(config)
         model = model or cfg.base_model
         min_pixels = cfg.image.min_pixels if min_pixels is None else min_pixels
         max_pixels = cfg.image.max_pixels if max_pixels is None else max_pixels
@@ -400,8 +408,53 @@ def eval_router(
     return report
 
 
-def deploy(checkpoint: str | Path, experts_dir: str | Path, dest: str, workdir: str | Path = ".") -> dict:
-    """Deploy the router checkpoint and every expert it routes to into `dest`."""
+def test_router(
+    checkpoint: str | Path,
+    test_data: str | Path,
+    per_expert: int | None = None,
+    min_accuracy: float | None = None,
+    split: str | None = "test",
+    workdir: str | Path = ".",
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    base_model: str | None = None,
+) -> dict:
+    """Route a small held-out sample per expert; `passed` says whether accuracy >= `min_accuracy`."""
+    from .eval.router_check import DEFAULT_PER_EXPERT, quick_test_router
+
+    per_expert = DEFAULT_PER_EXPERT if per_expert is None else per_expert
+    config = {
+        "checkpoint": str(checkpoint),
+        "test_data": str(test_data),
+        "split": split,
+        "per_expert": per_expert,
+        "min_accuracy": min_accuracy,
+    }
+    with record_run(_db(workdir), "test.router", config, data_hash(test_data)) as run:
+        result = quick_test_router(
+            checkpoint, test_data, per_expert, min_accuracy, split, batch_size, device, dtype, base_model
+        )
+        run.metrics.update(
+            {"accuracy": result["accuracy"], "n": result["n"], "passed": int(result["passed"])}
+        )
+    return result
+
+
+def deploy(
+    checkpoint: str | Path,
+    experts_dir: str | Path,
+    dest: str,
+    workdir: str | Path = ".",
+    min_accuracy: float | None = None,
+    force: bool = False,
+    eval_report: str | Path | None = None,
+) -> dict:
+    """Deploy the router checkpoint and every expert it routes to into `dest`.
+
+    With `min_accuracy`, the router's recorded evaluation (eval/router_check.py) must reach it, else
+    nothing is deployed (unless `force`); `eval_report` names the `mole eval router` report to use.
+    """
     import json
 
     from .adapter_info import check_same_base, find_adapter_dir, read_adapter_info
@@ -420,15 +473,26 @@ def deploy(checkpoint: str | Path, experts_dir: str | Path, dest: str, workdir: 
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         metadata[name] = {k: info.get(k) for k in ("metric", "value", "base_value", "data", "steps")}
     config = {"checkpoint": str(checkpoint), "experts_dir": str(experts_dir), "dest": dest}
+    if min_accuracy is not None:
+        config.update(min_accuracy=min_accuracy, force=force, eval_report=eval_report and str(eval_report))
     if "://" not in dest or dest.startswith("file://"):
         recorder = _writer_run(workdir, "deploy", config, None, dest.removeprefix("file://"))
     else:  # a bucket is not locked: object stores have no atomic exclusive create
         recorder = record_run(_db(workdir), "deploy", config)
     with recorder as run:
+        if min_accuracy is not None:  # inside the run: a refusal is recorded as a failed deploy
+            from .eval.router_check import check_deployable
+
+            gate = check_deployable(checkpoint, min_accuracy, force, eval_report)
+            run.metrics.update(router_accuracy=gate["accuracy"], forced=int(gate["forced"]))
         manifest = run_deploy(str(router), experts, label_map, dest, metadata)
         run.metrics["files"] = len(manifest["files"])
         run.artifacts["deployment"] = dest
-    return manifest
+    return (
+        manifest
+        if min_accuracy is None
+        else {**manifest, "router_gate": {**gate, "min_accuracy": min_accuracy}}
+    )
 
 
 def infer(

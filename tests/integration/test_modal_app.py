@@ -86,7 +86,8 @@ def pipeline(volumes):
     out["experts"] = m.train_experts.local()
     out["router"] = m.train_router.local()
     out["eval"] = m.eval_router.local(batch_size=4)
-    out["deploy"] = m.deploy.local()
+    out["test_router"] = m.test_router.local(per_expert=2, min_accuracy=0.0)
+    out["deploy"] = m.deploy.local(min_accuracy=out["eval"]["accuracy"])
     return out
 
 
@@ -105,6 +106,8 @@ def test_every_stage_runs_locally_on_the_volume_layout(volumes, pipeline):
     assert (Path(out["router"]["adapter"]) / "adapter_config.json").is_file()
     report = json.loads((root / m.CHECKPOINTS / m.EVAL_REPORT).read_text())
     assert 0.0 <= report["accuracy"] <= 1.0 and report["n"] == len(experts) * COUNTS["test"]
+    assert out["test_router"]["passed"] and out["test_router"]["n"] == 2 * len(experts)
+    assert out["deploy"]["router_gate"]["source"] == str(root / m.CHECKPOINTS / m.EVAL_REPORT)
     manifest = json.loads((root / m.CHECKPOINTS / m.DEPLOY_DIR / MANIFEST_FILE).read_text())
     assert sorted(manifest["experts"]) == experts
     assert (root / m.CHECKPOINTS / HISTORY_DB).is_file()

@@ -375,3 +375,113 @@ def test_moved_deployment_with_base_model_override_and_mixed_bases(wd, tmp_path,
         main(["--workdir", str(tmp_path), "infer", "--deployment", str(tmp_path / "by-hand"), *request]) == 2
     )
     assert "one deployment serves one base" in capsys.readouterr().err
+
+
+def _conflicting_copy(data: Path, out: Path, label_map: dict) -> Path:
+    """Every test record twice, under its expert and under another: at most one of each pair is right."""
+    names = sorted(label_map, key=label_map.get)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for line in data.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["split"] != "test":
+            continue
+        other = names[(names.index(rec["expert"]) + 1) % len(names)]
+        lines += [json.dumps(rec), json.dumps({**rec, "id": rec["id"] + "#other", "expert": other})]
+    out.write_text("\n".join(lines) + "\n")
+    for img in (data.parent / "images").iterdir():  # image paths are relative to the JSONL's folder
+        (out.parent / "images").mkdir(exist_ok=True)
+        (out.parent / "images" / img.name).write_bytes(img.read_bytes())
+    return out
+
+
+def test_router_quick_test_exit_codes(wd, tmp_path, capsys):
+    ckpt, data = wd / "checkpoints/router", wd / "data/routing/routing_data.jsonl"
+    test = ["--workdir", str(tmp_path), "test", "router", "--checkpoint", str(ckpt)]
+    # 0: every test record (per-expert cap above the count); the figures are eval router's recalls
+    assert main([*test, "--test-data", str(data), "--per-expert", "100", "--min-accuracy", "0"]) == 0
+    table = capsys.readouterr().out
+    report = json.loads((wd / "eval/report.json").read_text())
+    for name, m in report["per_expert"].items():
+        row = next(line.split() for line in table.splitlines() if line.startswith(name + " "))
+        assert row == [name, str(m["support"]), str(round(m["recall"] * m["support"])), f"{m['recall']:.3f}"]
+    assert f"PASS: accuracy {report['accuracy']:.3f} >= --min-accuracy 0" in table
+    # 1: half of the records carry a label that contradicts its twin's
+    conflicting = _conflicting_copy(
+        data, tmp_path / "conflict/r.jsonl", json.loads((ckpt / "adapter/label_map.json").read_text())
+    )
+    assert main([*test, "--test-data", str(conflicting), "--per-expert", "100", "--min-accuracy", "0.6"]) == 1
+    assert "FAIL: accuracy" in capsys.readouterr().out
+    # 2: user errors
+    assert main([*test, "--test-data", str(tmp_path / "missing.jsonl")]) == 2
+    bad = conflicting.parent / "bad.jsonl"  # beside the copied images
+    bad.write_text(data.read_text().replace('"expert": "ocr"', '"expert": "weather"'))
+    assert main([*test, "--test-data", str(bad)]) == 2
+    assert "expert 'weather' is not in the router's label map" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*test, "--test-data", str(data), "--min-accuracy", "1.5"])
+    assert exc.value.code == 2
+
+
+def test_deploy_refuses_a_router_below_min_accuracy_unless_forced(wd, tmp_path, capsys):
+    import shutil
+
+    ckpt, data = wd / "checkpoints/router", wd / "data/routing/routing_data.jsonl"
+
+    def deploy(checkpoint, dest, *extra):
+        args = ["--checkpoint", str(checkpoint), "--experts", str(wd / "checkpoints/experts")]
+        return main(["--workdir", str(tmp_path), "deploy", *args, "--bucket", str(tmp_path / dest), *extra])
+
+    # a real evaluation of this router that is at most 0.5 right
+    conflicting = _conflicting_copy(
+        data, tmp_path / "conflict/r.jsonl", json.loads((ckpt / "adapter/label_map.json").read_text())
+    )
+    low = tmp_path / "low.json"
+    mole(
+        tmp_path,
+        "eval",
+        "router",
+        "--checkpoint",
+        str(ckpt),
+        "--test-data",
+        str(conflicting),
+        "--output",
+        str(low),
+    )
+    accuracy = json.loads(low.read_text())["accuracy"]
+    assert accuracy <= 0.5
+    assert deploy(ckpt, "refused", "--min-accuracy", "0.6", "--eval-report", str(low)) == 1
+    assert "below --min-accuracy 0.6; not deployed (pass --force" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert deploy(ckpt, "forced", "--min-accuracy", "0.6", "--eval-report", str(low), "--force") == 0
+    assert "deployed anyway (--force)" in capsys.readouterr().out
+    assert (tmp_path / "forced/manifest.json").is_file()
+    assert deploy(ckpt, "low-ok", "--min-accuracy", str(accuracy), "--eval-report", str(low)) == 0
+
+    # no report beside the checkpoint: router_info.json's validation accuracy is the recorded one
+    val = json.loads((ckpt / "router_info.json").read_text())["best"]["val_accuracy"]
+    assert deploy(ckpt, "by-val", "--min-accuracy", str(val)) == 0
+    assert "validation accuracy" in capsys.readouterr().out
+    if val < 1:
+        assert deploy(ckpt, "by-val-2", "--min-accuracy", str(min(1.0, val + 0.001))) == 1
+
+    # a report beside the checkpoint counts only for the weights it evaluated
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    shutil.copy(low, copy / "eval_report.json")
+    assert deploy(copy, "beside", "--min-accuracy", "0.6") == 1
+    assert str(copy / "eval_report.json") in capsys.readouterr().err
+    with (copy / "adapter/adapter_model.safetensors").open("ab") as fh:
+        fh.write(b"\0")  # other weights: the report no longer describes them
+    assert deploy(copy, "stale", "--min-accuracy", "0.6", "--eval-report", str(low)) == 2
+    assert "not of the router weights" in capsys.readouterr().err
+    if val >= 0.6:  # falls back to router_info.json
+        assert deploy(copy, "stale-fallback", "--min-accuracy", "0.6") == 0
+
+    # nothing recorded at all (the bare adapter folder): refused unless forced
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt / "adapter", bare / "adapter")
+    assert deploy(bare, "bare", "--min-accuracy", "0.1") == 2
+    assert "no recorded evaluation of this router" in capsys.readouterr().err
+    assert deploy(bare, "bare", "--min-accuracy", "0.1", "--force") == 0
+    assert deploy(bare, "plain", "--eval-report", str(low)) == 2  # --eval-report needs --min-accuracy

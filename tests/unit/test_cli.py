@@ -9,7 +9,7 @@ import pytest
 
 from mole_trainer.cli import build_parser, main
 
-STAGES = ["demo", "init", "model", "data", "train", "eval", "deploy", "infer", "history"]
+STAGES = ["demo", "init", "model", "data", "train", "eval", "test", "deploy", "infer", "history"]
 
 
 def run_mole(*args, cwd=None):

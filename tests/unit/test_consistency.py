@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import torch
 from PIL import Image
 
@@ -10,7 +12,7 @@ def make_samples(tmp_path, n=4):
     for i in range(n):
         p = tmp_path / f"{i}.png"
         Image.new("RGB", (40, 30), (10 * i, 100, 200)).save(p)
-        out.append(Sample(id=f"r{i}", images=[p], instruction=f"do thing {i}", answer="", source="t"))
+        out.append(Sample(id=f"r{i}", images=[p], instruction=f"Do thing {i}", answer="", source="t"))
     return out
 
 
@@ -25,6 +27,13 @@ def test_perturbations_keep_the_request_and_change_the_input(tmp_path):
     p = perturbed(s, "punctuation", tmp_path)
     assert p.images == s.images and p.instruction == s.instruction + "."
     assert perturbed(p, "punctuation", tmp_path).instruction == s.instruction
+    assert perturbed(s, "lower-case", tmp_path).instruction == "do thing 0"
+    assert perturbed(p, "polite-prefix", tmp_path).instruction == "Please do thing 0."
+    q = replace(s, instruction="Which bar is highest?")
+    assert perturbed(q, "polite-prefix", tmp_path).instruction == "Could you tell me which bar is highest?"
+    assert perturbed(replace(s, instruction="OCR this."), "polite-prefix", tmp_path).instruction == (
+        "Please OCR this."
+    )
 
 
 def test_rates_count_unchanged_routes(tmp_path):
@@ -40,8 +49,31 @@ def test_rates_count_unchanged_routes(tmp_path):
 
     report = consistency_report(route, samples, [0, 0, 0, 0], batch_size=2)
     assert report["batch_invariance"] == 1.0
-    assert report["perturbations"] == {"jpeg": 1.0, "resize": 0.0, "brightness": 1.0, "punctuation": 1.0}
-    assert report["perturbation_mean"] == 0.75
+    assert report["perturbations"] == {
+        "jpeg": 1.0,
+        "resize": 0.0,
+        "brightness": 1.0,
+        "punctuation": 1.0,
+        "lower-case": 1.0,
+        "polite-prefix": 1.0,
+    }
+    assert report["perturbation_mean"] == round(5 / 6, 4)
+
+
+def test_text_perturbations_are_measured(tmp_path):
+    samples = make_samples(tmp_path)
+
+    def route(batch, bs):
+        # a router keyed on the text's surface: lower-case first letter -> 1, more than three words -> 2
+        out = torch.zeros(len(batch), 3)
+        for i, s in enumerate(batch):
+            words = s.instruction.split()
+            out[i, 2 if len(words) > 3 else int(s.instruction[:1].islower())] = 1.0
+        return out
+
+    rates = consistency_report(route, samples, [0, 0, 0, 0], batch_size=2)["perturbations"]
+    assert (rates["punctuation"], rates["lower-case"], rates["polite-prefix"]) == (1.0, 0.0, 0.0)
+    assert rates["jpeg"] == rates["resize"] == rates["brightness"] == 1.0
 
 
 def test_router_prompt_ignores_whitespace():

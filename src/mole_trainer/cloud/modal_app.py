@@ -305,17 +305,55 @@ def eval_router(
         )
 
 
+@app.function(volumes=MOUNTS, gpu=EVAL_GPU, timeout=EVAL_TIMEOUT)
+def test_router(
+    checkpoint: str = ROUTER_CKPT,
+    test_data: str = ROUTING_FILE,
+    per_expert: int | None = None,
+    min_accuracy: float | None = None,
+    split: str | None = "test",
+    batch_size: int = 8,
+    workdir: str = ".",
+) -> dict:
+    """Route a small held-out sample per expert (`mole test router`); `passed` is False below min_accuracy."""
+    with synced(reads=(DATA,), writes=(MODELS, CHECKPOINTS)):
+        return stages.test_router(
+            volume_path(CHECKPOINTS, checkpoint),
+            volume_path(DATA, test_data),
+            per_expert,
+            min_accuracy,
+            split,
+            _workdir(workdir),
+            batch_size,
+        )
+
+
 @app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
 def deploy(
-    checkpoint: str = ROUTER_CKPT, experts_dir: str = EXPERTS_CKPT, dest: str = DEPLOY_DIR, workdir: str = "."
+    checkpoint: str = ROUTER_CKPT,
+    experts_dir: str = EXPERTS_CKPT,
+    dest: str = DEPLOY_DIR,
+    workdir: str = ".",
+    min_accuracy: float | None = None,
+    force: bool = False,
+    eval_report: str | None = EVAL_REPORT,
 ) -> dict:
-    """Deploy the router and its experts (checkpoints Volume) into `dest` on the checkpoints Volume."""
+    """Deploy the router and its experts (checkpoints Volume) into `dest` on the checkpoints Volume.
+
+    With `min_accuracy`, the router's `eval_report` (checkpoints Volume; eval_router writes it there)
+    must reach it, unless `force`; eval_report=None uses the report beside the checkpoint, else the
+    validation accuracy of router_info.json.
+    """
     with synced(writes=(CHECKPOINTS,)):
+        report = volume_path(CHECKPOINTS, eval_report) if eval_report and min_accuracy is not None else None
         return stages.deploy(
             volume_path(CHECKPOINTS, checkpoint),
             volume_path(CHECKPOINTS, experts_dir),
             str(volume_path(CHECKPOINTS, dest)),
             _workdir(workdir),
+            min_accuracy,
+            force,
+            report,
         )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..hashing import sha256_file
 from ..layout import LABEL_MAP_FILE, SPLITS
+from .augment import AUGMENT_METADATA
 from .formats import RecordError, check_image, iter_jsonl, parse_record
 from .routing import load_label_map, routing_stats_path
 
@@ -40,7 +41,7 @@ def check_routing_dataset(path: str | Path) -> dict:
     """Check a routing dataset folder (or one routing JSONL in it); return the report.
 
     The report holds the folder, the files read, the label map, record counts per expert and
-    split, image counts, the number of oversampled repeats, `violations` (messages naming the
+    split, image counts, the numbers of oversampled repeats and augmented copies, `violations` (messages naming the
     file and line, or the image hash and its splits) and `warnings`.
     """
     path = Path(path)
@@ -67,7 +68,7 @@ def check_routing_dataset(path: str | Path) -> dict:
     )  # hash -> split -> file:line
     counts_by_file: dict[Path, dict[str, dict[str, int]]] = {}
     first_line_of_id: dict[str, str] = {}
-    records = repeats = 0
+    records = repeats = augmented = 0
     for f in files:
         counts = counts_by_file[f] = defaultdict(lambda: {sp: 0 for sp in SPLITS})
         for lineno, obj in iter_jsonl(f):
@@ -96,6 +97,12 @@ def check_routing_dataset(path: str | Path) -> dict:
                 ok = False
             if sample.metadata.get("oversample_repeat"):
                 repeats += 1
+            if sample.metadata.get(AUGMENT_METADATA):
+                augmented += 1
+                if sample.split not in (None, "train"):
+                    violations.append(
+                        f"{where}: augmented copy '{sample.id}' in split '{sample.split}' (train only)"
+                    )
             for i, p in enumerate(sample.images):
                 if p not in image_hash:
                     image_hash[p] = _hash_and_decode(p, f"{where}: images[{i}]", violations)
@@ -126,6 +133,7 @@ def check_routing_dataset(path: str | Path) -> dict:
         "images": len(image_hash),
         "distinct_images": len({h for h in image_hash.values() if h is not None}),
         "oversampled_repeats": repeats,
+        "augmented_copies": augmented,
         "violations": violations,
         "warnings": warnings,
     }

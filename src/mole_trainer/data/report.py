@@ -6,7 +6,7 @@ from ..layout import SPLITS
 
 
 def routing_stats_table(stats: dict):
-    """A rich Table: per expert the records per split, what was dropped, left unused and repeated."""
+    """A rich Table: per expert the records per split, what was dropped, left unused, repeated, augmented."""
     from rich import box
     from rich.table import Table
 
@@ -15,11 +15,12 @@ def routing_stats_table(stats: dict):
         f"seed {stats['seed']})",
         box=box.SIMPLE_HEAD,
         collapse_padding=True,
+        pad_edge=False,  # an 80-column terminal fits every column
     )
     t.add_column("expert", no_wrap=True)
     for sp in SPLITS:
         t.add_column(sp, justify="right")
-    for col in ("input", "dupes", "conflicts", "unused", "repeats"):
+    for col in ("input", "dupes", "conflicts", "unused", "repeats", "aug"):
         t.add_column(col, justify="right")
     for e, c in stats["counts"].items():
         t.add_row(
@@ -30,20 +31,35 @@ def routing_stats_table(stats: dict):
             str(stats["conflicts_dropped"][e]),
             str(stats["unused_for_balance"][e]),
             str(stats["oversampled"][e]),
+            str(stats["augmented"][e]),
         )
     return t
 
 
 def print_routing_stats(stats: dict, console=None) -> None:
-    """Print the stats table, the totals line and any warnings (repeats: oversampled train copies)."""
+    """Print the stats table, the totals line and any warnings.
+
+    repeats: oversampled train copies; augmented: rewritten train copies (both inside `train`).
+    """
     from rich.console import Console
 
     console = console or Console(highlight=False)
     console.print(routing_stats_table(stats))
-    ratio = stats["imbalance_ratio"]
+    ratio, aug = stats["imbalance_ratio"], stats["augment"]
     console.print(
         f"{stats['records']} records -> {stats['output']}; imbalance ratio (max/min train) "
-        f"{'undefined' if ratio is None else ratio}",
+        f"{'undefined' if ratio is None else ratio}"
+        + (
+            f"; augment: {aug['copies']} rewritten cop{'y' if aug['copies'] == 1 else 'ies'} of "
+            + (
+                "every train record"
+                if aug["fraction"] == 1
+                else f"{aug['fraction']:.0%} of the train records"
+            )
+            + f" ({', '.join(aug['rewrites'])}; seed {aug['seed']})"
+            if aug["copies"]
+            else ""
+        ),
         markup=False,
         soft_wrap=True,
     )
@@ -73,7 +89,7 @@ def print_check_report(report: dict, console=None) -> None:
     console.print(
         f"{report['records']} records in {len(report['files'])} file(s), {report['images']} image files "
         f"({report['distinct_images']} distinct by content), "
-        f"{report['oversampled_repeats']} oversampled repeats",
+        f"{report['oversampled_repeats']} oversampled repeats, {report['augmented_copies']} augmented copies",
         markup=False,
         soft_wrap=True,
     )

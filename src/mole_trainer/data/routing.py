@@ -5,7 +5,8 @@ even across experts or under different file names), and whole groups go to one s
 straddles train/val/test. Group order comes from the hashes and the seed, never from file order.
 Test and val records are taken per expert first; the train split then follows the config's
 strategy (`balanced` or `proportional`), per-expert targets or weights, the cap and, with
-`oversample`, seeded repeats of train records (repeats never leave the train split). Images are
+`oversample`, seeded repeats of train records (repeats never leave the train split), then, with
+`augment`, rewritten copies of train records (data/augment.py; train split only too). Images are
 stored once, content-addressed (`images/<sha256>.<ext>`), beside the output file, with the label
 map (sorted expert names -> 0..K-1), the one source of expert names and indices, and the stats.
 """
@@ -22,10 +23,11 @@ from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
 
-from ..config import DatasetConfig
+from ..config import DatasetConfig, to_dict
 from ..errors import UserError
 from ..hashing import sha256_file
 from ..layout import LABEL_MAP_FILE, ROUTING_STATS_SUFFIX, SPLITS
+from .augment import AUGMENT_ID, AUGMENT_METADATA, plan_copies
 from .formats import Sample, load_expert_dataset, sample_to_record, write_jsonl
 
 EXPERT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -74,7 +76,7 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
 
     Every input record is accounted for: kept (train, val or test), dropped as an exact
     duplicate, dropped as a conflict (the same request claimed by two experts) or left unused by
-    the train sampling; oversampled repeats are counted apart.
+    the train sampling; oversampled repeats and augmented copies are counted apart.
     """
     if not cfg.experts:
         raise UserError(f"{source}: 'experts' lists no expert datasets")
@@ -149,7 +151,23 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
             extra = n - len(cands)
             repeats.extend((shuffled[j % len(cands)], j // len(cands) + 1) for j in range(extra))
             oversampled[e] = extra
-    for i, repeat in [(i, 0) for i in chosen] + repeats:
+    # rewritten copies of each expert's distinct train records (AugmentSpec): (index, copy, text)
+    augmented = {e: 0 for e in per_expert}
+    copies: list[tuple[int, int, str]] = []
+    aug_seed = cfg.seed if cfg.augment.seed is None else cfg.augment.seed
+    for e, cands in candidates.items():
+        train = cands[: n_train[e]]
+        planned = plan_copies(
+            [f"{e}/{kept[i][1].id}" for i in train],
+            [kept[i][1].instruction for i in train],
+            cfg.augment,
+            aug_seed,
+        )
+        copies.extend((train[j], copy, text) for j, copy, text in planned)
+        augmented[e] = len(planned)
+    entries = [(i, 0, 0, None) for i in chosen] + [(i, r, 0, None) for i, r in repeats]
+    entries += [(i, 0, copy, text) for i, copy, text in copies]
+    for i, repeat, copy, text in entries:
         name, s, hs = kept[i]
         rel = []
         for p, h in zip(s.images, hs, strict=True):
@@ -158,12 +176,17 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
                 shutil.copyfile(p, dest)
             rel.append(f"images/{dest.name}")
         metadata = {**s.metadata, "source": s.source, "source_id": s.id}
+        rid = f"{name}/{s.id}"
         if repeat:
             metadata["oversample_repeat"] = repeat
+            rid += f"#repeat{repeat}"
+        if copy:
+            metadata[AUGMENT_METADATA] = copy
+            rid += AUGMENT_ID.format(copy=copy)
         rec_sample = Sample(
-            id=f"{name}/{s.id}" + (f"#repeat{repeat}" if repeat else ""),
+            id=rid,
             images=s.images,
-            instruction=s.instruction,
+            instruction=s.instruction if text is None else text,
             answer=s.answer,
             metadata=metadata,
             expert=name,
@@ -196,11 +219,13 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
         "train_targets": targets,
         "unused_for_balance": unused,
         "oversampled": oversampled,
+        "augmented": augmented,
+        "augment": to_dict(cfg.augment) | {"seed": aug_seed},
         "imbalance_ratio": round(max(train_counts) / min(train_counts), 3) if min(train_counts) else None,
         "image_groups": len(order),
     }
     for e in per_expert:
-        unique = counts[e]["train"] - oversampled[e] + counts[e]["val"] + counts[e]["test"]
+        unique = counts[e]["train"] - oversampled[e] - augmented[e] + counts[e]["val"] + counts[e]["test"]
         lost = duplicates[e] + conflicts[e] + unused[e]
         if unique + lost != len(per_expert[e]):  # a bug in this module, never a user mistake
             raise RuntimeError(

@@ -2,9 +2,11 @@
 that should not matter change?
 
 - batch invariance: each record routed alone (no other requests in its batch) against in a batch;
-- benign perturbations: JPEG re-encoding, a 10 % downscale, +10 % brightness, and the
-  instruction's final punctuation toggled ("Read it." <-> "Read it"). Whitespace is not among them:
-  the router prompt canonicalises it, so that rate would be 1 by construction.
+- benign perturbations: JPEG re-encoding, a 10 % downscale, +10 % brightness, and three of the
+  instruction: its final punctuation toggled ("Read it." <-> "Read it"), lower case ("read it."),
+  and a polite prefix ("Please read it.", "Could you tell me which bar is highest?"; see
+  data/rewrites.py). Whitespace is not among them: the router prompt canonicalises it, so that
+  rate would be 1 by construction.
 Each rate is the fraction of records whose top-1 expert is unchanged.
 """
 
@@ -17,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..data.formats import Sample
+from ..data.rewrites import politely, toggle_final_mark
 
 
 def _jpeg(im, path: Path):
@@ -38,15 +41,19 @@ def _brightness(im, path: Path):
 
 
 IMAGE_PERTURBATIONS: dict[str, Callable] = {"jpeg": _jpeg, "resize": _resize, "brightness": _brightness}
+TEXT_PERTURBATIONS: dict[str, Callable[[str], str]] = {
+    "punctuation": toggle_final_mark,
+    "lower-case": str.lower,
+    "polite-prefix": politely,
+}
 
 
 def perturbed(sample: Sample, name: str, folder: Path) -> Sample:
     """A copy of the sample with one perturbation applied (images written under `folder`)."""
     from PIL import Image
 
-    if name == "punctuation":
-        text = sample.instruction.rstrip()
-        return replace(sample, instruction=text[:-1] if text[-1:] in ".?!" else text + ".")
+    if name in TEXT_PERTURBATIONS:
+        return replace(sample, instruction=TEXT_PERTURBATIONS[name](sample.instruction))
     images = []
     for i, p in enumerate(sample.images):
         with Image.open(p) as im:
@@ -61,7 +68,7 @@ def consistency_report(route: Callable, samples: list[Sample], predicted: list[i
     alone = [int(route([s], 1)[0].argmax()) for s in samples]
     report = {"batch_invariance": _rate(alone, predicted), "perturbations": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in [*IMAGE_PERTURBATIONS, "punctuation"]:
+        for name in [*IMAGE_PERTURBATIONS, *TEXT_PERTURBATIONS]:
             changed = [perturbed(s, name, Path(tmp)) for s in samples]
             routes = route(changed, batch_size).argmax(-1).tolist()
             report["perturbations"][name] = _rate(routes, predicted)

@@ -66,6 +66,7 @@ def evaluate_router(
     """
     from ..eval.metrics import router_report
     from ..infer.scoring import route_probs
+    from .router_check import adapter_digest
 
     model, processor, label_map, info = load_router(checkpoint, device, dtype, base_model)
     names = label_names(label_map)
@@ -81,6 +82,8 @@ def evaluate_router(
 
         report["consistency"] = consistency_report(route, samples, probs.argmax(-1).tolist(), batch_size)
     report["checkpoint"] = str(checkpoint)
+    # which weights were evaluated: `mole deploy --min-accuracy` trusts a report only for these
+    report["adapter_sha256"] = adapter_digest(find_adapter_dir(checkpoint))
     report["test_data"] = str(test_data)
     report["split"] = split
     out = Path(output) if output else Path(checkpoint) / EVAL_REPORT_FILE
