@@ -124,3 +124,19 @@ def test_augment_config_checked(tmp_path, text, message):
     with pytest.raises(UserError, match=None) as e:
         load_config(p, DatasetConfig)
     assert message in str(e.value) and str(p) in str(e.value)
+
+
+def test_rewritten_text_goes_back_where_the_request_stands():
+    from mole_trainer.data.conversation import router_request, with_router_text
+
+    turns = [
+        {"role": "user", "content": [{"type": "text", "text": "Read it."}, {"type": "image"}]},
+        {"role": "assistant", "content": "ok"},
+    ]
+    out = with_router_text(turns, "Please read it")
+    assert out[0]["content"] == [{"type": "text", "text": "Please read it"}, {"type": "image"}]
+    assert out[1] == turns[1] and turns[0]["content"][0]["text"] == "Read it."  # the source is untouched
+    assert router_request(out) == "Please read it"
+    # two user turns: no part-by-part mapping, the record falls back to the router's single-turn view
+    two = [*turns, {"role": "user", "content": [{"type": "text", "text": "And this?"}]}, turns[1]]
+    assert with_router_text(two, "x") is None

@@ -150,6 +150,37 @@ def router_request(turns: list[dict]) -> str:
     )
 
 
+def with_router_text(turns: list[dict] | None, text: str) -> list[dict] | None:
+    """The turns with the router's view replaced by `text` (a rewritten copy of the request).
+
+    With one user text part the text is replaced where it stands (images and answers untouched).
+    Otherwise the request's text cannot be put back part by part, so None is returned: the record
+    then becomes one user turn (every image, then `text`) and the final answer, which gives the
+    router exactly the same view (router_request + every image in order).
+    """
+    if turns is None:
+        return None
+    parts = [
+        (i, j)
+        for i, t in enumerate(turns)
+        if t["role"] == "user"
+        for j, p in enumerate(t["content"])
+        if p["type"] == "text"
+    ]
+    if len(parts) != 1:
+        return None
+    i, j = parts[0]
+    out = [
+        {
+            "role": t["role"],
+            "content": [dict(p) for p in t["content"]] if t["role"] == "user" else t["content"],
+        }
+        for t in turns
+    ]
+    out[i]["content"][j]["text"] = text
+    return out
+
+
 def raw_messages(obj: dict) -> list[RawTurn]:
     """The turns of a messages-format record (`messages: [{role, content}, ...]`)."""
     messages = obj.get("messages")

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..hashing import sha256_file
 from ..layout import LABEL_MAP_FILE, ROUTING_STATS_SUFFIX, SPLITS
 from .augment import AUGMENT_ID, AUGMENT_METADATA, plan_copies
+from .conversation import with_router_text
 from .formats import Sample, load_expert_dataset, sample_to_record, write_jsonl
 
 EXPERT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -192,7 +193,8 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
             expert=name,
             split=split_of[i],
             system=s.system,
-            turns=s.turns,  # the whole conversation travels with the record
+            # the whole conversation travels with the record; a rewritten copy carries its new text
+            turns=s.turns if text is None else with_router_text(s.turns, text),
         )
         records.append(sample_to_record(rec_sample, rel))
     records.sort(key=lambda r: (SPLITS.index(r["split"]), r["expert"], r["id"]))
