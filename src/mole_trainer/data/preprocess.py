@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..layout import LABEL_MAP_FILE, PREPROCESS_META_FILE, PREPROCESS_SHARD_FILE, REJECTS_FILE, SPLITS
-from ..model.chat import END_OF_TURN
+from ..model.chat import end_of_turn
 from ..router_prompt import label_names, router_messages
 from .formats import Reject, Sample, write_jsonl
 
@@ -64,22 +64,41 @@ def encode_prompt(processor, messages: list[dict], images) -> dict:
 
 
 def encode_example(processor, messages: list[dict], answer: str, images) -> dict[str, Any]:
-    """Tokenise prompt + answer; mask everything but the answer tokens and the end-of-turn token."""
+    """Prompt tokens + answer tokens + end of turn; everything but the answer and end of turn masked.
+
+    The answer is tokenised on its own and appended to the prompt's tokens, exactly as generation
+    continues from the prompt: tokenising the joined text would let BPE merge across the boundary
+    (an answer starting with a newline merges with the assistant header's "\n"), so training would
+    see tokens that inference never produces. The text is checked against the chat template's own
+    rendering of the conversation, so a template that renders the answer otherwise is caught.
+    """
+    import torch
+
+    tok = processor.tokenizer
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    answer_part = answer + END_OF_TURN
-    enc = processor(text=[prompt + answer_part], images=images or None, return_tensors="pt")
-    ids = enc["input_ids"][0]
-    answer_ids = processor.tokenizer(answer_part, add_special_tokens=False)["input_ids"]
-    n_prompt = len(ids) - len(answer_ids)
-    if ids[n_prompt:].tolist() != answer_ids:
-        raise ValueError("the answer does not tokenise the same alone as after the prompt")
-    labels = ids.clone()
-    labels[:n_prompt] = IGNORE_INDEX
-    example = {k: v[0] for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw")}
+    answer_part = answer + end_of_turn(tok)
+    full = processor.apply_chat_template(
+        [*messages, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False
+    )
+    if not full.startswith(prompt + answer_part):
+        raise ValueError(
+            "the chat template does not render the conversation as the prompt, the answer and "
+            f"{end_of_turn(tok)} (it renders {full[len(prompt) :][:80]!r} after the prompt)"
+        )
+    enc = encode_prompt(processor, messages, images)
+    answer_ids = torch.tensor(tok(answer_part, add_special_tokens=False)["input_ids"])
+    example: dict[str, Any] = {}
+    for key, value in enc.items():
+        if key in ("pixel_values", "image_grid_thw"):
+            example[key] = value
+        elif key == "input_ids":
+            example[key] = torch.cat([value[0], answer_ids.to(value.dtype)])
+        else:  # attention_mask (1 on the answer), mm_token_type_ids (0: text) and other per-token fields
+            fill = 1 if key == "attention_mask" else 0
+            example[key] = torch.cat([value[0], torch.full(answer_ids.shape, fill, dtype=value.dtype)])
+    labels = example["input_ids"].clone()
+    labels[: len(labels) - len(answer_ids)] = IGNORE_INDEX
     example["labels"] = labels
-    if "pixel_values" in enc:
-        example["pixel_values"] = enc["pixel_values"]
-        example["image_grid_thw"] = enc["image_grid_thw"]
     return example
 
 
