@@ -15,6 +15,8 @@ PREPROCESS_SHARD_FILE = "{split}-{index:05d}.pt"  # one shard of a preprocessed 
 # what `datasets` save_to_disk writes: a DatasetDict folder, a single Dataset folder
 HF_DATASET_DICT_FILE = "dataset_dict.json"
 HF_DATASET_STATE_FILE = "state.json"
+LLAMAFACTORY_INFO_FILE = "dataset_info.json"  # LLaMA-Factory's list of datasets in a folder
+DATASET_NAME_SEP = "#"  # DIR#NAME: the dataset NAME of DIR/dataset_info.json
 # where images extracted from datasets with embedded bytes go (default ~/.cache/mole-trainer)
 CACHE_DIR_ENV = "MOLE_CACHE_DIR"
 EXPERT_INFO_FILE = "expert_info.json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import DatasetConfig, ImageSpec, LorasConfig, RouterConfig, load_config, to_dict
+from .data.formats import dataset_exists, split_dataset_path
 from .errors import UserError
 from .history import record_run
 from .layout import HISTORY_DB, LABEL_MAP_FILE, SPLITS
@@ -40,7 +41,7 @@ def data_hash(*paths: str | Path) -> str:
 
     h = hashlib.sha256()
     for p in map(Path, paths):
-        if p.is_dir():
+        if p.is_dir() or dataset_exists(p):  # a folder, or DIR#NAME (a LLaMA-Factory dataset)
             h.update(dataset_digest(p).encode())
         elif p.is_file():
             h.update(sha256_file(p).encode())
@@ -98,7 +99,7 @@ def data_routing(config: str | Path, output: str | Path, workdir: str | Path = "
 
     cfg = load_config(config, DatasetConfig)
     for name, src in cfg.experts.items():
-        if not src.path or not Path(src.path).is_dir():
+        if not src.path or not dataset_exists(src.path):
             raise UserError(
                 f"{config}: experts.{name}.path: dataset folder {src.path or '(empty)'} not found"
             )
@@ -175,7 +176,13 @@ def data_preprocess(
         raise UserError(
             "preprocess needs --model (a base folder or hub id) or --config (router.yaml / loras.yaml)"
         )
-    from .data.formats import Location, RecordError, Reject, read_dataset, read_jsonl_samples
+    from .data.formats import (
+        Location,
+        RecordError,
+        Reject,
+        read_dataset,
+        read_jsonl_samples,
+    )
     from .data.preprocess import preprocess_splits
     from .data.routing import load_label_map
 
@@ -183,7 +190,7 @@ def data_preprocess(
         raise UserError(f"--min-pixels {min_pixels} must not exceed --max-pixels {max_pixels}")
     input = Path(input)
     # images are decoded by the (parallel) encoding, not here: a bad one becomes a reject there
-    if input.is_dir():
+    if dataset_exists(input):
         splits, rejects = read_dataset(input, decode=False, strict=strict)
     elif input.is_file():
         samples, rejects = read_jsonl_samples(input, decode=False, strict=strict)
@@ -203,7 +210,9 @@ def data_preprocess(
     lm = None
     if task == "router":
         lm_path = (
-            Path(label_map) if label_map else (input if input.is_dir() else input.parent) / LABEL_MAP_FILE
+            Path(label_map)
+            if label_map
+            else (split_dataset_path(input)[0] if dataset_exists(input) else input.parent) / LABEL_MAP_FILE
         )
         lm = load_label_map(lm_path)
     config = {
@@ -243,7 +252,7 @@ def data_convert(
     """Rewrite a dataset folder (messages/ShareGPT JSONL or HF datasets) as `to` into `output`."""
     from .data.convert import convert_dataset
 
-    if not Path(input).is_dir():
+    if not dataset_exists(input):
         raise UserError(f"{input}: dataset folder not found")
     config = {"input": str(input), "output": str(output), "to": to, "strict": strict}
     with record_run(_db(workdir), "data.convert", config, data_hash(input)) as run:
@@ -272,7 +281,7 @@ def train_experts(
     cfg = load_config(config, LorasConfig)
     for name in only or cfg.experts:
         entry = cfg.experts.get(name)
-        if entry is not None and (not entry.data or not Path(entry.data).is_dir()):
+        if entry is not None and (not entry.data or not dataset_exists(entry.data)):
             raise UserError(f"{config}: experts.{name}.data: folder {entry.data or '(empty)'} not found")
     digest = data_hash(*(cfg.experts[n].data for n in only or cfg.experts if n in cfg.experts))
     with _record_run(workdir, "train.experts", {**to_dict(cfg), "concurrent": concurrent}, digest) as run:

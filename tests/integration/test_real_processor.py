@@ -28,6 +28,24 @@ OVERRIDES = {
     "router.yaml": {**SMALL, "eval_max_records": 4},
 }
 IGNORE = -100
+# a multi-turn expert record: system prompt, two rounds, the image inside the second user turn's text
+MULTI_TURN = {
+    "id": "calendar-multi-turn",
+    "messages": [
+        {"role": "system", "content": "You operate a calendar app. Answer with one action."},
+        {"role": "user", "content": [{"type": "text", "text": "I need to pick a date next month."}]},
+        {"role": "assistant", "content": "Show me the calendar first."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Here it is: "},
+                {"type": "image"},
+                {"type": "text", "text": " Click on the 14th."},
+            ],
+        },
+        {"role": "assistant", "content": "click(x=120, y=88)"},
+    ],
+}
 
 
 def mole(wd: Path, *args: str) -> None:
@@ -50,6 +68,11 @@ def wd(tmp_path_factory):
     mole(w, "model", "tiny", "--out", str(w / "model/tiny-qwen3-vl"), "--processor", str(PROCESSOR))
     synth = ["--train", "4", "--val", "2", "--test", "2", "--size", "320x240"]
     mole(w, "data", "synth", "--out", str(w / "data/experts"), "--experts", ",".join(EXPERTS), *synth)
+    calendar = w / "data/experts/calendar"
+    first = json.loads((calendar / "train.jsonl").read_text().splitlines()[0])
+    record = {**MULTI_TURN, "images": first["images"]}  # a train record's screenshot: no split leak
+    with (calendar / "train.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
     routing = w / "data/routing/routing_data.jsonl"
     mole(w, "data", "routing", "--config", str(w / "config/dataset.yaml"), "--output", str(routing))
     router_yaml = str(w / "config/router.yaml")
@@ -87,15 +110,25 @@ def rendered(processor, messages: list[dict], images, generation_prompt: bool = 
     return processor(text=[text], images=images or None, return_tensors="pt")
 
 
-def check_against_template(processor, example: dict, messages: list[dict], images) -> list[int]:
-    """Assert the training example is the template's rendering, supervised exactly on the last answer.
+def n_images(messages: list[dict]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if p.get("type") == "image"
+    )
 
-    Returns the supervised token ids.
+
+def check_against_template(processor, example: dict, messages: list[dict], images) -> list[list[int]]:
+    """Assert the training example is the template's rendering, supervised exactly on the assistant turns.
+
+    The reference is built from token renderings of growing prefixes of the conversation (not from
+    character spans, as preprocessing finds them). Returns each assistant turn's supervised ids.
     """
     whole = rendered(processor, messages, images)
-    prompt = rendered(processor, messages[:-1], images, generation_prompt=True)
-    ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
     ref = whole["input_ids"][0].tolist()
+    ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
     # the training row is the rendered conversation up to and including the final <|im_end|>;
     # all the template adds after it is the newline between turns
     assert ids == ref[: len(ids)]
@@ -105,12 +138,20 @@ def check_against_template(processor, example: dict, messages: list[dict], image
     if images:
         assert torch.equal(example["pixel_values"], whole["pixel_values"])
         assert torch.equal(example["image_grid_thw"], whole["image_grid_thw"])
-    # supervised: exactly the tokens after the generation prompt (the answer and <|im_end|>)
-    n_prompt = prompt["input_ids"].shape[1]
-    assert ids[:n_prompt] == prompt["input_ids"][0].tolist()
-    assert labels == [IGNORE] * n_prompt + ids[n_prompt:]
-    assert ids[-1] == 151645  # <|im_end|> in the real vocabulary (SOURCE.md)
-    return ids[n_prompt:]
+    expected, turns = [IGNORE] * len(ids), []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        seen = images[: n_images(messages[:k])]
+        head = rendered(processor, messages[:k], seen, generation_prompt=True)["input_ids"][0].tolist()
+        upto = rendered(processor, messages[: k + 1], seen)["input_ids"][0].tolist()
+        assert upto[: len(head)] == head and ref[: len(upto)] == upto
+        assert upto[-2] == 151645 and processor.tokenizer.decode(upto[-1:]) == "\n"  # <|im_end|> "\n"
+        # supervised: the turn's tokens after the generation prompt, through <|im_end|>
+        expected[len(head) : len(upto) - 1] = upto[len(head) : -1]
+        turns.append(upto[len(head) : -1])
+    assert labels == expected
+    return turns
 
 
 def test_model_has_the_real_processor_and_vocabulary(wd, processor):
@@ -145,7 +186,7 @@ def test_router_inputs_and_masks_match_the_real_template(wd, processor):
         s = sample_from_dict(record)
         messages = router_messages(s.instruction, len(s.images), names)
         messages.append({"role": "assistant", "content": s.expert})
-        supervised = check_against_template(processor, example, messages, load_images(s))
+        (supervised,) = check_against_template(processor, example, messages, load_images(s))
         assert processor.tokenizer.decode(supervised) == s.expert + "<|im_end|>"
         assert supervised == scored[names.index(s.expert)]  # what routing scores is what was trained
 
@@ -153,13 +194,18 @@ def test_router_inputs_and_masks_match_the_real_template(wd, processor):
 def test_expert_inputs_and_masks_match_the_real_template(wd, processor):
     from mole_trainer.data.preprocess import load_images, load_preprocessed, sample_from_dict
 
+    checked = []
     for expert in EXPERTS:
         _, payload = load_preprocessed(wd / f"checkpoints/experts/{expert}/prep", "train")
         assert payload["examples"]
         for example, record in zip(payload["examples"], payload["samples"], strict=True):
             s = sample_from_dict(record)
-            supervised = check_against_template(processor, example, s.messages(), load_images(s))
-            assert processor.tokenizer.decode(supervised) == s.answer + "<|im_end|>"
+            turns = check_against_template(processor, example, s.messages(), load_images(s))
+            assert processor.tokenizer.decode(turns[-1]) == s.answer + "<|im_end|>"
+            checked.append((s.id, turns))
+    multi = dict(checked)[MULTI_TURN["id"]]  # the multi-turn record: both assistant turns supervised
+    answers = [m["content"] for m in MULTI_TURN["messages"] if m["role"] == "assistant"]
+    assert [processor.tokenizer.decode(t) for t in multi] == [a + "<|im_end|>" for a in answers]
 
 
 def test_eval_and_infer_route_with_the_real_vocabulary(wd, capsys):

@@ -49,11 +49,15 @@ def test_valid_record_loads(ds):
         (record(rid="r2", answer=""), "assistant answer is empty"),
         (record(rid="r2", text="  "), "no instruction text"),
         ({**record(rid="r2"), "images": "images/a.png"}, "'images' must be a non-empty list"),
-        ({**record(rid="r2"), "messages": [{"role": "user", "content": "hi"}]}, "'messages' must be a list"),
+        (
+            {**record(rid="r2"), "messages": [{"role": "user", "content": "hi"}]},
+            "the last message must be the assistant answer, got role 'user'",
+        ),
+        ({**record(rid="r2"), "messages": []}, "'messages' must be a non-empty list of turns"),
         ({"images": ["images/a.png"]}, "'id' must be a non-empty string"),
         (
             {**record(rid="r2"), "messages": [*record()["messages"], {"role": "user", "content": "and?"}]},
-            "exactly two turns",
+            "the last message must be the assistant answer",
         ),
     ],
 )

@@ -91,7 +91,7 @@ RECORD_CASES = [
     ("id of the wrong type", rec(rid=7), "field 'id' must be a non-empty string"),
     ("images as a string", {**rec(), "images": "images/a.png"}, "field 'images' must be a non-empty list"),
     ("metadata as a list", rec(metadata=[1]), "field 'metadata' must be an object"),
-    ("empty conversation", rec(messages=[]), "'messages' must be a list of exactly two turns"),
+    ("empty conversation", rec(messages=[]), "field 'messages' must be a non-empty list of turns"),
     (
         "no assistant answer",
         rec(messages=[GOOD_TURNS[0], {"role": "user", "content": "and?"}]),
@@ -106,7 +106,7 @@ RECORD_CASES = [
     (
         "image parts do not match the images",
         rec(images=["images/a.png", "images/a.png"]),
-        "the user turn has 1 image part(s) but 'images' lists 2",
+        "messages[0].content has 1 image part(s) but 'images' lists 2 image(s)",
     ),
     (
         "unknown content part",
@@ -122,7 +122,68 @@ RECORD_CASES = [
     (
         "ShareGPT unknown role",
         sharegpt(answer_from="bot"),
-        "conversations[1].from must be one of gpt, assistant",
+        "conversations[1].from 'bot' is not a known role (one of system, human, user, gpt, assistant)",
+    ),
+    # conversations: system prompts, several turns, images in any user turn
+    (
+        "assistant first",
+        rec(messages=[{"role": "assistant", "content": "Hello"}, *GOOD_TURNS]),
+        "messages[0].role must be 'user' (after an optional system prompt, turns alternate user and "
+        "assistant, starting with the user), got 'assistant'",
+    ),
+    (
+        "two user turns in a row",
+        rec(messages=[GOOD_TURNS[0], {"role": "user", "content": "and?"}, GOOD_TURNS[1]]),
+        "messages[1].role must be 'assistant'",
+    ),
+    (
+        "placeholder count off in a later turn",
+        {
+            "id": "s2",
+            "conversations": [
+                {"from": "human", "value": "<image>Click"},
+                {"from": "gpt", "value": "ok"},
+                {"from": "human", "value": "And here?<image>"},
+                {"from": "gpt", "value": "ok"},
+            ],
+            "images": ["images/a.png"],
+        },
+        "the user turns have 2 image(s) (conversations[0].value: 1 <image> placeholder(s), "
+        "conversations[2].value: 1 <image> placeholder(s)) but 'images' lists 1 image(s)",
+    ),
+    (
+        "empty system prompt",
+        rec(messages=[{"role": "system", "content": " "}, *GOOD_TURNS]),
+        "messages[0].content: the system prompt is empty",
+    ),
+    ("empty ShareGPT system field", sharegpt(system=""), "field 'system': the system prompt is empty"),
+    (
+        "unknown role",
+        rec(messages=[GOOD_TURNS[0], {"role": "bot", "content": "ok"}]),
+        "messages[1].role 'bot' is not a known role (one of system, user, assistant)",
+    ),
+    (
+        "system turn after the first",
+        rec(messages=[GOOD_TURNS[0], {"role": "system", "content": "Be brief."}, GOOD_TURNS[1]]),
+        "messages[1].role: a system turn may only come first",
+    ),
+    (
+        "ShareGPT system given as a field and as a turn",
+        {
+            **sharegpt(system="Be brief."),
+            "conversations": [{"from": "system", "value": "Be brief."}, *sharegpt()["conversations"]],
+        },
+        "give the system prompt either in field 'system' or as a first system turn, not both",
+    ),
+    (
+        "empty earlier assistant turn",
+        rec(messages=[*GOOD_TURNS[:1], {"role": "assistant", "content": ""}, *GOOD_TURNS]),
+        "messages[1].content: the assistant turn is empty",
+    ),
+    (
+        "image in an assistant turn",
+        rec(messages=[GOOD_TURNS[0], {"role": "assistant", "content": [{"type": "image"}]}]),
+        "messages[1].content: content[0].type 'image': an assistant turn holds text only",
     ),
     (
         "ShareGPT with both image and images",
@@ -328,3 +389,65 @@ def test_config_typo_names_the_key(tmp_path, ds):
 def test_workers_must_be_positive(tmp_path, ds):
     code, _, err = run_cli(*prep_args(tmp_path, ds, "--workers", "0"))
     assert code == 2 and "--workers: expected a number >= 1, got 0" in err
+
+
+# --- LLaMA-Factory folders (dataset_info.json) ---------------------------------------------------------
+
+
+def test_dataset_info_entry_pointing_at_a_missing_file(ds, tmp_path):
+    info = {"screens": {"file_name": "screens.json", "formatting": "sharegpt"}}
+    (ds / "dataset_info.json").write_text(json.dumps(info))
+    (ds / "train.jsonl").unlink(missing_ok=True)
+    for strict in (True, False):  # the dataset itself is missing: an error either way
+        with pytest.raises(UserError) as err:
+            read_dataset(f"{ds}#screens", strict=strict)
+        assert str(err.value) == (
+            f"{ds / 'dataset_info.json'}: dataset 'screens': file_name 'screens.json' not found "
+            f"({ds / 'screens.json'})"
+        )
+    code, _, err = run_cli(
+        "--workdir",
+        str(tmp_path),
+        "data",
+        "convert",
+        "--input",
+        f"{ds}#screens",
+        "--output",
+        str(tmp_path / "o"),
+    )
+    assert code == 2 and "file_name 'screens.json' not found" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("info", "array", "fragment"),
+    [
+        (
+            {"d": {"file_name": "d.json", "formatting": "ranking"}},
+            "[]",
+            "formatting 'ranking' is not 'sharegpt'",
+        ),
+        ({"d": {"hf_hub_url": "org/x"}}, "[]", "dataset 'd': 'hf_hub_url' datasets are not read"),
+        (
+            {"d": {"file_name": "d.json", "formatting": "sharegpt", "tags": {"speaker_tag": "who"}}},
+            "[]",
+            "dataset 'd': tags.speaker_tag is not one of role_tag",
+        ),
+        (
+            {"d": {"file_name": "d.json", "formatting": "sharegpt"}},
+            '[\n  {"a": 1},\n  {"a": }\n]',
+            "d.json:3: not valid JSON",
+        ),
+        (
+            {"d": {"file_name": "d.json", "formatting": "sharegpt"}},
+            '{"a": 1}',
+            "d.json: expected a JSON array",
+        ),
+    ],
+    ids=["unknown formatting", "hub entry", "unknown tag", "bad JSON in the array", "not an array"],
+)
+def test_bad_dataset_info_entries_and_files(ds, info, array, fragment):
+    (ds / "dataset_info.json").write_text(json.dumps(info))
+    (ds / "d.json").write_text(array)
+    with pytest.raises(UserError) as err:
+        read_dataset(f"{ds}#d", strict=False)
+    assert fragment in str(err.value)

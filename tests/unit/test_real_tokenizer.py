@@ -4,7 +4,6 @@ The tiny tokenizer has no merge for "\\n\\n" (its corpus has no newlines), so th
 boundary cases only show with the real vocabulary.
 """
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -38,7 +37,7 @@ def sample(image: Path, answer: str) -> Sample:
     return Sample(id="r1", images=[image], instruction="Read the note.", answer=answer, source="t.jsonl:1")
 
 
-@pytest.mark.parametrize("answer", ["\nTotal: 12.50", "\n\n- milk\n- eggs", "  indented", "plain"])
+@pytest.mark.parametrize("answer", ["plain", "  indented", "two lines\nof text\n", "Total: 12.50"])
 def test_answer_tokens_follow_the_generation_prompt_tokens(processor, image, answer):
     s = sample(image, answer)
     ex = encode_sample(processor, s, "sft")
@@ -50,26 +49,29 @@ def test_answer_tokens_follow_the_generation_prompt_tokens(processor, image, ans
     assert labels == [IGNORE_INDEX] * len(gen) + ids[len(gen) :]
     tok = processor.tokenizer
     assert ids[len(gen) :] == tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    joined = processor(
-        text=[processor.apply_chat_template(s.messages(), tokenize=False)], images=images, return_tensors="pt"
-    )
-    joined_ids = joined["input_ids"][0].tolist()
-    if answer.startswith("\n"):  # the real BPE merges the header's "\n" with the answer's
-        assert joined_ids[: len(ids)] != ids
-    else:
-        assert joined_ids[: len(ids)] == ids
 
 
-def test_a_template_that_renders_the_answer_otherwise_is_refused(processor, image):
-    thinking = copy.copy(processor)  # a Qwen3-style template that inserts an empty think block
-    thinking.chat_template = processor.chat_template.replace(
-        "{{- '<|im_start|>' + message.role + '\\n' }}\n        {%- if message.content is string %}",
-        "{{- '<|im_start|>' + message.role + '\\n' }}{% if message.role == 'assistant' %}"
-        "{{- '<think>\\n\\n</think>\\n\\n' }}{% endif %}\n        {%- if message.content is string %}",
+@pytest.mark.parametrize("answer", ["\nTotal: 12.50", "\n\n- milk\n- eggs"])
+def test_an_answer_that_merges_with_the_assistant_header_is_rejected(processor, image, answer):
+    """The real BPE has "\n\n": the header's newline and the answer's merge, leaving no mask boundary.
+
+    (The tiny tokenizer's corpus has no newlines, so it never shows this.)
+    """
+    s = sample(image, answer)
+    joined = tokens(processor, processor.apply_chat_template(s.messages(), tokenize=False))
+    header = tokens(
+        processor,
+        processor.apply_chat_template(s.messages(False), tokenize=False, add_generation_prompt=True),
     )
-    assert thinking.chat_template != processor.chat_template
-    with pytest.raises(UserError, match=r"t.jsonl:1: .*chat template does not render .*<think>"):
-        encode_sample(thinking, sample(image, "plain"), "sft")
+    assert joined[: len(header)] != header  # the merge is real in this vocabulary
+    with pytest.raises(
+        UserError, match=r"^t.jsonl:1: cannot encode this record \(an assistant turn does not"
+    ):
+        encode_sample(processor, s, "sft")
+
+
+def tokens(processor, text: str) -> list[int]:
+    return processor.tokenizer(text)["input_ids"]
 
 
 def test_a_processor_folder_that_disagrees_with_itself_is_refused(processor, tmp_path):

@@ -1,5 +1,6 @@
-"""`mole data convert`: rewrite an expert dataset (any format mole reads) as messages JSONL, ShareGPT
-JSONL or a Hugging Face datasets folder.
+"""`mole data convert`: rewrite an expert dataset (any format mole reads, LLaMA-Factory's included) as
+messages JSONL, ShareGPT JSONL or a Hugging Face datasets folder; system prompts, every turn and
+the images' places in the turns are kept.
 
 The JSONL outputs are standard dataset folders (train/val/test.jsonl + images/). Images inside the
 source folder keep their relative path; images without one (extracted from embedded bytes) are
@@ -15,7 +16,14 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..layout import REJECTS_FILE, SPLITS
-from .formats import Sample, read_dataset, sample_to_record, sample_to_sharegpt, write_jsonl
+from .formats import (
+    Sample,
+    read_dataset,
+    sample_to_record,
+    sample_to_sharegpt,
+    split_dataset_path,
+    write_jsonl,
+)
 
 TARGETS = ("messages", "sharegpt", "hf")
 
@@ -27,17 +35,17 @@ def convert_dataset(src: str | Path, dest: str | Path, to: str = "messages", str
     """
     if to not in TARGETS:
         raise UserError(f"unknown target format '{to}' (expected one of {', '.join(TARGETS)})")
-    src, dest = Path(src), Path(dest)
+    src_root, dest = split_dataset_path(src)[0], Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise UserError(f"{dest}: output folder exists and is not empty")
-    if dest.resolve() == src.resolve():
+    if dest.resolve() == src_root.resolve():
         raise UserError(f"{dest}: the output folder must differ from the input")
     splits, rejects = read_dataset(src, decode=True, strict=strict)
     dest.mkdir(parents=True, exist_ok=True)
     if to == "hf":
         write_hf_dataset(splits, dest)
     else:
-        write_jsonl_dataset(splits, dest, src, sharegpt=to == "sharegpt")
+        write_jsonl_dataset(splits, dest, src_root, sharegpt=to == "sharegpt")
     write_jsonl(dest / REJECTS_FILE, [r.to_dict() for r in rejects])
     accepted = {split: len(splits[split]) for split in SPLITS}
     return {
@@ -83,7 +91,7 @@ def write_jsonl_dataset(splits: dict[str, list[Sample]], dest: Path, src_root: P
 
 
 def hf_features():
-    """Arrow schema of the HF form: both turns as lists of {type, text} parts, images embedded."""
+    """Arrow schema of the HF form: every turn a list of {type, text} parts, images embedded."""
     from datasets import Features, Image, List, Value
 
     part = {"type": Value("string"), "text": Value("string")}
@@ -97,6 +105,18 @@ def hf_features():
             "split": Value("string"),
         }
     )
+
+
+def hf_messages(s: Sample) -> list[dict]:
+    """A sample's system prompt and turns, every content a list of {type, text} parts (one Arrow schema)."""
+    msgs = [] if s.system is None else [{"role": "system", "content": [{"type": "text", "text": s.system}]}]
+    for t in s.conversation():
+        if t["role"] == "user":
+            content = [{"type": p["type"], "text": p.get("text")} for p in t["content"]]
+        else:
+            content = [{"type": "text", "text": t["content"]}]
+        msgs.append({"role": t["role"], "content": content})
+    return msgs
 
 
 def write_hf_dataset(splits: dict[str, list[Sample]], dest: Path) -> None:
@@ -116,22 +136,13 @@ def write_hf_dataset(splits: dict[str, list[Sample]], dest: Path) -> None:
         for s in splits.get(split, []):
             rows["id"].append(s.id)
             rows["images"].append([str(p) for p in s.images])
-            rows["messages"].append(
-                [
-                    {
-                        "role": "user",
-                        "content": [
-                            *({"type": "image", "text": None} for _ in s.images),
-                            {"type": "text", "text": s.instruction},
-                        ],
-                    },
-                    {"role": "assistant", "content": [{"type": "text", "text": s.answer}]},
-                ]
-            )
+            rows["messages"].append(hf_messages(s))
             rows["metadata"].append(json.dumps(s.metadata, ensure_ascii=False))
             rows["expert"].append(s.expert)
             rows["split"].append(s.split)
-        parts[split] = Dataset.from_dict(rows, features=features)
+        if rows["id"] or (split == "train" and not any(splits.values())):
+            # an empty split is left out: `datasets` writes it but cannot load it back
+            parts[split] = Dataset.from_dict(rows, features=features)
     quiet = are_progress_bars_disabled()
     disable_progress_bars()  # our own summary reports what was written
     try:

@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..layout import CACHE_DIR_ENV, HF_DATASET_DICT_FILE, HF_DATASET_STATE_FILE, SPLITS
+from ..layout import (
+    CACHE_DIR_ENV,
+    DATASET_NAME_SEP,
+    HF_DATASET_DICT_FILE,
+    HF_DATASET_STATE_FILE,
+    LLAMAFACTORY_INFO_FILE,
+    SPLITS,
+)
 
 # role names accepted in ShareGPT turns (LLaMA-Factory's defaults and the plain chat names)
 SHAREGPT_USER = ("human", "user")
@@ -51,10 +58,17 @@ HF_SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "
 
 @dataclass
 class Sample:
-    """One validated record: a user turn with images and an instruction, and the assistant answer."""
+    """One validated record: a conversation with images, and the two views of it the tool uses.
+
+    `instruction` and `images` are what the router sees (router_request: the user turns' text,
+    every image); `answer` is the final assistant turn (what generation-based evaluation scores).
+    `turns` is the whole conversation in chat-template form without the system prompt (user
+    content as a list of parts with the images in place, assistant content as text); a Sample
+    built with turns None is one user turn, images first, then the instruction, and the answer.
+    """
 
     id: str
-    images: list[Path]  # absolute paths
+    images: list[Path]  # absolute paths, in conversation order
     instruction: str
     answer: str
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -63,15 +77,38 @@ class Sample:
     source: str = ""  # "file:line" (or "folder [split] row N"), for messages
     file: str = ""  # the file (or dataset folder and split) the record came from
     line: int | None = None  # its line (or row) number, 1-based
+    system: str | None = None
+    turns: list[dict] | None = None
 
-    def messages(self, with_answer: bool = True) -> list[dict]:
-        """The conversation in the chat-template form (images first, then the instruction)."""
+    def conversation(self) -> list[dict]:
+        """The turns (a copy): `turns`, or the single turn built from instruction and answer."""
+        if self.turns is not None:
+            return [{"role": t["role"], "content": _copy_content(t["content"])} for t in self.turns]
         content: list[dict] = [{"type": "image"} for _ in self.images]
         content.append({"type": "text", "text": self.instruction})
-        msgs = [{"role": "user", "content": content}]
-        if with_answer:
-            msgs.append({"role": "assistant", "content": [{"type": "text", "text": self.answer}]})
+        return [{"role": "user", "content": content}, {"role": "assistant", "content": self.answer}]
+
+    def messages(self, with_answer: bool = True) -> list[dict]:
+        """The conversation in the chat-template form: system prompt, then the turns.
+
+        Without the answer, a final assistant turn is left out: the prompt generation starts from.
+        """
+        msgs = (
+            []
+            if self.system is None
+            else [{"role": "system", "content": [{"type": "text", "text": self.system}]}]
+        )
+        turns = self.conversation()
+        if not with_answer and turns[-1]["role"] == "assistant":
+            turns = turns[:-1]
+        for t in turns:
+            content = t["content"] if t["role"] == "user" else [{"type": "text", "text": t["content"]}]
+            msgs.append({"role": t["role"], "content": content})
         return msgs
+
+
+def _copy_content(content: Any) -> Any:
+    return [dict(p) for p in content] if isinstance(content, list) else content
 
 
 @dataclass(frozen=True)
@@ -224,122 +261,345 @@ def store_image_bytes(data: bytes, name_hint: str | None = None) -> Path:
 
 ImageResolver = Callable[[Any, str], Path]
 
+# role -> the names a messages-format record may give it
+MESSAGE_ROLES: dict[str, tuple[str, ...]] = {
+    "system": ("system",),
+    "user": ("user",),
+    "assistant": ("assistant",),
+}
 
-def _text_of(content: Any, where: str) -> tuple[str, int]:
-    """Text and number of image parts of a message content (a string or a list of parts)."""
+
+@dataclass
+class ShareGPTLayout:
+    """Where a ShareGPT-style record keeps its parts (LLaMA-Factory's `columns` and `tags` mappings).
+
+    The default accepts the usual spellings (from/role, value/content, human/user, gpt/assistant);
+    a dataset_info.json entry names exactly one of each.
+    """
+
+    messages: str = "conversations"
+    images: str = "images"
+    system: str = "system"
+    unsupported: tuple[str, ...] = ()  # fields a record may not use (LLaMA-Factory's tools, videos, audios)
+    role_tags: tuple[str, ...] = ("from", "role")
+    content_tags: tuple[str, ...] = ("value", "content")
+    roles: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "system": ("system",),
+            "user": SHAREGPT_USER,
+            "assistant": SHAREGPT_ASSISTANT,
+        }
+    )
+
+
+@dataclass
+class AlpacaLayout:
+    """Column names of an alpaca-style record (LLaMA-Factory's `formatting: alpaca`)."""
+
+    prompt: str = "instruction"
+    query: str = "input"
+    response: str = "output"
+    history: str = "history"
+    system: str = "system"
+    images: str = "images"
+    unsupported: tuple[str, ...] = ()
+
+
+@dataclass
+class _RawTurn:
+    role: str  # as the record spells it
+    content: Any
+    role_at: str  # where the role is, for messages: "messages[2].role"
+    content_at: str  # where the content is: "messages[2].content"
+
+
+def _user_parts(content: Any, where: str) -> tuple[list[dict], int, str]:
+    """(parts, images, what they are called) of a user turn: images stay where they stand.
+
+    A string may hold <image> placeholders; a list holds {type: image} and {type: text} parts. In a
+    turn with images, text around them is stripped (the vision tokens delimit it); adjacent text
+    parts are joined as the chat template renders them (no separator); empty texts are dropped.
+    """
+    raw: list[dict] = []
     if isinstance(content, str):
-        n = content.count(IMAGE_PLACEHOLDER)  # ShareGPT-style placeholders: the images come from 'images'
-        return (content.replace(IMAGE_PLACEHOLDER, "").strip() if n else content), n
+        pieces = content.split(IMAGE_PLACEHOLDER)
+        for j, piece in enumerate(pieces):
+            raw.append({"type": "text", "text": piece})
+            if j < len(pieces) - 1:
+                raw.append({"type": "image"})
+        what = f"{IMAGE_PLACEHOLDER} placeholder(s)"
+    elif isinstance(content, list):
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or "type" not in part:
+                raise UserError(f"{where}: content[{i}] must be an object with a 'type'")
+            if part["type"] == "image":
+                raw.append({"type": "image"})
+            elif part["type"] == "text":
+                if not isinstance(part.get("text"), str):
+                    raise UserError(f"{where}: content[{i}].text must be a string")
+                if IMAGE_PLACEHOLDER in part["text"]:
+                    raise UserError(
+                        f"{where}: content[{i}].text holds an {IMAGE_PLACEHOLDER} placeholder; "
+                        "in a list of parts an image is an {'type': 'image'} part"
+                    )
+                raw.append({"type": "text", "text": part["text"]})
+            else:
+                raise UserError(f"{where}: content[{i}].type '{part['type']}' is not 'image' or 'text'")
+        what = "image part(s)"
+    else:
+        raise UserError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+    n_images = sum(p["type"] == "image" for p in raw)
+    parts: list[dict] = []
+    for p in raw:
+        if p["type"] == "text" and parts and parts[-1]["type"] == "text":
+            parts[-1] = {"type": "text", "text": parts[-1]["text"] + p["text"]}
+        else:
+            parts.append(p)
+    if n_images:
+        parts = [{"type": "text", "text": p["text"].strip()} if p["type"] == "text" else p for p in parts]
+    parts = [p for p in parts if p["type"] == "image" or p["text"].strip()]
+    return parts, n_images, what
+
+
+def _plain_text(content: Any, where: str, what: str) -> str:
+    """Text of a system or assistant turn (a string, or text parts joined as the template renders them)."""
+    if isinstance(content, str):
+        if IMAGE_PLACEHOLDER in content:
+            raise UserError(f"{where}: {what} cannot hold an {IMAGE_PLACEHOLDER} placeholder")
+        return content
     if not isinstance(content, list):
         raise UserError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
-    texts, n_images = [], 0
+    texts = []
     for i, part in enumerate(content):
         if not isinstance(part, dict) or "type" not in part:
             raise UserError(f"{where}: content[{i}] must be an object with a 'type'")
-        if part["type"] == "image":
-            n_images += 1
-        elif part["type"] == "text":
-            if not isinstance(part.get("text"), str):
-                raise UserError(f"{where}: content[{i}].text must be a string")
-            texts.append(part["text"])
-        else:
-            raise UserError(f"{where}: content[{i}].type '{part['type']}' is not 'image' or 'text'")
-    return "\n".join(texts), n_images
+        if part["type"] != "text":
+            raise UserError(f"{where}: content[{i}].type '{part['type']}': {what} holds text only")
+        if not isinstance(part.get("text"), str):
+            raise UserError(f"{where}: content[{i}].text must be a string")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
-def _turns_messages(obj: dict) -> tuple[Any, Any, int]:
-    """(user content, assistant content, image parts) of a messages-format record."""
+def router_request(turns: list[dict]) -> str:
+    """What the router reads of a conversation: the text of every user turn, in order, joined with a
+    newline (within a turn, its text parts joined the same way). The system prompt and the assistant
+    turns are left out; the router also sees every image of the record, in conversation order."""
+    return "\n".join(
+        p["text"] for t in turns if t["role"] == "user" for p in t["content"] if p["type"] == "text"
+    )
+
+
+def _raw_messages(obj: dict) -> list[_RawTurn]:
     messages = obj.get("messages")
-    if not isinstance(messages, list) or len(messages) != 2:
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if messages == [] else type(messages).__name__
         raise UserError(
-            "field 'messages' must be a list of exactly two turns, the user request and the "
-            f"assistant answer (got {len(messages) if isinstance(messages, list) else type(messages).__name__})"
+            "field 'messages' must be a non-empty list of turns: an optional system prompt, then user "
+            f"and assistant turns in alternation, ending with the assistant (got {got})"
         )
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"messages[{i}] must be an object with 'role' and 'content'")
-    user, assistant = messages
-    if user["role"] != "user":
-        raise UserError(f"messages[0].role must be 'user', got '{user['role']}'")
-    if assistant["role"] != "assistant":
-        raise UserError(f"the last message must be the assistant answer, got role '{assistant['role']}'")
-    return user["content"], assistant["content"], -1
+        if not isinstance(m["role"], str):
+            raise UserError(f"messages[{i}].role must be a string")
+        out.append(_RawTurn(m["role"], m["content"], f"messages[{i}].role", f"messages[{i}].content"))
+    return out
 
 
-def _turns_sharegpt(obj: dict) -> tuple[Any, Any, int]:
-    """(user value, assistant value, placeholder count) of a ShareGPT record."""
-    conv = obj.get("conversations")
-    if not isinstance(conv, list) or len(conv) != 2:
-        raise UserError(
-            "field 'conversations' must be a list of exactly two turns, the human request and the "
-            f"gpt answer (got {len(conv) if isinstance(conv, list) else type(conv).__name__})"
-        )
-    turns = []
+def _raw_sharegpt(obj: dict, lay: ShareGPTLayout) -> list[_RawTurn]:
+    conv = obj.get(lay.messages)
+    if not isinstance(conv, list) or not conv:
+        got = "an empty list" if conv == [] else type(conv).__name__
+        raise UserError(f"field '{lay.messages}' must be a non-empty list of turns (got {got})")
+    out = []
     for i, t in enumerate(conv):
-        role = t.get("from", t.get("role")) if isinstance(t, dict) else None
-        value = t.get("value", t.get("content")) if isinstance(t, dict) else None
-        if not isinstance(role, str) or not isinstance(value, str):
-            raise UserError(f"conversations[{i}] must be an object with string 'from' and 'value'")
-        turns.append((role, value))
-    (r0, user), (r1, answer) = turns
-    if r0 not in SHAREGPT_USER:
-        raise UserError(f"conversations[0].from must be one of {', '.join(SHAREGPT_USER)}, got '{r0}'")
-    if r1 not in SHAREGPT_ASSISTANT:
-        raise UserError(f"conversations[1].from must be one of {', '.join(SHAREGPT_ASSISTANT)}, got '{r1}'")
-    if IMAGE_PLACEHOLDER in answer:
-        raise UserError(f"conversations[1].value (the answer) contains an {IMAGE_PLACEHOLDER} placeholder")
-    return user, answer, user.count(IMAGE_PLACEHOLDER)
+        rkey = next((k for k in lay.role_tags if isinstance(t, dict) and k in t), None)
+        ckey = next((k for k in lay.content_tags if isinstance(t, dict) and k in t), None)
+        if rkey is None or ckey is None or not isinstance(t[rkey], str) or not isinstance(t[ckey], str):
+            raise UserError(
+                f"{lay.messages}[{i}] must be an object with string '{lay.role_tags[0]}' and "
+                f"'{lay.content_tags[0]}'"
+            )
+        out.append(_RawTurn(t[rkey], t[ckey], f"{lay.messages}[{i}].{rkey}", f"{lay.messages}[{i}].{ckey}"))
+    return out
 
 
-def record_kind(obj: dict) -> str:
-    """'messages' or 'sharegpt', from the record's fields."""
-    if "conversations" in obj and "messages" not in obj:
+def _raw_alpaca(obj: dict, lay: AlpacaLayout) -> list[_RawTurn]:
+    out = []
+    history = obj.get(lay.history)
+    if history is not None:
+        if not isinstance(history, list) or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history
+        ):
+            raise UserError(f"field '{lay.history}' must be a list of [request, answer] string pairs")
+        for i, (q, a) in enumerate(history):
+            at = f"{lay.history}[{i}]"
+            out += [_RawTurn("user", q, at, f"{at}[0]"), _RawTurn("assistant", a, at, f"{at}[1]")]
+    for key in (lay.prompt, lay.query, lay.response):
+        if not isinstance(obj.get(key, ""), str):
+            raise UserError(f"field '{key}' must be a string")
+    # LLaMA-Factory's join of instruction and input
+    request = "\n".join(x for x in (obj.get(lay.prompt, ""), obj.get(lay.query, "")) if x)
+    out.append(_RawTurn("user", request, lay.prompt, lay.prompt))
+    out.append(_RawTurn("assistant", obj.get(lay.response, ""), lay.response, lay.response))
+    return out
+
+
+def _conversation(
+    raw: list[_RawTurn],
+    roles: dict[str, tuple[str, ...]],
+    system_field: tuple[str, Any] | None,
+    request: bool,
+) -> tuple[str | None, list[dict], list[tuple[str, int, str]]]:
+    """(system prompt, turns, (where, images, what) per user turn) of a record's raw turns.
+
+    Turns: an optional system prompt (a first system turn, or the record's system field), then
+    user and assistant in alternation, ending with the assistant (or, for a request, either).
+    """
+
+    def canon(t: _RawTurn) -> str | None:
+        return next((role for role, names in roles.items() if t.role in names), None)
+
+    known = ", ".join(n for names in roles.values() for n in names)
+    for t in raw:
+        if canon(t) is None:
+            raise UserError(f"{t.role_at} '{t.role}' is not a known role (one of {known})")
+    system = None
+    if canon(raw[0]) == "system":
+        if system_field is not None:
+            raise UserError(
+                f"{raw[0].role_at}: give the system prompt either in field '{system_field[0]}' or as a "
+                "first system turn, not both"
+            )
+        system = _plain_text(raw[0].content, raw[0].content_at, "the system prompt")
+        where = raw[0].content_at
+        raw = raw[1:]
+    elif system_field is not None:
+        where, system = system_field
+        if not isinstance(system, str):
+            raise UserError(f"field '{where}' (the system prompt) must be a string")
+        where = f"field '{where}'"
+    if system is not None and not system.strip():
+        raise UserError(f"{where}: the system prompt is empty (leave it out for none)")
+    if not raw:
+        raise UserError("the conversation has a system prompt but no user turn")
+    for t in raw:
+        if canon(t) == "system":
+            raise UserError(f"{t.role_at}: a system turn may only come first")
+    if not request and canon(raw[-1]) != "assistant":
+        raise UserError(f"the last message must be the assistant answer, got role '{raw[-1].role}'")
+    for i, t in enumerate(raw):
+        want = "user" if i % 2 == 0 else "assistant"
+        if canon(t) != want:
+            names = " or ".join(f"'{n}'" for n in roles[want])
+            raise UserError(
+                f"{t.role_at} must be {names} (after an optional system prompt, turns alternate user "
+                f"and assistant, starting with the user), got '{t.role}'"
+            )
+    turns: list[dict] = []
+    images: list[tuple[str, int, str]] = []
+    for i, t in enumerate(raw):
+        if canon(t) == "user":
+            parts, n, what = _user_parts(t.content, t.content_at)
+            if not parts:
+                raise UserError(f"{t.content_at}: the user turn is empty")
+            turns.append({"role": "user", "content": parts})
+            images.append((t.content_at, n, what))
+        else:
+            text = _plain_text(t.content, t.content_at, "an assistant turn")
+            if not text.strip():
+                last = i == len(raw) - 1
+                raise UserError(
+                    "the assistant answer is empty"
+                    if last
+                    else f"{t.content_at}: the assistant turn is empty"
+                )
+            turns.append({"role": "assistant", "content": text})
+    return system, turns, images
+
+
+def record_kind(obj: dict, layout: ShareGPTLayout | AlpacaLayout | None = None) -> str:
+    """'messages', 'sharegpt' or 'alpaca', from the layout given or else from the record's fields."""
+    if isinstance(layout, AlpacaLayout):
+        return "alpaca"
+    if isinstance(layout, ShareGPTLayout) or ("conversations" in obj and "messages" not in obj):
         return "sharegpt"
     return "messages"
 
 
 def parse_object(
-    obj: dict, loc: Location, resolver: ImageResolver, decode: bool = True, default_id: str | None = None
+    obj: dict,
+    loc: Location,
+    resolver: ImageResolver,
+    decode: bool = True,
+    default_id: str | None = None,
+    layout: ShareGPTLayout | AlpacaLayout | None = None,
+    request: bool = False,
 ) -> Sample:
-    """Validate one record (messages or ShareGPT form) into a Sample; a problem raises RecordError."""
-    # ShareGPT files often carry no id; the messages format requires one
-    rid = obj.get("id", default_id if record_kind(obj) == "sharegpt" else None)
+    """Validate one record (messages, ShareGPT or alpaca form) into a Sample; a problem raises RecordError.
+
+    `layout` gives LLaMA-Factory's column and tag names; `request` accepts a conversation ending
+    with a user turn (an inference request: the model answers it).
+    """
+    # ShareGPT and LLaMA-Factory files often carry no id; the messages format requires one
+    kind = record_kind(obj, layout)
+    rid = obj.get("id", default_id if kind != "messages" else None)
     if not isinstance(rid, str) or not rid:
         raise RecordError(loc, "field 'id' must be a non-empty string")
     try:
-        return _parse(obj, loc, rid, resolver, decode)
+        return _parse(obj, loc, rid, resolver, decode, layout, request)
     except RecordError:
         raise
     except UserError as exc:
         raise RecordError(loc, str(exc), rid) from None
 
 
-def _parse(obj: dict, loc: Location, rid: str, resolver: ImageResolver, decode: bool) -> Sample:
-    kind = record_kind(obj)
-    if "images" in obj and "image" in obj:
-        raise UserError("give either 'image' or 'images', not both")
-    # one image may come as 'image' (LLaVA, many HF datasets), several as 'images'
-    images_field = "image" if "image" in obj else "images"
-    images = [obj["image"]] if images_field == "image" else obj.get("images")
-    if kind == "sharegpt":
-        user, assistant, n_img = _turns_sharegpt(obj)
+def _parse(
+    obj: dict,
+    loc: Location,
+    rid: str,
+    resolver: ImageResolver,
+    decode: bool,
+    layout: ShareGPTLayout | AlpacaLayout | None,
+    request: bool,
+) -> Sample:
+    kind = record_kind(obj, layout)
+    if layout is not None:
+        images_field = layout.images
+        images = obj.get(images_field)
+        system_key = layout.system
     else:
-        user, assistant, n_img = _turns_messages(obj)
+        if "images" in obj and "image" in obj:
+            raise UserError("give either 'image' or 'images', not both")
+        # one image may come as 'image' (LLaVA, many HF datasets), several as 'images'
+        images_field = "image" if "image" in obj else "images"
+        images = [obj["image"]] if images_field == "image" else obj.get("images")
+        system_key = "system" if kind == "sharegpt" else None
+    if kind == "alpaca":
+        raw, roles = _raw_alpaca(obj, layout), MESSAGE_ROLES
+    elif kind == "sharegpt":
+        lay = layout if isinstance(layout, ShareGPTLayout) else ShareGPTLayout()
+        raw, roles = _raw_sharegpt(obj, lay), lay.roles
+    else:
+        raw, roles = _raw_messages(obj), MESSAGE_ROLES
+    system_field = (system_key, obj[system_key]) if system_key and obj.get(system_key) is not None else None
+    system, turns, per_turn = _conversation(raw, roles, system_field, request)
     if not isinstance(images, list) or not images:
         raise UserError(f"field '{images_field}' must be a non-empty list of paths")
-    turn = "conversations[0].value" if kind == "sharegpt" else "messages[0]"
-    instruction, n_parts = _text_of(user, turn)
-    answer, _ = _text_of(assistant, "conversations[1].value" if kind == "sharegpt" else "messages[-1]")
+    instruction = router_request(turns)
     if not instruction.strip():
-        raise UserError("the user turn has no instruction text")
-    if not answer.strip():
-        raise UserError("the assistant answer is empty")
-    if kind == "sharegpt" and n_img != len(images):
-        raise UserError(
-            f"{turn} has {n_img} {IMAGE_PLACEHOLDER} placeholder(s) but '{images_field}' lists {len(images)} image(s)"
-        )
-    if kind == "messages" and n_parts != len(images):
-        raise UserError(f"the user turn has {n_parts} image part(s) but 'images' lists {len(images)}")
+        raise UserError(f"the user turn{'s have' if len(per_turn) > 1 else ' has'} no instruction text")
+    n_img = sum(n for _, n, _ in per_turn)
+    if n_img != len(images):
+        if len(per_turn) == 1:
+            where, _, what = per_turn[0]
+            held = f"{where} has {n_img} {what}"
+        else:
+            detail = ", ".join(f"{w}: {n} {what}" for w, n, what in per_turn)
+            held = f"the user turns have {n_img} image(s) ({detail})"
+        raise UserError(f"{held} but '{images_field}' lists {len(images)} image(s)")
     paths = [resolver(rel, f"{images_field}[{i}]") for i, rel in enumerate(images)]
     if decode:
         for i, p in enumerate(paths):
@@ -363,13 +623,15 @@ def _parse(obj: dict, loc: Location, rid: str, resolver: ImageResolver, decode: 
         id=rid,
         images=paths,
         instruction=instruction,
-        answer=answer,
+        answer=turns[-1]["content"] if turns[-1]["role"] == "assistant" else "",
         metadata=metadata,
         expert=expert,
         split=split,
         source=str(loc),
         file=loc.file,
         line=loc.line,
+        system=system,
+        turns=turns,
     )
 
 
@@ -377,9 +639,11 @@ def _path_resolver(root: Path) -> ImageResolver:
     return lambda rel, where: resolve_image(root, rel, where)
 
 
-def parse_record(obj: dict, path: Path, lineno: int, root: Path, decode: bool = True) -> Sample:
+def parse_record(
+    obj: dict, path: Path, lineno: int, root: Path, decode: bool = True, request: bool = False
+) -> Sample:
     """Validate one JSONL record (messages or ShareGPT form) and turn it into a Sample."""
-    return parse_object(obj, Location(str(path), lineno), _path_resolver(Path(root)), decode)
+    return parse_object(obj, Location(str(path), lineno), _path_resolver(Path(root)), decode, request=request)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,6 +656,7 @@ def _collect(
     decode: bool,
     strict: bool,
     split: str | None,
+    layout: ShareGPTLayout | AlpacaLayout | None = None,
 ) -> tuple[list[Sample], list[Reject]]:
     samples: list[Sample] = []
     rejects: list[Reject] = []
@@ -400,7 +665,7 @@ def _collect(
         try:
             if isinstance(obj, RecordError):
                 raise obj
-            s = parse_object(obj, loc, resolver, decode, default_id)
+            s = parse_object(obj, loc, resolver, decode, default_id, layout)
             if s.id in seen:
                 raise RecordError(loc, f"duplicate id '{s.id}' (first at {loc.unit} {seen[s.id]})", s.id)
         except RecordError as err:
@@ -444,29 +709,64 @@ def is_hf_dataset(root: str | Path) -> bool:
     return (root / HF_DATASET_DICT_FILE).is_file() or (root / HF_DATASET_STATE_FILE).is_file()
 
 
+def split_dataset_path(path: str | Path) -> tuple[Path, str | None]:
+    """(folder, dataset selection) of a dataset path: `DIR` or `DIR#NAME...` (LLaMA-Factory, by name).
+
+    A path that exists as it is written is a folder, even with a '#' in its name.
+    """
+    text = str(path)
+    if Path(text).exists() or DATASET_NAME_SEP not in text:
+        return Path(text), None
+    folder, _, selection = text.rpartition(DATASET_NAME_SEP)
+    return Path(folder), selection
+
+
+def dataset_exists(path: str | Path) -> bool:
+    """True when a dataset path's folder exists (the dataset itself is checked when it is read)."""
+    return split_dataset_path(path)[0].is_dir()
+
+
+def is_llamafactory(path: str | Path) -> bool:
+    """True for `DIR#NAME`, or a folder with dataset_info.json and no train/val/test.jsonl (and not
+    written by `datasets`, whose save_to_disk writes a dataset_info.json of its own)."""
+    root, selection = split_dataset_path(path)
+    if selection is not None:
+        return True
+    return (
+        (root / LLAMAFACTORY_INFO_FILE).is_file()
+        and not is_hf_dataset(root)
+        and not any((root / f"{split}.jsonl").is_file() for split in SPLITS)
+    )
+
+
 def read_dataset(
     root: str | Path, decode: bool = True, strict: bool = True
 ) -> tuple[dict[str, list[Sample]], list[Reject]]:
-    """({split: samples}, rejects) of a dataset folder in any of the three formats.
+    """({split: samples}, rejects) of a dataset in any of the formats (module docstring).
 
-    Missing split files are empty splits; a folder with no record at all is an error either way.
+    `root` is a folder, or `DIR#NAME` for a LLaMA-Factory dataset listed in DIR/dataset_info.json.
+    Missing split files are empty splits; a dataset with no record at all is an error either way.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root}: dataset folder not found")
-    if is_hf_dataset(root):
-        out, rejects = read_hf_dataset(root, decode, strict)
+    folder, selection = split_dataset_path(root)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: dataset folder not found")
+    if is_llamafactory(root):
+        from .llamafactory import read_llamafactory
+
+        out, rejects = read_llamafactory(folder, selection, decode, strict)
+    elif is_hf_dataset(folder):
+        out, rejects = read_hf_dataset(folder, decode, strict)
     else:
         out, rejects = {}, []
         for split in SPLITS:
-            f = root / f"{split}.jsonl"
-            samples, bad = read_jsonl_samples(f, root, decode, strict, split) if f.is_file() else ([], [])
+            f = folder / f"{split}.jsonl"
+            samples, bad = read_jsonl_samples(f, folder, decode, strict, split) if f.is_file() else ([], [])
             out[split] = samples
             rejects += bad
     if not any(out.values()) and not rejects:
         raise UserError(
             f"{root}: no records (expected train.jsonl / val.jsonl / test.jsonl with at least one line, "
-            "or a Hugging Face datasets folder written by save_to_disk)"
+            "a Hugging Face datasets folder written by save_to_disk, or a LLaMA-Factory dataset_info.json)"
         )
     return out, rejects
 
@@ -554,34 +854,52 @@ def _hf_rows(part, batch: int = 256) -> Iterator[tuple[int, dict]]:
 # writing
 
 
-def sample_to_record(s: Sample, image_paths: list[str]) -> dict:
-    """Messages-format record of a Sample, with the given (relative) image paths."""
-    rec: dict[str, Any] = {"id": s.id, "images": image_paths}
-    if s.expert is not None:
-        rec["expert"] = s.expert
-    if s.split is not None:
-        rec["split"] = s.split
-    rec["messages"] = [
-        {
-            "role": "user",
-            "content": [*({"type": "image"} for _ in image_paths), {"type": "text", "text": s.instruction}],
-        },
-        {"role": "assistant", "content": s.answer},
-    ]
-    rec["metadata"] = s.metadata
-    return rec
-
-
-def sample_to_sharegpt(s: Sample, image_paths: list[str]) -> dict:
-    """ShareGPT record of a Sample (LLaMA-Factory's 'sharegpt' form, with 'id' and 'metadata' kept)."""
+def _head(s: Sample) -> dict[str, Any]:
     rec: dict[str, Any] = {"id": s.id}
     if s.expert is not None:
         rec["expert"] = s.expert
     if s.split is not None:
         rec["split"] = s.split
+    return rec
+
+
+def sample_to_record(s: Sample, image_paths: list[str]) -> dict:
+    """Messages-format record of a Sample (system prompt, every turn, images in place), with the
+    given (relative) image paths."""
+    rec = _head(s)
+    rec["images"] = image_paths
+    rec["messages"] = [{"role": "system", "content": s.system}] if s.system is not None else []
+    rec["messages"] += s.conversation()
+    rec["metadata"] = s.metadata
+    return rec
+
+
+def placeholder_text(parts: list[dict]) -> str:
+    """A user turn's parts as one string with <image> placeholders where the images stand.
+
+    Text and placeholders are separated by a newline (the reader strips it again); adjacent
+    placeholders are not.
+    """
+    out = ""
+    for p in parts:
+        if p["type"] == "image":
+            out += ("" if not out or out.endswith(IMAGE_PLACEHOLDER) else "\n") + IMAGE_PLACEHOLDER
+        else:
+            out += ("\n" if out else "") + p["text"]
+    return out
+
+
+def sample_to_sharegpt(s: Sample, image_paths: list[str]) -> dict:
+    """ShareGPT record of a Sample (LLaMA-Factory's 'sharegpt' form: `system` field, placeholders in
+    place; 'id' and 'metadata' kept)."""
+    rec = _head(s)
+    if s.system is not None:
+        rec["system"] = s.system
     rec["conversations"] = [
-        {"from": "human", "value": IMAGE_PLACEHOLDER * len(image_paths) + "\n" + s.instruction},
-        {"from": "gpt", "value": s.answer},
+        {"from": "human", "value": placeholder_text(t["content"])}
+        if t["role"] == "user"
+        else {"from": "gpt", "value": t["content"]}
+        for t in s.conversation()
     ]
     rec["images"] = image_paths
     rec["metadata"] = s.metadata

@@ -1,8 +1,10 @@
 """Preprocessing for Qwen3-VL: chat template, pixel budget, label masks, cached on disk.
 
 An example is a dict of tensors (input_ids, attention_mask, mm_token_type_ids, labels,
-pixel_values, image_grid_thw). Only the assistant answer (and its end-of-turn token) is
-supervised; everything before it is masked with -100. The cache folder holds each split as shards
+pixel_values, image_grid_thw). Expert examples supervise every assistant turn of the conversation
+(its content and end-of-turn token, found from the chat template's own rendering); the system
+prompt, user turns, role headers and images are masked with -100. Router examples supervise the
+expert name after the router prompt. The cache folder holds each split as shards
 of SHARD_RECORDS input records (`<split>-00000.pt`, ...), `meta.json` describing what made it
 (task, base, processor digest, pixel budget, counts) and `rejects.jsonl` (records left out, and
 why), so training steps never re-run the processor; only generation-based scoring (validation
@@ -63,51 +65,102 @@ def encode_prompt(processor, messages: list[dict], images) -> dict:
     return processor(text=[text], images=images or None, return_tensors="pt")
 
 
-def encode_example(processor, messages: list[dict], answer: str, images) -> dict[str, Any]:
-    """Prompt tokens + answer tokens + end of turn; everything but the answer and end of turn masked.
+class TemplateError(UserError):
+    """The chat template does not render a conversation turn by turn: labels cannot be placed."""
 
-    The answer is tokenised on its own and appended to the prompt's tokens, exactly as generation
-    continues from the prompt: tokenising the joined text would let BPE merge across the boundary
-    (an answer starting with a newline merges with the assistant header's "\n"), so training would
-    see tokens that inference never produces. The text is checked against the chat template's own
-    rendering of the conversation, so a template that renders the answer otherwise is caught.
+
+def supervised_text(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(text, character spans to supervise) of a conversation ending with an assistant turn.
+
+    Every assistant turn is supervised: its content and its end-of-turn token, as the template
+    renders them. The spans come from the template itself: the rendering of the turns before an
+    assistant turn with the generation prompt must be a prefix of the rendering that includes it,
+    which must be a prefix of the whole conversation's; a template that does not render
+    incrementally raises TemplateError. The text ends with the last end-of-turn token.
     """
-    import torch
 
+    def render(msgs: list[dict], generation: bool) -> str:
+        return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+
+    full = render(messages, False)
+    eot = end_of_turn(processor.tokenizer)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head, upto = render(messages[:k], True), render(messages[: k + 1], False)
+        if not (upto.startswith(head) and full.startswith(upto)):
+            raise TemplateError(
+                f"the chat template does not render turn by turn (turn {k}: the prompt before an "
+                "assistant turn is not a prefix of the conversation), so label masks cannot be placed"
+            )
+        body = upto[len(head) :]
+        end = body.rfind(eot)
+        if end < 0 or body[end + len(eot) :].strip():
+            raise TemplateError(
+                f"the chat template does not end assistant turn {k} with {eot}, so label masks "
+                "cannot be placed"
+            )
+        spans.append((len(head), len(head) + end + len(eot)))
+    if not spans:
+        raise ValueError("the conversation has no assistant turn to supervise")
+    return full[: spans[-1][1]], spans
+
+
+def encode_conversation(processor, messages: list[dict], images) -> dict[str, Any]:
+    """Tokenise a conversation; labels are the tokens of every assistant turn (content and end of
+    turn), -100 everywhere else (system prompt, user turns, role headers, images)."""
+    text, spans = supervised_text(processor, messages)
+    enc = processor(text=[text], images=images or None, return_tensors="pt")
+    ids = enc["input_ids"][0]
+    # the processor repeats each image's pad token once per visual token; collapse those runs to
+    # line the ids up with the tokenizer's ids of the same text, where character spans are found
+    full = ids.tolist()
+    image_id = processor.image_token_id
+    keep = [i for i, t in enumerate(full) if not (t == image_id and i and full[i - 1] == image_id)]
     tok = processor.tokenizer
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    answer_part = answer + end_of_turn(tok)
-    full = processor.apply_chat_template(
-        [*messages, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False
-    )
-    if not full.startswith(prompt + answer_part):
-        raise ValueError(
-            "the chat template does not render the conversation as the prompt, the answer and "
-            f"{end_of_turn(tok)} (it renders {full[len(prompt) :][:80]!r} after the prompt)"
-        )
-    enc = encode_prompt(processor, messages, images)
-    answer_ids = torch.tensor(tok(answer_part, add_special_tokens=False)["input_ids"])
-    example: dict[str, Any] = {}
-    for key, value in enc.items():
-        if key in ("pixel_values", "image_grid_thw"):
-            example[key] = value
-        elif key == "input_ids":
-            example[key] = torch.cat([value[0], answer_ids.to(value.dtype)])
-        else:  # attention_mask (1 on the answer), mm_token_type_ids (0: text) and other per-token fields
-            fill = 1 if key == "attention_mask" else 0
-            example[key] = torch.cat([value[0], torch.full(answer_ids.shape, fill, dtype=value.dtype)])
-    labels = example["input_ids"].clone()
-    labels[: len(labels) - len(answer_ids)] = IGNORE_INDEX
+    plain = tok(text)["input_ids"]
+    if [full[i] for i in keep] != plain:
+        raise ValueError("the processor's tokens differ from the tokenizer's for this record")
+    labels = ids.new_full(ids.shape, IGNORE_INDEX)
+    for start, end in spans:
+        a, b = tok(text[:start])["input_ids"], tok(text[:end])["input_ids"]
+        if plain[: len(a)] != a or plain[: len(b)] != b:
+            raise ValueError(
+                "an assistant turn does not tokenise the same alone as inside the conversation "
+                "(its first or last characters merge with the turn header's tokens)"
+            )
+        for c in range(len(a), len(b)):
+            labels[keep[c]] = full[keep[c]]
+    example = {k: v[0] for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw")}
     example["labels"] = labels
+    if "pixel_values" in enc:
+        example["pixel_values"] = enc["pixel_values"]
+        example["image_grid_thw"] = enc["image_grid_thw"]
     return example
 
 
+def encode_example(processor, messages: list[dict], answer: str, images) -> dict[str, Any]:
+    """Tokenise a prompt and its answer; only the answer and its end-of-turn token are supervised."""
+    answer_turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+    return encode_conversation(processor, [*messages, answer_turn], images)
+
+
 def encode_sample(processor, sample: Sample, task: str, names: list[str] | None = None) -> dict[str, Any]:
-    """One training example for a sample (task 'sft' for experts, 'router' for the router)."""
+    """One training example for a sample (task 'sft' for experts, 'router' for the router).
+
+    Experts train on the whole conversation (system prompt kept, every assistant turn supervised);
+    the router on its prompt (router_messages of the router view) and the expert name.
+    """
     try:
-        return encode_example(
-            processor, prompt_messages(sample, task, names), target_text(sample, task), load_images(sample)
-        )
+        if task == "router":
+            msgs = prompt_messages(sample, task, names)
+            return encode_example(processor, msgs, target_text(sample, task), load_images(sample))
+        if sample.conversation()[-1]["role"] != "assistant":
+            raise ValueError("the conversation does not end with an assistant turn")
+        return encode_conversation(processor, sample.messages(with_answer=True), load_images(sample))
+    except TemplateError:
+        raise
     except ValueError as exc:
         raise UserError(f"{sample.source}: cannot encode this record ({exc})") from None
 
@@ -177,6 +230,8 @@ def sample_to_dict(s: Sample, base: Path | None = None) -> dict:
         "expert": s.expert,
         "metadata": s.metadata,
         "source": s.source,
+        "system": s.system,
+        "turns": s.turns,
     }
 
 
@@ -199,6 +254,8 @@ def sample_from_dict(d: dict) -> Sample:
         metadata=d["metadata"],
         expert=d["expert"],
         source=d["source"],
+        system=d.get("system"),
+        turns=d.get("turns"),  # absent in caches written before conversations were kept
     )
 
 
@@ -253,6 +310,8 @@ def _encode_shard(job: tuple[str, Path, list[Sample]], progress=None) -> tuple[i
         try:
             examples.append(compact_frames(encode_sample(processor, s, task, names), _WORKER["temporal"]))
             kept.append(sample_to_dict(s, dest.parent))
+        except TemplateError:
+            raise  # the template's fault, not the record's: every record would fail the same way
         except UserError as exc:
             reason = str(exc).removeprefix(f"{s.source}: ")
             rejects.append(Reject(s.file or s.source, s.line, s.id, reason, split).to_dict())
@@ -428,9 +487,16 @@ def code_digest() -> str:
 
 
 def dataset_digest(root: str | Path) -> str:
-    """sha256 over every file below a dataset folder (names and bytes), for cache invalidation."""
-    root = Path(root)
+    """sha256 over every file below a dataset folder (names and bytes), for cache invalidation.
+
+    For `DIR#NAME` (a LLaMA-Factory dataset by name), the folder's files and the selection.
+    """
+    from .formats import split_dataset_path
+
+    root, selection = split_dataset_path(root)
     h = hashlib.sha256()
+    if selection is not None:
+        h.update(f"#{selection}\0".encode())
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(root)).encode() + b"\0")
         h.update(hashlib.sha256(f.read_bytes()).digest())

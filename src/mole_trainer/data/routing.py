@@ -168,6 +168,8 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
             metadata=metadata,
             expert=name,
             split=split_of[i],
+            system=s.system,
+            turns=s.turns,  # the whole conversation travels with the record
         )
         records.append(sample_to_record(rec_sample, rel))
     records.sort(key=lambda r: (SPLITS.index(r["split"]), r["expert"], r["id"]))
@@ -238,8 +240,8 @@ def _drop_duplicates_and_conflicts(
 ) -> tuple[list[tuple[str, Sample, list[str]]], dict[str, int], dict[str, int]]:
     """Kept (expert, sample, image hashes) and, per expert, duplicates and conflicts dropped.
 
-    The same (image bytes, instruction) is one request: kept once, and dropped everywhere when two
-    experts claim it (its label would contradict itself).
+    The same router view (image bytes, instruction: formats.router_request) is one request: kept
+    once, and dropped everywhere when two experts claim it (its label would contradict itself).
     """
     hashes: dict[Path, str] = {}
     duplicates: dict[str, int] = defaultdict(int)

@@ -132,9 +132,15 @@ def request_sample(image: str, prompt: str, rid: str = "request") -> Sample:
 
 
 def requests_from_jsonl(path: str | Path) -> list[Sample]:
-    """Requests from JSONL: `{"id", "image" | "images", "prompt"}` lines, or messages-format records.
+    """Requests from JSONL, one per line, image paths relative to the file's folder:
 
-    Image paths are relative to the file's folder.
+    - `{"id", "image" | "images", "prompt", "system"?}`: one user turn, images first;
+    - a messages-format record (`messages`, `images`): an optional system prompt and any history,
+      ending with the user turn to answer (or with an assistant turn, which is left out and
+      answered again);
+    - a ShareGPT record (`conversations`, `image` | `images`, `system`?), the same way.
+
+    The router sees every request the way it saw its training records (formats.router_request).
     """
     from ..data.formats import check_image, parse_record, read_jsonl, resolve_image
 
@@ -143,20 +149,26 @@ def requests_from_jsonl(path: str | Path) -> list[Sample]:
     samples = []
     for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
-        if "messages" in obj:
-            samples.append(parse_record(obj, path, lineno, root))
+        if "messages" in obj or "conversations" in obj:
+            rec = obj if "id" in obj else {**obj, "id": f"line-{lineno}"}
+            samples.append(parse_record(rec, path, lineno, root, request=True))
             continue
         images = obj.get("images", [obj["image"]] if "image" in obj else None)
         prompt = obj.get("prompt")
+        system = obj.get("system")
         if not isinstance(images, list) or not images:
             raise UserError(f"{where}: a request needs 'image' (a path) or 'images' (a list of paths)")
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(f"{where}: a request needs a non-empty 'prompt' string")
+        if system is not None and (not isinstance(system, str) or not system.strip()):
+            raise UserError(f"{where}: 'system' must be a non-empty string when given")
         paths = [resolve_image(root, rel, f"{where}: image") for rel in images]
         for p in paths:
             check_image(p, where)
         rid = obj.get("id", f"line-{lineno}")
-        samples.append(Sample(id=str(rid), images=paths, instruction=prompt, answer="", source=where))
+        samples.append(
+            Sample(id=str(rid), images=paths, instruction=prompt, answer="", source=where, system=system)
+        )
     if not samples:
         raise UserError(f"{path}: no requests")
     return samples

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..adapter_info import write_adapter_info
 from ..config import ExpertEntry, LorasConfig, LoraSpec, TrainSpec, to_dict
-from ..data.formats import Sample, load_expert_dataset
+from ..data.formats import Sample, dataset_exists, load_expert_dataset
 from ..data.preprocess import (
     check_compatible,
     code_digest,
@@ -41,7 +41,7 @@ def prepared_data(name: str, data: str, cache: Path, model: str, cfg: LorasConfi
     """A preprocessed folder for the expert: `data` itself if already preprocessed, else a cache."""
     if is_preprocessed(data):
         return Path(data)
-    if not Path(data).is_dir():
+    if not dataset_exists(data):
         raise UserError(f"experts.{name}.data: {data} is not a dataset folder")
     splits = load_expert_dataset(data)
     for split in ("train", "val"):
