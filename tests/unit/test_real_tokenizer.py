@@ -14,7 +14,7 @@ from mole_trainer.data.formats import Sample
 from mole_trainer.data.preprocess import IGNORE_INDEX, encode_prompt, encode_sample, load_images
 from mole_trainer.errors import UserError
 from mole_trainer.model.lora import target_regex
-from mole_trainer.model.tiny import load_given_processor, processor_model_config
+from mole_trainer.model.tiny import load_given_processor, processor_vocab_size
 
 PROCESSOR = Path(__file__).parents[1] / "fixtures" / "qwen3-vl-8b-processor"
 
@@ -76,17 +76,17 @@ def tokens(processor, text: str) -> list[int]:
 
 def test_a_processor_folder_that_disagrees_with_itself_is_refused(processor, tmp_path):
     real = json.loads((PROCESSOR / "config.json").read_text())
-    assert processor_model_config(PROCESSOR, processor)[0] == 151936
-    assert processor_model_config(tmp_path, processor)[0] == 151680  # no config: tokenizer, padded to 64
+    assert processor_vocab_size(PROCESSOR, processor) == 151936
+    assert processor_vocab_size(tmp_path, processor) == 151680  # no config: tokenizer, padded to 64
     small = {**real, "text_config": {**real["text_config"], "vocab_size": 151000}}
     (tmp_path / "config.json").write_text(json.dumps(small))
     with pytest.raises(UserError, match=r"config.json: vocab_size 151000 is smaller than .* 151669 tokens"):
-        processor_model_config(tmp_path, processor)
+        processor_vocab_size(tmp_path, processor)
     (tmp_path / "config.json").write_text(json.dumps({**real, "image_token_id": 151654}))
     with pytest.raises(
         UserError, match=r"config.json: image_token_id is 151654 but the tokenizer gives 151655"
     ):
-        processor_model_config(tmp_path, processor)
+        processor_vocab_size(tmp_path, processor)
 
 
 def test_not_a_processor_folder_is_a_user_error(tmp_path):

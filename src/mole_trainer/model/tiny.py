@@ -159,12 +159,17 @@ def load_given_processor(processor_dir: str | Path):
     return processor
 
 
-def processor_model_config(processor_dir: str | Path, processor) -> tuple[int, dict]:
-    """(vocab_size, config.json) for a model around a processor folder.
+def padded_vocab(n_tokens: int) -> int:
+    """An embedding size for `n_tokens` tokens, padded to a multiple of 64 like real checkpoints."""
+    return n_tokens + (-n_tokens % 64)
 
-    The vocabulary is the folder's model config's (real checkpoints pad it beyond the tokenizer),
-    else the tokenizer's length padded to a multiple of 64. The config's special-token ids, where
-    it has them, must be the tokenizer's: a folder that disagrees with itself is refused.
+
+def processor_vocab_size(processor_dir: str | Path, processor) -> int:
+    """The vocabulary size of a model around a processor folder.
+
+    It is the folder's config.json's (real checkpoints pad it beyond the tokenizer), else the
+    tokenizer's length padded. The config's special-token ids, where it has them, must be the
+    tokenizer's: a folder that disagrees with itself is refused.
     """
     path = Path(processor_dir) / "config.json"
     n_tokens = len(processor.tokenizer)
@@ -176,10 +181,10 @@ def processor_model_config(processor_dir: str | Path, processor) -> tuple[int, d
             )
     vocab = config.get("text_config", {}).get("vocab_size", config.get("vocab_size"))
     if vocab is None:
-        return n_tokens + (-n_tokens % 64), config
+        return padded_vocab(n_tokens)
     if vocab < n_tokens:
         raise UserError(f"{path}: vocab_size {vocab} is smaller than the tokenizer's {n_tokens} tokens")
-    return int(vocab), config
+    return int(vocab)
 
 
 def spec_for_processor(spec: TinySpec, processor) -> TinySpec:
@@ -267,11 +272,11 @@ def build_tiny_model(
     if processor_dir is not None:
         processor = load_given_processor(processor_dir)
         spec = spec_for_processor(spec, processor)
-        vocab_size, _ = processor_model_config(processor_dir, processor)
+        vocab_size = processor_vocab_size(processor_dir, processor)
     else:
         tokenizer = train_tokenizer(spec)
         processor = build_processor(spec, tokenizer)
-        vocab_size = len(tokenizer) + (-len(tokenizer) % 64)  # padded like real checkpoints
+        vocab_size = padded_vocab(len(tokenizer))
     config = build_config(spec, processor, vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
