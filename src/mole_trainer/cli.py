@@ -145,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"pixels added around each text box ({DEFAULT_PADDING})",
     )
     prep = data.add_parser("preprocess", help="chat template + processor + label masks, cached for training")
-    prep.add_argument("--input", required=True, help="expert dataset folder or routing JSONL")
+    prep.add_argument(
+        "--input",
+        required=True,
+        help="expert dataset folder (or DIR#NAME of a LLaMA-Factory folder) or routing JSONL",
+    )
     prep.add_argument("--output", required=True)
     prep.add_argument("--model", default=None, help="base model folder or hub id (its processor is used)")
     prep.add_argument(
@@ -175,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert = data.add_parser(
         "convert", help="write a dataset (messages/ShareGPT JSONL or HF datasets folder) in another format"
     )
-    convert.add_argument("--input", required=True, help="dataset folder in any format mole reads")
+    convert.add_argument(
+        "--input", required=True, help="dataset folder in any format mole reads (DIR#NAME: LLaMA-Factory)"
+    )
     convert.add_argument("--output", required=True, help="folder to write (train/val/test + images/)")
     convert.add_argument(
         "--to",

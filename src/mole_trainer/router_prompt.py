@@ -2,6 +2,11 @@
 
 Training, evaluation and inference all call these functions, so the router sees exactly the same
 input (instruction unmasked in the prompt, the label as the only supervised answer) everywhere.
+
+What the router sees of a conversation (a Sample's `instruction` and `images`, defined once in
+data.conversation.router_request): the text of every user turn, in order, one per line, without the
+system prompt and the assistant turns; and every image of the conversation, in conversation
+order, all placed before the routing instruction.
 """
 
 from __future__ import annotations

@@ -242,11 +242,21 @@ def test_llamafactory_datasets_are_read_by_name(ds):
 
 
 def test_llamafactory_json_converts_to_messages_keeping_everything(ds, tmp_path):
-    from mole_trainer.data.convert import convert_dataset
+    from mole_trainer.cli import main
 
     root = llamafactory(ds)
     original = load_expert_dataset(f"{root}#mllm")
-    convert_dataset(f"{root}#mllm", tmp_path / "msgs", to="messages", strict=True)
+    argv = [
+        "--workdir",
+        str(tmp_path),
+        "data",
+        "convert",
+        "--input",
+        f"{root}#mllm",
+        "--output",
+        str(tmp_path / "msgs"),
+    ]
+    assert main([*argv, "--strict"]) == 0
     back = load_expert_dataset(tmp_path / "msgs")
     assert_same_conversations(original, back)
     assert back["train"][0].turns == TURNS
@@ -355,21 +365,38 @@ def test_a_template_that_does_not_render_turn_by_turn_is_refused(tiny_model, ds)
 
 
 def test_routing_records_carry_the_whole_conversation(ds, synth_data, tmp_path):
-    from mole_trainer.config import DatasetConfig, ExpertSource
-    from mole_trainer.data.routing import build_routing_dataset
+    """dataset.yaml names a plain folder, a LLaMA-Factory dataset (relative DIR#NAME) and the synthetic
+    OCR expert; multi-turn records route with their conversation, deduplicated by the router view."""
+    from mole_trainer.stages import data_routing
 
-    cfg = DatasetConfig(
-        experts={"chat": ExpertSource(path=str(ds)), "ocr": ExpertSource(path=str(synth_data / "ocr"))},
-        test_per_expert=1,
-        val_per_expert=0,
+    llamafactory(ds)  # ds.parent / "lf"
+    (ds.parent / "dataset.yaml").write_text(
+        "experts:\n  chat: {path: ds}\n  lf: {path: 'lf#alpaca'}\n"
+        f"  ocr: {{path: {synth_data / 'ocr'}}}\ntest_per_expert: 1\nval_per_expert: 0\n"
     )
     out = tmp_path / "r/routing.jsonl"
-    stats = build_routing_dataset(cfg, out)
+    stats = data_routing(ds.parent / "dataset.yaml", out, workdir=tmp_path)
     # 'multi' and 'multi-test' are one request for the router (same images, same user turns)
-    assert stats["duplicates_dropped"]["chat"] == 1
-    (multi,) = [s for s in load_jsonl_samples(out) if s.metadata["source_id"].startswith("multi")]
+    assert stats["duplicates_dropped"]["chat"] == 1 and stats["input_records"]["lf"] == 1
+    routed = {s.metadata["source_id"]: s for s in load_jsonl_samples(out)}
+    multi = next(s for k, s in routed.items() if k.startswith("multi"))
     assert (multi.system, multi.turns, multi.expert) == (SYSTEM, TURNS, "chat")
     assert [pixels(p).shape for p in multi.images] == [(48, 64, 3), (64, 48, 3)]  # a.png, then b.png
+    alpaca = routed["alpaca-1"]
+    assert (alpaca.expert, alpaca.system, len(alpaca.turns)) == ("lf", SYSTEM, 4)
+
+
+def test_preprocessed_cache_keeps_the_conversation_for_generation(tiny_model, ds, tmp_path):
+    from mole_trainer.data.preprocess import load_preprocessed, preprocess_splits, sample_from_dict
+
+    splits = load_expert_dataset(ds)
+    preprocess_splits(splits, tmp_path / "prep", str(tiny_model), "sft", None, 4096, 20000)
+    _, payload = load_preprocessed(tmp_path / "prep", "test")
+    (cached,) = [sample_from_dict(d) for d in payload["samples"]]
+    (original,) = splits["test"]
+    # what generation-based evaluation prompts the expert with: system prompt and history included
+    assert cached.messages(with_answer=False) == original.messages(with_answer=False)
+    assert [m["role"] for m in cached.messages(with_answer=False)] == ["system", "user", "assistant", "user"]
 
 
 def test_requests_with_system_history_and_sharegpt_lines(ds):

@@ -428,6 +428,11 @@ def test_dataset_info_entry_pointing_at_a_missing_file(ds, tmp_path):
         ),
         ({"d": {"hf_hub_url": "org/x"}}, "[]", "dataset 'd': 'hf_hub_url' datasets are not read"),
         (
+            {"d": {"file_name": "d.json", "formatting": "sharegpt", "num_samples": 5}},
+            "[]",
+            "dataset 'd': 'num_samples' is not supported",
+        ),
+        (
             {"d": {"file_name": "d.json", "formatting": "sharegpt", "tags": {"speaker_tag": "who"}}},
             "[]",
             "dataset 'd': tags.speaker_tag is not one of role_tag",
@@ -443,7 +448,14 @@ def test_dataset_info_entry_pointing_at_a_missing_file(ds, tmp_path):
             "d.json: expected a JSON array",
         ),
     ],
-    ids=["unknown formatting", "hub entry", "unknown tag", "bad JSON in the array", "not an array"],
+    ids=[
+        "unknown formatting",
+        "hub entry",
+        "num_samples",
+        "unknown tag",
+        "bad JSON in the array",
+        "not an array",
+    ],
 )
 def test_bad_dataset_info_entries_and_files(ds, info, array, fragment):
     (ds / "dataset_info.json").write_text(json.dumps(info))

@@ -1,25 +1,33 @@
 """Expert dataset formats, read into one validated form (Sample), strictly or with a rejects list.
 
-A dataset is a folder in one of three formats (detected per folder, and per record for JSONL):
+A dataset is a folder in one of four formats (detected per folder, and per record for JSONL):
 
 * messages JSONL (the native format): train.jsonl / val.jsonl / test.jsonl and the images they name::
 
     {"id": "cal-0001", "images": ["images/cal-0001.png"],
-     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
-                  {"role": "assistant", "content": "..."}],
+     "messages": [{"role": "system", "content": "..."},                       # optional
+                  {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
+                  {"role": "assistant", "content": "..."}, ...],
      "metadata": {...}}
 
 * ShareGPT JSONL, as LLaMA-Factory, LLaVA and older Qwen tooling write it, in the same split files::
 
-    {"id": "...", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}],
-     "images": ["images/x.png"]}            # or "image": "images/x.png"
+    {"id": "...", "system": "...", "conversations": [{"from": "human", "value": "<image>\\n..."},
+     {"from": "gpt", "value": "..."}, ...], "images": ["images/x.png"]}  # or "image": "images/x.png"
 
-  The number of <image> placeholders must equal the number of images; "id" may be left out
-  (it becomes "<split>-<line>").
+  "id" may be left out (it becomes "<split>-<line>"); the system prompt may also be a first
+  {"from": "system"} turn.
 * a Hugging Face `datasets` folder written by save_to_disk: a DatasetDict with train / val
   (or validation) / test splits, or a single Dataset (split from a 'split' column, else train),
   with the columns of either form above; image columns hold Image() features (embedded bytes,
   extracted into a content-addressed cache folder) or paths.
+* a LLaMA-Factory folder: dataset_info.json and the .json arrays / .jsonl files it lists, read by
+  name as `DIR#NAME` (llamafactory.py).
+
+A conversation is an optional system prompt, then user and assistant turns in alternation,
+ending with the assistant. Images stand where their <image> placeholders or image parts are, in
+any user turn; their total must equal the record's image list, in the same order. What the
+router sees of it is router_request (the user turns' text) plus every image.
 
 Image paths are relative to the dataset root and may not resolve outside it (symlinks included).
 Every problem names the file (or dataset folder and split), the line (or row) and the field. The
@@ -47,11 +55,19 @@ from ..layout import (
     LLAMAFACTORY_INFO_FILE,
     SPLITS,
 )
+from .conversation import (  # noqa: F401  (IMAGE_PLACEHOLDER, router_request, placeholder_text: re-exported)
+    IMAGE_PLACEHOLDER,
+    MESSAGE_ROLES,
+    AlpacaLayout,
+    ShareGPTLayout,
+    check_conversation,
+    placeholder_text,
+    raw_alpaca,
+    raw_messages,
+    raw_sharegpt,
+    router_request,
+)
 
-# role names accepted in ShareGPT turns (LLaMA-Factory's defaults and the plain chat names)
-SHAREGPT_USER = ("human", "user")
-SHAREGPT_ASSISTANT = ("gpt", "assistant")
-IMAGE_PLACEHOLDER = "<image>"
 # Hugging Face split names accepted for each of ours
 HF_SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
@@ -261,264 +277,6 @@ def store_image_bytes(data: bytes, name_hint: str | None = None) -> Path:
 
 ImageResolver = Callable[[Any, str], Path]
 
-# role -> the names a messages-format record may give it
-MESSAGE_ROLES: dict[str, tuple[str, ...]] = {
-    "system": ("system",),
-    "user": ("user",),
-    "assistant": ("assistant",),
-}
-
-
-@dataclass
-class ShareGPTLayout:
-    """Where a ShareGPT-style record keeps its parts (LLaMA-Factory's `columns` and `tags` mappings).
-
-    The default accepts the usual spellings (from/role, value/content, human/user, gpt/assistant);
-    a dataset_info.json entry names exactly one of each.
-    """
-
-    messages: str = "conversations"
-    images: str = "images"
-    system: str = "system"
-    unsupported: tuple[str, ...] = ()  # fields a record may not use (LLaMA-Factory's tools, videos, audios)
-    role_tags: tuple[str, ...] = ("from", "role")
-    content_tags: tuple[str, ...] = ("value", "content")
-    roles: dict[str, tuple[str, ...]] = field(
-        default_factory=lambda: {
-            "system": ("system",),
-            "user": SHAREGPT_USER,
-            "assistant": SHAREGPT_ASSISTANT,
-        }
-    )
-
-
-@dataclass
-class AlpacaLayout:
-    """Column names of an alpaca-style record (LLaMA-Factory's `formatting: alpaca`)."""
-
-    prompt: str = "instruction"
-    query: str = "input"
-    response: str = "output"
-    history: str = "history"
-    system: str = "system"
-    images: str = "images"
-    unsupported: tuple[str, ...] = ()
-
-
-@dataclass
-class _RawTurn:
-    role: str  # as the record spells it
-    content: Any
-    role_at: str  # where the role is, for messages: "messages[2].role"
-    content_at: str  # where the content is: "messages[2].content"
-
-
-def _user_parts(content: Any, where: str) -> tuple[list[dict], int, str]:
-    """(parts, images, what they are called) of a user turn: images stay where they stand.
-
-    A string may hold <image> placeholders; a list holds {type: image} and {type: text} parts. In a
-    turn with images, text around them is stripped (the vision tokens delimit it); adjacent text
-    parts are joined as the chat template renders them (no separator); empty texts are dropped.
-    """
-    raw: list[dict] = []
-    if isinstance(content, str):
-        pieces = content.split(IMAGE_PLACEHOLDER)
-        for j, piece in enumerate(pieces):
-            raw.append({"type": "text", "text": piece})
-            if j < len(pieces) - 1:
-                raw.append({"type": "image"})
-        what = f"{IMAGE_PLACEHOLDER} placeholder(s)"
-    elif isinstance(content, list):
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or "type" not in part:
-                raise UserError(f"{where}: content[{i}] must be an object with a 'type'")
-            if part["type"] == "image":
-                raw.append({"type": "image"})
-            elif part["type"] == "text":
-                if not isinstance(part.get("text"), str):
-                    raise UserError(f"{where}: content[{i}].text must be a string")
-                if IMAGE_PLACEHOLDER in part["text"]:
-                    raise UserError(
-                        f"{where}: content[{i}].text holds an {IMAGE_PLACEHOLDER} placeholder; "
-                        "in a list of parts an image is an {'type': 'image'} part"
-                    )
-                raw.append({"type": "text", "text": part["text"]})
-            else:
-                raise UserError(f"{where}: content[{i}].type '{part['type']}' is not 'image' or 'text'")
-        what = "image part(s)"
-    else:
-        raise UserError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
-    n_images = sum(p["type"] == "image" for p in raw)
-    parts: list[dict] = []
-    for p in raw:
-        if p["type"] == "text" and parts and parts[-1]["type"] == "text":
-            parts[-1] = {"type": "text", "text": parts[-1]["text"] + p["text"]}
-        else:
-            parts.append(p)
-    if n_images:
-        parts = [{"type": "text", "text": p["text"].strip()} if p["type"] == "text" else p for p in parts]
-    parts = [p for p in parts if p["type"] == "image" or p["text"].strip()]
-    return parts, n_images, what
-
-
-def _plain_text(content: Any, where: str, what: str) -> str:
-    """Text of a system or assistant turn (a string, or text parts joined as the template renders them)."""
-    if isinstance(content, str):
-        if IMAGE_PLACEHOLDER in content:
-            raise UserError(f"{where}: {what} cannot hold an {IMAGE_PLACEHOLDER} placeholder")
-        return content
-    if not isinstance(content, list):
-        raise UserError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
-    texts = []
-    for i, part in enumerate(content):
-        if not isinstance(part, dict) or "type" not in part:
-            raise UserError(f"{where}: content[{i}] must be an object with a 'type'")
-        if part["type"] != "text":
-            raise UserError(f"{where}: content[{i}].type '{part['type']}': {what} holds text only")
-        if not isinstance(part.get("text"), str):
-            raise UserError(f"{where}: content[{i}].text must be a string")
-        texts.append(part["text"])
-    return "".join(texts)
-
-
-def router_request(turns: list[dict]) -> str:
-    """What the router reads of a conversation: the text of every user turn, in order, joined with a
-    newline (within a turn, its text parts joined the same way). The system prompt and the assistant
-    turns are left out; the router also sees every image of the record, in conversation order."""
-    return "\n".join(
-        p["text"] for t in turns if t["role"] == "user" for p in t["content"] if p["type"] == "text"
-    )
-
-
-def _raw_messages(obj: dict) -> list[_RawTurn]:
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages:
-        got = "an empty list" if messages == [] else type(messages).__name__
-        raise UserError(
-            "field 'messages' must be a non-empty list of turns: an optional system prompt, then user "
-            f"and assistant turns in alternation, ending with the assistant (got {got})"
-        )
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"messages[{i}] must be an object with 'role' and 'content'")
-        if not isinstance(m["role"], str):
-            raise UserError(f"messages[{i}].role must be a string")
-        out.append(_RawTurn(m["role"], m["content"], f"messages[{i}].role", f"messages[{i}].content"))
-    return out
-
-
-def _raw_sharegpt(obj: dict, lay: ShareGPTLayout) -> list[_RawTurn]:
-    conv = obj.get(lay.messages)
-    if not isinstance(conv, list) or not conv:
-        got = "an empty list" if conv == [] else type(conv).__name__
-        raise UserError(f"field '{lay.messages}' must be a non-empty list of turns (got {got})")
-    out = []
-    for i, t in enumerate(conv):
-        rkey = next((k for k in lay.role_tags if isinstance(t, dict) and k in t), None)
-        ckey = next((k for k in lay.content_tags if isinstance(t, dict) and k in t), None)
-        if rkey is None or ckey is None or not isinstance(t[rkey], str) or not isinstance(t[ckey], str):
-            raise UserError(
-                f"{lay.messages}[{i}] must be an object with string '{lay.role_tags[0]}' and "
-                f"'{lay.content_tags[0]}'"
-            )
-        out.append(_RawTurn(t[rkey], t[ckey], f"{lay.messages}[{i}].{rkey}", f"{lay.messages}[{i}].{ckey}"))
-    return out
-
-
-def _raw_alpaca(obj: dict, lay: AlpacaLayout) -> list[_RawTurn]:
-    out = []
-    history = obj.get(lay.history)
-    if history is not None:
-        if not isinstance(history, list) or not all(
-            isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history
-        ):
-            raise UserError(f"field '{lay.history}' must be a list of [request, answer] string pairs")
-        for i, (q, a) in enumerate(history):
-            at = f"{lay.history}[{i}]"
-            out += [_RawTurn("user", q, at, f"{at}[0]"), _RawTurn("assistant", a, at, f"{at}[1]")]
-    for key in (lay.prompt, lay.query, lay.response):
-        if not isinstance(obj.get(key, ""), str):
-            raise UserError(f"field '{key}' must be a string")
-    # LLaMA-Factory's join of instruction and input
-    request = "\n".join(x for x in (obj.get(lay.prompt, ""), obj.get(lay.query, "")) if x)
-    out.append(_RawTurn("user", request, lay.prompt, lay.prompt))
-    out.append(_RawTurn("assistant", obj.get(lay.response, ""), lay.response, lay.response))
-    return out
-
-
-def _conversation(
-    raw: list[_RawTurn],
-    roles: dict[str, tuple[str, ...]],
-    system_field: tuple[str, Any] | None,
-    request: bool,
-) -> tuple[str | None, list[dict], list[tuple[str, int, str]]]:
-    """(system prompt, turns, (where, images, what) per user turn) of a record's raw turns.
-
-    Turns: an optional system prompt (a first system turn, or the record's system field), then
-    user and assistant in alternation, ending with the assistant (or, for a request, either).
-    """
-
-    def canon(t: _RawTurn) -> str | None:
-        return next((role for role, names in roles.items() if t.role in names), None)
-
-    known = ", ".join(n for names in roles.values() for n in names)
-    for t in raw:
-        if canon(t) is None:
-            raise UserError(f"{t.role_at} '{t.role}' is not a known role (one of {known})")
-    system = None
-    if canon(raw[0]) == "system":
-        if system_field is not None:
-            raise UserError(
-                f"{raw[0].role_at}: give the system prompt either in field '{system_field[0]}' or as a "
-                "first system turn, not both"
-            )
-        system = _plain_text(raw[0].content, raw[0].content_at, "the system prompt")
-        where = raw[0].content_at
-        raw = raw[1:]
-    elif system_field is not None:
-        where, system = system_field
-        if not isinstance(system, str):
-            raise UserError(f"field '{where}' (the system prompt) must be a string")
-        where = f"field '{where}'"
-    if system is not None and not system.strip():
-        raise UserError(f"{where}: the system prompt is empty (leave it out for none)")
-    if not raw:
-        raise UserError("the conversation has a system prompt but no user turn")
-    for t in raw:
-        if canon(t) == "system":
-            raise UserError(f"{t.role_at}: a system turn may only come first")
-    if not request and canon(raw[-1]) != "assistant":
-        raise UserError(f"the last message must be the assistant answer, got role '{raw[-1].role}'")
-    for i, t in enumerate(raw):
-        want = "user" if i % 2 == 0 else "assistant"
-        if canon(t) != want:
-            names = " or ".join(f"'{n}'" for n in roles[want])
-            raise UserError(
-                f"{t.role_at} must be {names} (after an optional system prompt, turns alternate user "
-                f"and assistant, starting with the user), got '{t.role}'"
-            )
-    turns: list[dict] = []
-    images: list[tuple[str, int, str]] = []
-    for i, t in enumerate(raw):
-        if canon(t) == "user":
-            parts, n, what = _user_parts(t.content, t.content_at)
-            if not parts:
-                raise UserError(f"{t.content_at}: the user turn is empty")
-            turns.append({"role": "user", "content": parts})
-            images.append((t.content_at, n, what))
-        else:
-            text = _plain_text(t.content, t.content_at, "an assistant turn")
-            if not text.strip():
-                last = i == len(raw) - 1
-                raise UserError(
-                    "the assistant answer is empty"
-                    if last
-                    else f"{t.content_at}: the assistant turn is empty"
-                )
-            turns.append({"role": "assistant", "content": text})
-    return system, turns, images
-
 
 def record_kind(obj: dict, layout: ShareGPTLayout | AlpacaLayout | None = None) -> str:
     """'messages', 'sharegpt' or 'alpaca', from the layout given or else from the record's fields."""
@@ -578,14 +336,14 @@ def _parse(
         images = [obj["image"]] if images_field == "image" else obj.get("images")
         system_key = "system" if kind == "sharegpt" else None
     if kind == "alpaca":
-        raw, roles = _raw_alpaca(obj, layout), MESSAGE_ROLES
+        raw, roles = raw_alpaca(obj, layout), MESSAGE_ROLES
     elif kind == "sharegpt":
         lay = layout if isinstance(layout, ShareGPTLayout) else ShareGPTLayout()
-        raw, roles = _raw_sharegpt(obj, lay), lay.roles
+        raw, roles = raw_sharegpt(obj, lay), lay.roles
     else:
-        raw, roles = _raw_messages(obj), MESSAGE_ROLES
+        raw, roles = raw_messages(obj), MESSAGE_ROLES
     system_field = (system_key, obj[system_key]) if system_key and obj.get(system_key) is not None else None
-    system, turns, per_turn = _conversation(raw, roles, system_field, request)
+    system, turns, per_turn = check_conversation(raw, roles, system_field, request)
     if not isinstance(images, list) or not images:
         raise UserError(f"field '{images_field}' must be a non-empty list of paths")
     instruction = router_request(turns)
@@ -635,7 +393,7 @@ def _parse(
     )
 
 
-def _path_resolver(root: Path) -> ImageResolver:
+def path_resolver(root: Path) -> ImageResolver:
     return lambda rel, where: resolve_image(root, rel, where)
 
 
@@ -643,14 +401,14 @@ def parse_record(
     obj: dict, path: Path, lineno: int, root: Path, decode: bool = True, request: bool = False
 ) -> Sample:
     """Validate one JSONL record (messages or ShareGPT form) and turn it into a Sample."""
-    return parse_object(obj, Location(str(path), lineno), _path_resolver(Path(root)), decode, request=request)
+    return parse_object(obj, Location(str(path), lineno), path_resolver(Path(root)), decode, request=request)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # whole files and folders
 
 
-def _collect(
+def collect_records(
     items: Iterator[tuple[Location, dict | RecordError, str | None]],
     resolver: ImageResolver,
     decode: bool,
@@ -695,7 +453,7 @@ def read_jsonl_samples(
     root = Path(root) if root is not None else path.parent
     stem = split or path.stem
     items = ((Location(str(path), n), obj, f"{stem}-{n}") for n, obj in iter_jsonl(path))
-    return _collect(items, _path_resolver(root), decode, strict, split)
+    return collect_records(items, path_resolver(root), decode, strict, split)
 
 
 def load_jsonl_samples(path: str | Path, root: str | Path | None = None, decode: bool = True) -> list[Sample]:
@@ -824,7 +582,7 @@ def read_hf_dataset(
         label = f"{root} [{split or 'dataset'}]"
         rows = _hf_rows(part)
         items = ((Location(label, i, "row"), row, f"{split or 'row'}-{i}") for i, row in rows)
-        samples, bad = _collect(items, resolver, decode, strict, split)
+        samples, bad = collect_records(items, resolver, decode, strict, split)
         rejects += bad
         for s in samples:
             target = split or s.split or "train"
@@ -872,21 +630,6 @@ def sample_to_record(s: Sample, image_paths: list[str]) -> dict:
     rec["messages"] += s.conversation()
     rec["metadata"] = s.metadata
     return rec
-
-
-def placeholder_text(parts: list[dict]) -> str:
-    """A user turn's parts as one string with <image> placeholders where the images stand.
-
-    Text and placeholders are separated by a newline (the reader strips it again); adjacent
-    placeholders are not.
-    """
-    out = ""
-    for p in parts:
-        if p["type"] == "image":
-            out += ("" if not out or out.endswith(IMAGE_PLACEHOLDER) else "\n") + IMAGE_PLACEHOLDER
-        else:
-            out += ("\n" if out else "") + p["text"]
-    return out
 
 
 def sample_to_sharegpt(s: Sample, image_paths: list[str]) -> dict:

@@ -1,12 +1,13 @@
 """LLaMA-Factory datasets: a folder with `dataset_info.json` and the `.json` / `.jsonl` files it lists.
 
 A dataset is read by name with the path `DIR#NAME` (DIR holds dataset_info.json), wherever a dataset
-folder is expected (dataset.yaml `path`, loras.yaml `data`, `--input`). `DIR#NAME` is the train
-split, except records carrying a `split` field; other splits are named after it:
-`DIR#NAME,val=NAME2,test=NAME3`. A plain `DIR` whose dataset_info.json lists one dataset reads that
-one. Each entry's `formatting` (sharegpt, or alpaca: LLaMA-Factory's default), `columns` and `tags`
-say where the turns, roles, system prompt and images are; images are relative to DIR. Hub, script
-and ranking entries are refused with a message, as are tools, videos and audios in a record.
+folder is expected (dataset.yaml `path`, loras.yaml `data`, `--input`). A lone `DIR#NAME` is the
+train split, except records carrying a `split` field; several names give the splits, each file
+all of its split: `DIR#NAME,val=NAME2,test=NAME3`. A plain `DIR` whose dataset_info.json lists
+one dataset reads that one. Each entry's `formatting` (sharegpt, or alpaca: LLaMA-Factory's
+default), `columns` and `tags` say where the turns, roles, system prompt and images are; images
+are relative to DIR. Hub, script, ranking and num_samples entries are refused with a message, as
+are tools, videos and audios in a record.
 """
 
 from __future__ import annotations
@@ -18,17 +19,8 @@ from typing import Any
 
 from ..errors import UserError
 from ..layout import DATASET_NAME_SEP, LLAMAFACTORY_INFO_FILE, SPLITS
-from .formats import (
-    AlpacaLayout,
-    Location,
-    RecordError,
-    Reject,
-    Sample,
-    ShareGPTLayout,
-    _collect,
-    _path_resolver,
-    iter_jsonl,
-)
+from .conversation import AlpacaLayout, ShareGPTLayout
+from .formats import Location, RecordError, Reject, Sample, collect_records, iter_jsonl, path_resolver
 
 SHAREGPT_COLUMNS = ("messages", "system", "images", "tools", "videos", "audios")
 ALPACA_COLUMNS = ("prompt", "query", "response", "history", "system", "images", "tools", "videos", "audios")
@@ -96,6 +88,8 @@ def entry_source(root: Path, name: str, entry: dict) -> tuple[Path, ShareGPTLayo
             raise UserError(f"{where}: '{key}' datasets are not read; give a local 'file_name'")
         if key not in KNOWN_KEYS and key not in UNSUPPORTED_KEYS:
             raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(KNOWN_KEYS)})")
+    if entry.get("num_samples") is not None:  # LLaMA-Factory would subsample; refuse rather than differ
+        raise UserError(f"{where}: 'num_samples' is not supported (every record is read)")
     if entry.get("ranking"):
         raise UserError(f"{where}: ranking (preference) datasets are not supported")
     file_name = entry.get("file_name")
@@ -231,7 +225,7 @@ def read_llamafactory(
             for n, (line, obj) in enumerate(rows, start=1)
         )
         fixed = split if len(chosen) > 1 or split != "train" else None  # a lone NAME: records' split fields
-        samples, bad = _collect(items, _path_resolver(root), decode, strict, fixed, lay)
+        samples, bad = collect_records(items, path_resolver(root), decode, strict, fixed, lay)
         rejects += bad
         for s in samples:
             out[fixed or s.split or "train"].append(s)

@@ -240,7 +240,7 @@ def _drop_duplicates_and_conflicts(
 ) -> tuple[list[tuple[str, Sample, list[str]]], dict[str, int], dict[str, int]]:
     """Kept (expert, sample, image hashes) and, per expert, duplicates and conflicts dropped.
 
-    The same router view (image bytes, instruction: formats.router_request) is one request: kept
+    The same router view (image bytes, instruction: conversation.router_request) is one request: kept
     once, and dropped everywhere when two experts claim it (its label would contradict itself).
     """
     hashes: dict[Path, str] = {}

@@ -140,7 +140,7 @@ def requests_from_jsonl(path: str | Path) -> list[Sample]:
       answered again);
     - a ShareGPT record (`conversations`, `image` | `images`, `system`?), the same way.
 
-    The router sees every request the way it saw its training records (formats.router_request).
+    The router sees every request the way it saw its training records (data.conversation.router_request).
     """
     from ..data.formats import check_image, parse_record, read_jsonl, resolve_image
 
