@@ -214,6 +214,17 @@ def test_eval_and_infer_route_with_the_real_vocabulary(wd, capsys):
     assert sum(map(sum, report["confusion"]["matrix"])) == report["n"]
     image = next((wd / "data/experts/calendar/images").iterdir())
     capsys.readouterr()
-    mole(wd, "infer", "--deployment", str(wd / "deploy"), "--image", str(image), "--prompt", "Pick the 5th.")
+    infer = ["infer", "--deployment", str(wd / "deploy"), "--max-new-tokens", "4"]
+    mole(wd, *infer, "--image", str(image), "--prompt", "Pick the 5th.")
     expert = capsys.readouterr().out.strip().splitlines()[-1].split("\t")[1]
     assert expert in EXPERTS
+    # a request with a system prompt and history, ending with the user turn to answer
+    calendar = wd / "data/experts/calendar"
+    first = json.loads((calendar / "train.jsonl").read_text().splitlines()[0])
+    request = {"id": "with-history", "images": first["images"], "messages": MULTI_TURN["messages"][:-1]}
+    (calendar / "requests.jsonl").write_text(json.dumps(request) + "\n")
+    out = wd / "out.jsonl"
+    mole(wd, *infer, "--input", str(calendar / "requests.jsonl"), "--output", str(out))
+    (result,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["id"] == "with-history" and result["expert"] in EXPERTS
+    assert abs(sum(result["probs"].values()) - 1) < 1e-3
