@@ -104,9 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="base models").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    tiny = model.add_parser("tiny", help="build the tiny offline Qwen3-VL (random weights, local tokenizer)")
+    tiny = model.add_parser(
+        "tiny", help="build the tiny offline Qwen3-VL (random weights; local tokenizer or --processor DIR)"
+    )
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--processor",
+        default=None,
+        metavar="DIR",
+        help="build around this processor folder (a real Qwen3-VL's tokenizer, chat template and configs, "
+        "no weights needed): its vocabulary, template and special-token ids; default: a local tokenizer",
+    )
 
     data = sub.add_parser("data", help="datasets").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -351,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
         for path in init_workdir(args.init_workdir, args.preset, args.force):
             print(f"wrote {path}")
     elif cmd == ("model", "tiny"):
-        _print_json(stages.model_tiny(args.out, wd, args.seed))
+        _print_json(stages.model_tiny(args.out, wd, args.seed, args.processor))
     elif cmd == ("data", "synth"):
         counts = {"train": args.train, "val": args.val, "test": args.test}
         _print_json(stages.data_synth(args.out, wd, args.experts, counts, args.seed, args.size))

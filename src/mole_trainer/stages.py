@@ -75,15 +75,18 @@ def data_hash(*paths: str | Path) -> str:
     return h.hexdigest()
 
 
-def model_tiny(out: str | Path, workdir: str | Path = ".", seed: int = 0) -> dict:
-    """Build the tiny offline Qwen3-VL into `out`."""
+def model_tiny(
+    out: str | Path, workdir: str | Path = ".", seed: int = 0, processor: str | Path | None = None
+) -> dict:
+    """Build the tiny offline Qwen3-VL into `out` (around the processor folder `processor`, if given)."""
     from dataclasses import asdict
 
-    from .model.tiny import TinySpec, build_tiny_model
+    from .model.tiny import REAL_VOCAB_SIZES, TinySpec, build_tiny_model
 
-    spec = TinySpec(seed=seed)
-    with record_run(_db(workdir), "model.tiny", asdict(spec)) as run:
-        path = build_tiny_model(out, spec)
+    spec = TinySpec(seed=seed, **(REAL_VOCAB_SIZES if processor is not None else {}))
+    config = {**asdict(spec), "processor": str(processor) if processor is not None else None}
+    with record_run(_db(workdir), "model.tiny", config) as run:
+        path = build_tiny_model(out, spec, processor)
         run.artifacts["model"] = str(path)
     return {"model": str(path)}
 

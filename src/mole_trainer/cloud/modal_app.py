@@ -158,10 +158,11 @@ def _model_ref(model: str) -> str:
 
 
 @app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
-def model_tiny(out: str = TINY_MODEL, seed: int = 0, workdir: str = ".") -> dict:
-    """Build the tiny offline Qwen3-VL into the models Volume."""
+def model_tiny(out: str = TINY_MODEL, seed: int = 0, workdir: str = ".", processor: str = "") -> dict:
+    """Build the tiny offline Qwen3-VL into the models Volume (around a processor folder there, if given)."""
     with synced(writes=(MODELS, CHECKPOINTS)):
-        return stages.model_tiny(volume_path(MODELS, out), _workdir(workdir), seed)
+        proc = volume_path(MODELS, processor) if processor else None
+        return stages.model_tiny(volume_path(MODELS, out), _workdir(workdir), seed, proc)
 
 
 @app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)

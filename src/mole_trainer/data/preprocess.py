@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..layout import LABEL_MAP_FILE, PREPROCESS_META_FILE, PREPROCESS_SHARD_FILE, REJECTS_FILE, SPLITS
-from ..model.chat import END_OF_TURN
+from ..model.chat import end_of_turn
 from ..router_prompt import label_names, router_messages
 from .formats import Reject, Sample, write_jsonl
 
@@ -83,6 +83,7 @@ def supervised_text(processor, messages: list[dict]) -> tuple[str, list[tuple[in
         return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
 
     full = render(messages, False)
+    eot = end_of_turn(processor.tokenizer)
     spans = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -94,13 +95,13 @@ def supervised_text(processor, messages: list[dict]) -> tuple[str, list[tuple[in
                 "assistant turn is not a prefix of the conversation), so label masks cannot be placed"
             )
         body = upto[len(head) :]
-        end = body.rfind(END_OF_TURN)
-        if end < 0 or body[end + len(END_OF_TURN) :].strip():
+        end = body.rfind(eot)
+        if end < 0 or body[end + len(eot) :].strip():
             raise TemplateError(
-                f"the chat template does not end assistant turn {k} with {END_OF_TURN}, so label masks "
+                f"the chat template does not end assistant turn {k} with {eot}, so label masks "
                 "cannot be placed"
             )
-        spans.append((len(head), len(head) + end + len(END_OF_TURN)))
+        spans.append((len(head), len(head) + end + len(eot)))
     if not spans:
         raise ValueError("the conversation has no assistant turn to supervise")
     return full[: spans[-1][1]], spans

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ..data.formats import Sample
 from ..data.preprocess import collate, encode_prompt, load_images
-from ..model.chat import END_OF_TURN
+from ..model.chat import end_of_turn
 from ..router_prompt import router_messages
 
 MASKABLE_ATTENTION = ("sdpa", "eager")  # implementations that accept an arbitrary 4-D additive mask
@@ -34,7 +34,7 @@ HEAD_CHUNK = 64  # label positions per LM-head call: bounds the fp32 logits to 6
 
 def label_token_ids(tokenizer, names: list[str]) -> list[list[int]]:
     """Token ids of each label answer as the router is trained to write it (label + end of turn)."""
-    return [tokenizer(n + END_OF_TURN, add_special_tokens=False)["input_ids"] for n in names]
+    return [tokenizer(n + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"] for n in names]
 
 
 def encode_router_prompts(processor, samples: list[Sample], names: list[str]) -> list[dict]:

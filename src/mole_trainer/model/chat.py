@@ -1,4 +1,9 @@
-"""Chat format constants shared by the tiny model, preprocessing and generation (Qwen's tokens)."""
+"""Qwen's chat tokens and template, as the tiny tokenizer is built with them.
+
+Only the tiny model's builder uses these constants. Everything that works on a loaded model
+(preprocessing, router scoring, generation) asks its tokenizer instead (`end_of_turn`), so a real
+Qwen3-VL processor, or another base's, is never second-guessed by a copy of its tokens here.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ QWEN_SPECIAL_TOKENS = [
 ]
 PAD_TOKEN = "<|endoftext|>"
 END_OF_TURN = "<|im_end|>"
-EOS_TOKENS = [END_OF_TURN, PAD_TOKEN]
 
 # Qwen-style chat template: string or list content, images as vision_start/image_pad/vision_end.
 CHAT_TEMPLATE = (
@@ -36,3 +40,13 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+
+
+def end_of_turn(tokenizer) -> str:
+    """The token that closes an assistant turn: the tokenizer's eos, where generation stops.
+
+    Experts and the router are trained to write it after their answer, and router scoring scores it.
+    """
+    if not tokenizer.eos_token:
+        raise ValueError("the tokenizer has no eos token (the end of an assistant turn)")
+    return tokenizer.eos_token

@@ -1,9 +1,11 @@
-"""A tiny Qwen3-VL built from a config, with a locally trained byte-level BPE tokenizer.
+"""A tiny Qwen3-VL built from a config, with a locally trained byte-level BPE tokenizer or a given processor.
 
 The result is saved with save_pretrained and loads through exactly the code path of a real
 `Qwen/Qwen3-VL-8B-Instruct` directory (AutoProcessor + Qwen3VLForConditionalGeneration), so the
 rest of the tool has no tiny-model special cases. Weights are random (fixed seed): it is a stand-in
-for tests and the CPU demo on machines with no model hub.
+for tests and the CPU demo on machines with no model hub. Built around a real processor folder
+(`processor_dir`), it keeps that processor whole (tokenizer, vocabulary, chat template, special-token
+ids, patch and merge sizes) and only the network is tiny.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .chat import CHAT_TEMPLATE, EOS_TOKENS, PAD_TOKEN, QWEN_SPECIAL_TOKENS
+from ..errors import UserError
+from .chat import CHAT_TEMPLATE, END_OF_TURN, PAD_TOKEN, QWEN_SPECIAL_TOKENS
 
 # Qwen2's pre-tokenizer split: contractions, letters, single digits, punctuation runs, newlines, spaces.
 QWEN_SPLIT_REGEX = (
@@ -69,6 +72,14 @@ class TinySpec:
     mrope_section: list[int] = field(default_factory=lambda: [6, 5, 5])  # sums to head_dim / 2
 
 
+# Sizes for a tiny model around a real processor: with Qwen's 151,936-entry vocabulary the tied
+# embedding (vocabulary x hidden) dominates; hidden 64 keeps it at 39 MB in float32 and a CPU step fast.
+REAL_VOCAB_SIZES = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16, "mrope_section": [4, 2, 2]}
+
+# Qwen3VLConfig fields that must hold the processor's special-token ids (its defaults are Qwen's ids)
+SPECIAL_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
 def train_tokenizer(spec: TinySpec):
     """Train the byte-level BPE and wrap it as Qwen2's tokenizer class with Qwen's special tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -93,7 +104,7 @@ def train_tokenizer(spec: TinySpec):
         merges=merges,
         unk_token=None,
         bos_token=None,
-        eos_token="<|im_end|>",
+        eos_token=END_OF_TURN,
         pad_token=PAD_TOKEN,
         errors="replace",
     )
@@ -126,16 +137,79 @@ def build_processor(spec: TinySpec, tokenizer):
     )
 
 
-def build_config(spec: TinySpec, tokenizer):
-    """The Qwen3VLConfig; special-token ids come from the tokenizer (never Qwen's defaults)."""
+def load_given_processor(processor_dir: str | Path):
+    """The processor of a model folder (tokenizer, chat template, image/video processors), as saved there."""
+    root = Path(processor_dir)
+    if not root.is_dir():
+        raise UserError(f"--processor {root}: not a folder")
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(root)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"--processor {root}: cannot load a processor there ({exc})") from None
+    missing = [f for f in SPECIAL_ID_FIELDS if getattr(processor, f, None) is None]
+    if missing or not hasattr(processor, "image_processor"):
+        raise UserError(
+            f"--processor {root}: {type(processor).__name__} is not a Qwen3-VL processor "
+            f"(no {', '.join(missing) or 'image processor'})"
+        )
+    if not processor.chat_template:
+        raise UserError(f"--processor {root}: no chat template (chat_template.json or .jinja)")
+    return processor
+
+
+def padded_vocab(n_tokens: int) -> int:
+    """An embedding size for `n_tokens` tokens, padded to a multiple of 64 like real checkpoints."""
+    return n_tokens + (-n_tokens % 64)
+
+
+def processor_vocab_size(processor_dir: str | Path, processor) -> int:
+    """The vocabulary size of a model around a processor folder.
+
+    It is the folder's config.json's (real checkpoints pad it beyond the tokenizer), else the
+    tokenizer's length padded. The config's special-token ids, where it has them, must be the
+    tokenizer's: a folder that disagrees with itself is refused.
+    """
+    path = Path(processor_dir) / "config.json"
+    n_tokens = len(processor.tokenizer)
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    for name in SPECIAL_ID_FIELDS:
+        if name in config and config[name] != getattr(processor, name):
+            raise UserError(
+                f"{path}: {name} is {config[name]} but the tokenizer gives {getattr(processor, name)}"
+            )
+    vocab = config.get("text_config", {}).get("vocab_size", config.get("vocab_size"))
+    if vocab is None:
+        return padded_vocab(n_tokens)
+    if vocab < n_tokens:
+        raise UserError(f"{path}: vocab_size {vocab} is smaller than the tokenizer's {n_tokens} tokens")
+    return int(vocab)
+
+
+def spec_for_processor(spec: TinySpec, processor) -> TinySpec:
+    """`spec` with the image processor's patch, merge and temporal sizes and pixel budget."""
+    from dataclasses import replace
+
+    ip = processor.image_processor
+    return replace(
+        spec,
+        patch_size=ip.patch_size,
+        merge_size=ip.merge_size,
+        temporal_patch_size=ip.temporal_patch_size,
+        min_pixels=ip.size["shortest_edge"],
+        max_pixels=ip.size["longest_edge"],
+    )
+
+
+def build_config(spec: TinySpec, processor, vocab_size: int):
+    """The Qwen3VLConfig; special-token ids come from the processor's tokenizer (never Qwen's defaults)."""
     from transformers import Qwen3VLConfig
 
     assert sum(spec.mrope_section) * 2 == spec.head_dim, "mrope_section must sum to head_dim / 2"
-    ids = tokenizer.convert_tokens_to_ids
-    vocab = len(tokenizer)
-    vocab += -vocab % 64  # pad the embedding like real checkpoints do
+    tok = processor.tokenizer
     text = dict(
-        vocab_size=vocab,
+        vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,
@@ -150,8 +224,8 @@ def build_config(spec: TinySpec, tokenizer):
             "mrope_interleaved": True,
         },
         tie_word_embeddings=True,
-        pad_token_id=ids(PAD_TOKEN),
-        eos_token_id=ids(EOS_TOKENS[0]),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
         initializer_range=spec.init_std,
     )
     vision = dict(
@@ -168,33 +242,53 @@ def build_config(spec: TinySpec, tokenizer):
     return Qwen3VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **{name: getattr(processor, name) for name in SPECIAL_ID_FIELDS},
         tie_word_embeddings=True,
         initializer_range=spec.init_std,
     )
 
 
-def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
-    """Build and save the tiny Qwen3-VL (model, processor, generation config) into `out_dir`."""
+def generation_config(tokenizer):
+    """Greedy decoding that stops at the tokenizer's end of turn (eos) or its padding token."""
+    from transformers import GenerationConfig
+
+    eos = list(dict.fromkeys([tokenizer.eos_token_id, tokenizer.pad_token_id]))
+    return GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+
+
+def build_tiny_model(
+    out_dir: str | Path, spec: TinySpec | None = None, processor_dir: str | Path | None = None
+) -> Path:
+    """Build and save the tiny Qwen3-VL (model, processor, generation config) into `out_dir`.
+
+    With `processor_dir`, the model is built around that folder's processor (its tokenizer and
+    vocabulary, chat template, special tokens, patch/merge sizes; the vocabulary size from its
+    config.json when there is one); otherwise around a locally trained tokenizer.
+    """
     import torch
-    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
 
     spec = spec or TinySpec()
+    if processor_dir is not None:
+        processor = load_given_processor(processor_dir)
+        spec = spec_for_processor(spec, processor)
+        vocab_size = processor_vocab_size(processor_dir, processor)
+    else:
+        tokenizer = train_tokenizer(spec)
+        processor = build_processor(spec, tokenizer)
+        vocab_size = padded_vocab(len(tokenizer))
+    config = build_config(spec, processor, vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(spec)
-    processor = build_processor(spec, tokenizer)
-    config = build_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
-    ids = tokenizer.convert_tokens_to_ids
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids(t) for t in EOS_TOKENS], pad_token_id=ids(PAD_TOKEN), do_sample=False
-    )
+    model.generation_config = generation_config(processor.tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "mole_tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    info = {
+        **asdict(spec),
+        "model_vocab_size": vocab_size,
+        "processor": str(processor_dir) if processor_dir is not None else None,
+    }
+    (out / "mole_tiny_spec.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
