@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -127,6 +127,7 @@ class OutputLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
+        self._created_folder = False  # this run made the folder: remove it if it is left empty
 
     # ------------------------------------------------------------------ the lock's content
 
@@ -234,6 +235,7 @@ class OutputLock:
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"{self.folder}: exists and is not a folder; expected an output folder")
         try:
+            self._created_folder = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
             return self._acquire()
         except OSError as exc:  # a read-only or full filesystem, no permission
@@ -289,6 +291,10 @@ class OutputLock:
             if current and current.get("token") == self.token:
                 self.path.unlink(missing_ok=True)
                 self._published()
+            if self._created_folder:
+                # a run refused before writing (a deploy gate, a bad config) leaves no empty folder
+                with suppress(OSError):
+                    self.folder.rmdir()
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.renew_every):

@@ -28,10 +28,19 @@ def label_names(label_map: dict[str, int]) -> list[str]:
     return names
 
 
+def canonical_request(request: str) -> str:
+    """The request as the router reads it: whitespace collapsed and letters in lower case.
+
+    Neither spacing, line breaks nor case says which expert should answer, so the route must not
+    depend on them; canonicalising makes that exact instead of learned (before it, the demo router
+    agreed with itself on 0.72 of requests under extra whitespace and 0.96 under lower case).
+    Punctuation and polite words are left to the router, trained on rewritten copies (augment).
+    """
+    return " ".join(request.split()).lower()
+
+
 def router_messages(request: str, n_images: int, names: list[str]) -> list[dict]:
     """The user turn the router answers: the request's images plus the routing instruction."""
-    # whitespace is canonicalised: the route must not depend on spacing or line breaks (measured by
-    # the consistency evaluation: 0.72 agreement under extra whitespace before this)
-    text = ROUTER_INSTRUCTION.format(experts=", ".join(names), request=" ".join(request.split()))
+    text = ROUTER_INSTRUCTION.format(experts=", ".join(names), request=canonical_request(request))
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
     return [{"role": "user", "content": content}]

@@ -97,7 +97,11 @@ def test_model_and_data(wd):
     label_map = json.loads((wd / "data/routing/label_map.json").read_text())
     assert label_map == {n: i for i, n in enumerate(NAMES)}
     meta = json.loads((wd / "prep/router/meta.json").read_text())
-    assert meta["task"] == "router" and meta["counts"] == {"train": 32, "val": 8, "test": 12}
+    # the demo's dataset.yaml augments: one rewritten copy of each of the 32 train records
+    assert meta["task"] == "router" and meta["counts"] == {"train": 64, "val": 8, "test": 12}
+    records = [json.loads(x) for x in (wd / "data/routing/routing_data.jsonl").read_text().splitlines()]
+    copies = [r for r in records if "#aug" in r["id"]]
+    assert len(copies) == 32 and {r["split"] for r in copies} == {"train"}
     assert (meta["min_pixels"], meta["max_pixels"]) == (4096, 20000)  # from router.yaml
 
 
@@ -126,7 +130,15 @@ def test_router_and_eval_report(wd):
     assert report["top_k"]["2"] >= report["top_k"]["1"] == report["accuracy"]
     assert sum(map(sum, report["confusion"]["matrix"])) == 12
     consistency = report["consistency"]
-    assert set(consistency["perturbations"]) == {"jpeg", "resize", "brightness", "punctuation"}
+    assert set(consistency["perturbations"]) == {
+        "jpeg",
+        "resize",
+        "brightness",
+        "punctuation",
+        "lower-case",
+        "polite-prefix",
+    }
+    assert consistency["perturbations"]["lower-case"] == 1.0  # the router prompt canonicalises case
     assert all(0 <= v <= 1 for v in [consistency["batch_invariance"], *consistency["perturbations"].values()])
     preds = (wd / "eval/report.predictions.jsonl").read_text().splitlines()
     assert len(preds) == 12

@@ -76,8 +76,11 @@ def test_text_perturbations_are_measured(tmp_path):
     assert rates["jpeg"] == rates["resize"] == rates["brightness"] == 1.0
 
 
-def test_router_prompt_ignores_whitespace():
+def test_router_prompt_ignores_whitespace_and_case():
     from mole_trainer.router_prompt import router_messages
 
     names = ["a1", "b2"]
     assert router_messages("Click  on\nthe 3rd ", 1, names) == router_messages("Click on the 3rd", 1, names)
+    assert router_messages("CLICK on The 3rd", 1, names) == router_messages("click on the 3rd", 1, names)
+    # punctuation and words still reach the router
+    assert router_messages("Click on the 3rd.", 1, names) != router_messages("Click on the 3rd", 1, names)

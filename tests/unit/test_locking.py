@@ -45,7 +45,12 @@ def test_second_writer_refused_naming_holder_until_released(tmp_path: Path):
     assert not (tmp_path / "out" / LOCK_FILE).exists()
     with OutputLock(tmp_path / "out", "train.router", renew_every=None):
         pass
-    assert os.listdir(tmp_path / "out") == []  # no temporary files left either
+    # no temporary files left either, and a folder the run made and left empty is removed
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    with OutputLock(tmp_path / "kept", "train.router", renew_every=None):
+        pass
+    assert os.listdir(tmp_path / "kept") == []
 
 
 def test_released_on_exception(tmp_path: Path):

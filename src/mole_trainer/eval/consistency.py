@@ -6,7 +6,8 @@ that should not matter change?
   instruction: its final punctuation toggled ("Read it." <-> "Read it"), lower case ("read it."),
   and a polite prefix ("Please read it.", "Could you tell me which bar is highest?"; see
   data/rewrites.py). Whitespace is not among them: the router prompt canonicalises it, so that
-  rate would be 1 by construction.
+  rate would be 1 by construction. It canonicalises case too (router_prompt.canonical_request), so
+  lower case measures 1 unless that breaks; it stays in the report as that check.
 Each rate is the fraction of records whose top-1 expert is unchanged.
 """
 
