@@ -180,10 +180,9 @@ def test_router_inputs_and_masks_match_the_real_template(wd, processor):
 
     meta, payload = load_preprocessed(wd / "prep/router", "train")
     names = label_names(meta["label_map"])
-    # each train record and its rewritten copy (the demo's dataset.yaml augments once)
-    assert (
-        names == EXPERTS and len(payload["examples"]) == 2 * 2 * OVERRIDES["dataset.yaml"]["train_per_expert"]
-    )
+    # the train records and a rewritten copy of half of them (the demo's dataset.yaml augments)
+    per_expert = OVERRIDES["dataset.yaml"]["train_per_expert"]
+    assert names == EXPERTS and len(payload["examples"]) == len(EXPERTS) * (per_expert + per_expert // 2)
     scored = label_token_ids(processor.tokenizer, names)
     for example, record in zip(payload["examples"], payload["samples"], strict=True):
         s = sample_from_dict(record)
