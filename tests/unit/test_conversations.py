@@ -343,7 +343,8 @@ def test_router_example_reads_the_router_view(processor, ds):
     multi.expert = "calendar"
     ex = encode_sample(processor, multi, "router", ["calendar", "ocr"])
     text = processor.tokenizer.decode(ex["input_ids"])
-    assert "Request: Look at which day is selected? And in this one?" in text  # every user turn
+    # every user turn, one per line, read in lower case with whitespace collapsed (canonical_request)
+    assert "Request: look at which day is selected? and in this one?" in text
     assert SYSTEM not in text and "The 14th." not in text  # no system prompt, no assistant turn
     # all images, in conversation order, before the routing instruction
     assert text.count("<|vision_start|>") == 2 and text.rindex("<|vision_end|>") < text.index("Route the")
