@@ -301,8 +301,8 @@ class OutputLock:
             try:
                 if not self.renew():
                     return
-            except OSError as exc:  # a transient filesystem error: the next beat tries again
-                self.warn(f"{self.folder}: could not renew the lock: {exc}")
+            except Exception as exc:  # a transient filesystem or Volume error: the next beat tries again
+                self.warn(f"{self.folder}: could not renew the lock: {type(exc).__name__}: {exc}")
 
     def _published(self) -> None:
         if _publish is not None:

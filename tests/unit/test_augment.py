@@ -32,14 +32,23 @@ def test_each_family_changes_the_words_not_the_request():
         assert all("on the 3rd" in o.lower() for o in outs)
     punct = {rewrite("Click on the 3rd.", ["punctuation"], rng) for _ in range(30)}
     assert {"Click on the 3rd", "Click on the 3rd..", "Click on the 3rd!"} <= punct
-    assert "click on the 3rd." in {rewrite("Click on the 3rd.", ["case"], rng) for _ in range(30)}
     polite = {rewrite("Which bar is highest?", ["polite"], rng) for _ in range(60)}
     assert "Could you tell me which bar is highest?" in polite and "Which bar is highest? Thanks." in polite
     # a question keeps a question's polite prefix whatever else is rewritten
     for _ in range(100):
         out = rewrite("Which bar is highest?", list(REWRITES), rng)
         assert not out.lower().startswith(("please which", "could you which", "kindly which")), out
-    assert rewrite("123", ["case"], rng) is None  # nothing to change: no copy rather than a duplicate
+    # a change the router cannot see (case), or nothing left of the request: no copy, not a duplicate
+    assert (
+        rewrite(
+            "Click on the 3rd.",
+            ["punctuation"],
+            rng,
+            avoid={"click on the 3rd", "click on the 3rd..", "click on the 3rd!"},
+        )
+        is None
+    )
+    assert rewrite("?", ["punctuation"], rng) is None
     assert lower_first("OCR this.") == "OCR this." and lower_first("Open it") == "open it"
     assert politely("Open it.") == "Please open it." and politely("Who?") == "Could you tell me who?"
 
@@ -89,7 +98,7 @@ def test_table_shows_augmented_copies(synth_data, tmp_path):
     console = Console(record=True, width=200)
     print_routing_stats(stats, console)
     text = console.export_text()
-    assert "augment: 1 rewritten copy of every train record (punctuation, case, polite; seed 0)" in text
+    assert "augment: 1 rewritten copy of every train record (punctuation, polite; seed 0)" in text
     assert "aug" in text.splitlines()[2].split()
     row = next(line for line in text.splitlines() if line.strip().startswith("calendar"))
     assert row.split() == ["calendar", "20", "2", "4", "22", "0", "0", "6", "0", "10"]

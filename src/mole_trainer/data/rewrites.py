@@ -38,11 +38,6 @@ def lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def upper_first(text: str) -> str:
-    """The first letter in upper case."""
-    return text[:1].upper() + text[1:]
-
-
 def without_final_mark(text: str) -> str:
     """The text without its trailing punctuation marks (and the spaces before them)."""
     return text.rstrip().rstrip(FINAL_PUNCTUATION).rstrip()
@@ -73,12 +68,6 @@ def _punctuation(text: str, rng: random.Random) -> str:
     return rng.choice((body, body + mark * 2, body + ("!" if mark == "." else ".")))
 
 
-def _case(text: str, rng: random.Random) -> str:
-    return rng.choice(
-        (text.lower(), upper_first(text), lower_first(text), text[:1].upper() + text[1:].lower())
-    )
-
-
 def _polite(text: str, rng: random.Random) -> str:
     question = is_question(text)
     if rng.random() < 0.6:
@@ -86,16 +75,20 @@ def _polite(text: str, rng: random.Random) -> str:
     return without_final_mark(text) + rng.choice(QUESTION_SUFFIXES if question else COMMAND_SUFFIXES)
 
 
-# the rewrite families dataset.yaml's `augment.rewrites` can name
-REWRITES = {"punctuation": _punctuation, "case": _case, "polite": _polite}
+# the rewrite families dataset.yaml's `augment.rewrites` can name. No case family: the router prompt
+# reads the request in lower case (router_prompt.canonical_request), so a case change is no new copy.
+REWRITES = {"punctuation": _punctuation, "polite": _polite}
 # the order they apply in: politeness reads the request's own final mark (a question gets a question's
 # prefix), which the punctuation rewrite may change afterwards
-APPLY_ORDER = ("polite", "case", "punctuation")
+APPLY_ORDER = ("polite", "punctuation")
 
 
 def canonical(text: str) -> str:
-    """The text as the router prompt sees it (whitespace runs collapsed, ends stripped)."""
-    return " ".join(text.split())
+    """The text as the router prompt reads it (router_prompt.canonical_request: whitespace collapsed,
+    lower case), so a rewrite the router cannot see (case alone) never counts as a new copy."""
+    from ..router_prompt import canonical_request
+
+    return canonical_request(text)
 
 
 def rewrite(
@@ -112,6 +105,6 @@ def rewrite(
         out = text
         for f in sorted(chosen, key=APPLY_ORDER.index):
             out = REWRITES[f](out, rng)
-        if canonical(out) not in avoid:
+        if canonical(out) not in avoid and canonical(without_final_mark(out)):
             return out
     return None

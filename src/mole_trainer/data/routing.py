@@ -27,6 +27,7 @@ from ..config import DatasetConfig, to_dict
 from ..errors import UserError
 from ..hashing import sha256_file
 from ..layout import LABEL_MAP_FILE, ROUTING_STATS_SUFFIX, SPLITS
+from ..router_prompt import canonical_request
 from .augment import AUGMENT_ID, AUGMENT_METADATA, plan_copies
 from .conversation import with_router_text
 from .formats import Sample, load_expert_dataset, sample_to_record, write_jsonl
@@ -277,7 +278,7 @@ def _drop_duplicates_and_conflicts(
     for name, samples in per_expert.items():
         for s in samples:
             hs = [hashes.setdefault(p, sha256_file(p)) for p in s.images]
-            key = (tuple(hs), " ".join(s.instruction.split()).lower())
+            key = (tuple(hs), canonical_request(s.instruction))
             claims = by_request.setdefault(key, [])
             if any(n == name for n, _, _ in claims):
                 duplicates[name] += 1
