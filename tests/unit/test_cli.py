@@ -54,6 +54,7 @@ def test_help_lists_every_stage_without_importing_torch():
         (["data", "synth", "--out", "o", "--experts", "calendar,weather"], "weather"),
         (["data", "preprocess", "--input", "nothing", "--output", "o", "--model", "m"], "nothing: not found"),
         (["model", "tiny", "--out", "o", "--processor", "nowhere"], "--processor nowhere: not a folder"),
+        (["model", "tiny", "--out", ".", "--processor", "."], "--out must not be the --processor folder"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, args, fragment):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -405,3 +406,26 @@ def test_join_row_pieces_joins_two_piece_rows_only():
     assert join_row_pieces(toolbar, 10) == toolbar  # a row of three labels stays three lines
     below = TextLine((10, 40, 60, 50), "Tea", 0.98)
     assert len(join_row_pieces([item, below], 10)) == 2  # another row
+
+
+def test_image_folder_skips_an_unreadable_image(synth_data, tmp_path, monkeypatch):
+    import mole_trainer.data.ocr as ocr_module
+
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for p in sorted((synth_data / "login-window" / "images").glob("*.png"))[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    locked = sorted(folder.iterdir())[0]
+    real = ocr_module.sha256_file
+
+    def sha(path):  # root reads any mode-000 file, so the refusal is simulated at the one read
+        if os.path.basename(path) == locked.name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(ocr_module, "sha256_file", sha)
+    summary = make_ocr_crops(folder, tmp_path / "crops", engine="opencv")
+    assert summary["images"] == 2 and summary["images_detected"] == 1 and summary["images_skipped"] == 1
+    assert (
+        summary["skipped"][0]["image"] == locked.name and "cannot be read" in summary["skipped"][0]["reason"]
+    )

@@ -254,12 +254,19 @@ def make_ocr_crops(
     used_ids: set[str] = set()
     skipped: list[dict] = []
     counts = {"known": 0, "detected": 0, "without_text": 0, "blank_lines": 0, "below_confidence": 0}
-    shas = {src.rel: sha256_file(src.path) for src in sources}
+    shas: dict[str, str] = {}
+    for src in sources:
+        try:
+            shas[src.rel] = sha256_file(src.path)
+        except OSError as exc:  # unreadable (permissions, vanished): skipped and listed like a broken image
+            skipped.append({"image": src.rel, "reason": f"cannot be read ({type(exc).__name__}: {exc})"})
     if mode == "images":
         split_of = split_images(shas)
         for src in sources:
-            src.split = split_of[src.rel]
+            src.split = split_of.get(src.rel)
     for src in sources:
+        if src.rel not in shas:  # unreadable: already skipped
+            continue
         try:
             image = load_image(src.path)
         except Exception as exc:  # a folder of images may hold a broken file: skip it, say so

@@ -199,6 +199,8 @@ def restore_spaces(crop, text: str, frames: float, columns: list[list[int]]) -> 
     inked = ink.any(axis=0)
     width = crop.shape[1]
     xs = [(c + 0.5) * width / frames for c, ch in zip(cols, text, strict=True) if ch != " "]
+    if len(xs) < 2:  # nothing between letters to measure (a text of spaces, one letter)
+        return text
     pitch = (xs[-1] - xs[0]) / max(1, len(xs) - 1)
     blanks = {}
     for i in range(1, len(text)):

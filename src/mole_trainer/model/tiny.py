@@ -173,7 +173,10 @@ def processor_vocab_size(processor_dir: str | Path, processor) -> int:
     """
     path = Path(processor_dir) / "config.json"
     n_tokens = len(processor.tokenizer)
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     for name in SPECIAL_ID_FIELDS:
         if name in config and config[name] != getattr(processor, name):
             raise UserError(
@@ -270,6 +273,9 @@ def build_tiny_model(
 
     spec = spec or TinySpec()
     if processor_dir is not None:
+        if Path(out_dir).resolve() == Path(processor_dir).resolve():
+            # save_pretrained would replace the folder's config and weight shards with the tiny model's
+            raise UserError(f"{out_dir}: --out must not be the --processor folder itself")
         processor = load_given_processor(processor_dir)
         spec = spec_for_processor(spec, processor)
         vocab_size = processor_vocab_size(processor_dir, processor)
