@@ -97,3 +97,18 @@ def test_recorded_evaluation_prefers_a_report_of_these_weights(tmp_path):
         recorded_evaluation(ckpt, ckpt / "eval_report.json")
     with pytest.raises(UserError, match="missing.json: not found"):
         recorded_evaluation(ckpt, tmp_path / "missing.json")
+
+
+def test_gate_trusts_only_a_held_out_split(tmp_path):
+    ckpt = fake_router(tmp_path / "ck")
+    digest = adapter_digest(ckpt / "adapter")
+    for split in (None, "train"):  # every record, or the train split: what the router trained on
+        (ckpt / "eval_report.json").write_text(
+            json.dumps({"accuracy": 1.0, "split": split, "adapter_sha256": digest})
+        )
+        with pytest.raises(UserError, match="not a held-out split"):
+            recorded_evaluation(ckpt, ckpt / "eval_report.json")
+    (ckpt / "eval_report.json").write_text(
+        json.dumps({"accuracy": 0.6, "split": "val", "adapter_sha256": digest})
+    )
+    assert recorded_evaluation(ckpt)["accuracy"] == 0.6

@@ -152,10 +152,19 @@ def recorded_evaluation(checkpoint: str | Path, eval_report: str | Path | None =
     return None
 
 
+HELD_OUT_SPLITS = ("test", "val")  # what a deploy gate may trust: records the router never trained on
+
+
 def _from_report(report: dict, path: str | Path) -> dict:
     accuracy = report.get("accuracy")
     if not isinstance(accuracy, int | float):
         raise UserError(f"{path}: no 'accuracy' in this report (expected a `mole eval router` report)")
+    if report.get("split") not in HELD_OUT_SPLITS:
+        # all records, or the train split, include what the router was trained on
+        raise UserError(
+            f"{path}: this report is of the {report.get('split') or 'whole'} data, not a held-out split "
+            f"({' or '.join(HELD_OUT_SPLITS)}); run `mole eval router --split test` for the gate"
+        )
     return {
         "accuracy": float(accuracy),
         "source": str(path),
