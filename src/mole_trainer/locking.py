@@ -315,6 +315,21 @@ class OutputLock:
         self.release()
 
 
+def refuse_if_written(folders: Sequence[str | Path], what: str) -> None:
+    """Raise LockHeld when a live run is writing one of `folders` (a reader must not copy half a save).
+
+    Only checks: a reader takes no lock, and a stale lock (its writer gone) is no reason to refuse.
+    """
+    for folder in folders:
+        lock = OutputLock(folder, "read", renew_every=None)
+        holder = lock.read()
+        if holder is not None and lock.stale_reason(holder) is None:
+            raise LockHeld(
+                f"{folder}: {what} is being written by another run: {describe(holder)}; "
+                f"wait for it to finish (lock file {lock.path})"
+            )
+
+
 @contextmanager
 def output_locks(folders: Sequence[str | Path], stage: str, **kwargs) -> Iterator[list[OutputLock]]:
     """Lock several output folders (in sorted order) for the enclosed block; all or none are held."""

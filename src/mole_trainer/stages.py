@@ -475,6 +475,11 @@ def deploy(
         info_file = folder / EXPERT_INFO_FILE
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         metadata[name] = {k: info.get(k) for k in ("metric", "value", "base_value", "data", "steps")}
+    from .locking import refuse_if_written
+
+    # the router's output folder (the checkpoint, or the folder above its adapter) and each expert's
+    refuse_if_written(list(dict.fromkeys([Path(checkpoint), router.parent])), "the router")
+    refuse_if_written([Path(experts_dir) / name for name in label_map], "an expert")
     config = {"checkpoint": str(checkpoint), "experts_dir": str(experts_dir), "dest": dest}
     if min_accuracy is not None:
         config.update(min_accuracy=min_accuracy, force=force, eval_report=eval_report and str(eval_report))

@@ -108,3 +108,22 @@ def test_stage_holds_its_output_lock_and_refuses_a_held_one(wd: Path, stage: str
     assert len(seen) == 1, "a refused stage does no work"
     assert len(History(wd / HISTORY_DB).runs(stage)) == 1, "nor records a run"
     assert not any((f / LOCK_FILE).exists() for f in folders[:-1]), "and holds no lock"
+
+
+def test_deploy_refuses_to_copy_a_router_or_expert_being_written(wd: Path, monkeypatch):
+    import importlib
+
+    copied = []
+    monkeypatch.setattr(
+        importlib.import_module("mole_trainer.deploy"), "deploy", lambda *a: copied.append(a) or {"files": []}
+    )
+    for source in (wd / "ckpt/router", wd / "ckpt/experts/ocr"):
+        held = OutputLock(source, "train.someone", renew_every=None).acquire()
+        with pytest.raises(LockHeld, match="being written by another run"):
+            stages.deploy(wd / "ckpt/router", wd / "ckpt/experts", str(wd / "dest"), wd)
+        held.release()
+    assert copied == [] and not (wd / "dest").exists()
+    # a lock left by a dead writer is no reason to refuse
+    (wd / "ckpt/router" / LOCK_FILE).write_text(json.dumps({"host": "gone", "pid": 1, "expires_at": 0}))
+    stages.deploy(wd / "ckpt/router", wd / "ckpt/experts", str(wd / "dest"), wd)
+    assert len(copied) == 1
