@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .errors import UserError
@@ -32,6 +33,16 @@ def read_adapter_info(adapter_dir: str | Path, role: str | None = None) -> dict:
     info = json.loads(f.read_text())
     if role is not None and info.get("role") != role:
         raise UserError(f"{adapter_dir}: this adapter is a '{info.get('role')}', expected a '{role}'")
+    if role == "router":
+        from .router_prompt import ROUTER_PROMPT_VERSION
+
+        if info.get("prompt_version", 1) != ROUTER_PROMPT_VERSION:
+            print(
+                f"warning: {adapter_dir}: this router was trained on router prompt version "
+                f"{info.get('prompt_version', 1)}, this mole builds version {ROUTER_PROMPT_VERSION} (the request "
+                "is now read in lower case); its routes may differ from its recorded evaluation: retrain it",
+                file=sys.stderr,
+            )
     return info
 
 

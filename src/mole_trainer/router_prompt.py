@@ -11,6 +11,10 @@ order, all placed before the routing instruction.
 
 from __future__ import annotations
 
+# Bumped whenever the prompt a router reads changes; recorded with every router adapter, so a router
+# trained on another prompt is noticed when loaded. 2: the request is read in lower case.
+ROUTER_PROMPT_VERSION = 2
+
 # The request comes last, right before the answer: the words that decide the route sit closest
 # to the position where the label is predicted.
 ROUTER_INSTRUCTION = (

@@ -125,6 +125,10 @@ def test_router_and_eval_report(wd):
     first = json.loads((wd / "checkpoints/router/train_log.jsonl").read_text().splitlines()[0])
     assert info["best"]["val_loss"] < first["val_loss"]  # four steps already teach the label format
     assert json.loads((wd / "checkpoints/router/adapter/label_map.json").read_text())["ocr"] == 3
+    from mole_trainer.router_prompt import ROUTER_PROMPT_VERSION
+
+    adapter_info = json.loads((wd / "checkpoints/router/adapter/mole_adapter.json").read_text())
+    assert adapter_info["prompt_version"] == ROUTER_PROMPT_VERSION
     report = json.loads((wd / "eval/report.json").read_text())
     assert report["n"] == 12 and set(report["top_k"]) == {"1", "2"}
     assert report["top_k"]["2"] >= report["top_k"]["1"] == report["accuracy"]

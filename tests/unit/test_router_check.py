@@ -112,3 +112,17 @@ def test_gate_trusts_only_a_held_out_split(tmp_path):
         json.dumps({"accuracy": 0.6, "split": "val", "adapter_sha256": digest})
     )
     assert recorded_evaluation(ckpt)["accuracy"] == 0.6
+
+
+def test_a_router_trained_on_another_prompt_is_flagged_when_loaded(tmp_path, capsys):
+    from mole_trainer.adapter_info import read_adapter_info, write_adapter_info
+    from mole_trainer.router_prompt import ROUTER_PROMPT_VERSION
+
+    write_adapter_info(tmp_path, {"role": "router", "label_map": {"a": 0}})  # before versions were recorded
+    read_adapter_info(tmp_path, "router")
+    assert "router prompt version 1" in capsys.readouterr().err
+    write_adapter_info(
+        tmp_path, {"role": "router", "label_map": {"a": 0}, "prompt_version": ROUTER_PROMPT_VERSION}
+    )
+    read_adapter_info(tmp_path, "router")
+    assert capsys.readouterr().err == ""

@@ -18,7 +18,7 @@ from ..config import RouterConfig, to_dict
 from ..data.preprocess import check_compatible, load_preprocessed, sample_from_dict
 from ..errors import UserError
 from ..layout import CHECKPOINTS_DIR, LABEL_MAP_FILE, ROUTER_INFO_FILE, TENSORBOARD_DIR, TRAIN_LOG_FILE
-from ..router_prompt import label_names
+from ..router_prompt import ROUTER_PROMPT_VERSION, label_names
 
 
 def class_weights(experts: list[str]) -> list[float]:
@@ -126,6 +126,7 @@ def train_router(
         adapter_dir,
         {
             "role": "router",
+            "prompt_version": ROUTER_PROMPT_VERSION,
             "base_model": cfg.base_model,
             "label_map": label_map,
             "min_pixels": meta["min_pixels"],
