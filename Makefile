@@ -19,7 +19,7 @@ RAPIDOCR := rapidocr-onnxruntime==1.4.4
 # (re)install when pyproject.toml or this file changes; torch/torchvision come from the pinned versions
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev,modal,ocr]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,modal,ocr,s3]"
 	$(BIN)/python -m pip install --quiet --no-deps $(RAPIDOCR)
 	$(BIN)/python -c "import cv2, rapidocr_onnxruntime"
 	touch $(STAMP)
