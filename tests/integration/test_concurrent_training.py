@@ -120,11 +120,111 @@ def test_concurrent_equals_sequential(tiny_model, synth_data, tmp_path, monkeypa
         base = PeftModel.from_pretrained(base, str(best)).unload()
 
 
-def test_concurrent_refuses_resume(tmp_path, capsys):
-    """--resume and --concurrent together are a user error (exit 2), not a silent fresh start."""
-    cfg = {"base_model": str(tmp_path), "experts": {"a": {"data": str(tmp_path)}}}
-    path = tmp_path / "loras.yaml"
+# dropout on, so a resume must restore the RNG too; ocr leaves the batch at step 3, calendar goes on
+KILL_TRAIN = {**TRAIN, "steps": 6, "eval_every": 2, "save_every": 1, "keep_checkpoints": 2}
+KILL_EXPERTS = {
+    "calendar": {"train": {"seed": 1}},
+    "ocr": {"train": {"steps": 3, "batch_size": 3, "seed": 3}},
+}
+
+
+def _kill_config(path: Path, base: Path, out: Path, data: dict[str, Path]) -> Path:
+    cfg = {
+        "base_model": str(base),
+        "output_dir": str(out),
+        "image": {"min_pixels": 4096, "max_pixels": 20000},
+        "lora": {**LORA, "dropout": 0.1},
+        "train": KILL_TRAIN,
+        "eval_records": 1,
+        "experts": {n: {"data": str(data[n]), "max_new_tokens": 2, **e} for n, e in KILL_EXPERTS.items()},
+    }
     path.write_text(yaml.safe_dump(cfg))
-    args = ["--workdir", str(tmp_path), "train", "experts", "--concurrent", "--resume", "--config", str(path)]
-    assert main(args) == 2
-    assert "--resume is not supported with --concurrent" in capsys.readouterr().err
+    return path
+
+
+@pytest.mark.slow
+def test_concurrent_sigkill_then_resume_equals_an_uninterrupted_run(
+    tiny_model, synth_data, tmp_path, request, capsys
+):
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from mole_trainer.train import checkpoint as ckpt
+    from mole_trainer.train.concurrent import concurrent_checkpoints
+
+    def cmd(cfg: Path, *extra: str) -> list[str]:
+        return ["--workdir", str(tmp_path), "train", "experts", "--concurrent", "--config", str(cfg), *extra]
+
+    device = ["--device", "cpu", "--dtype", "float32"]
+    ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
+    ref_cfg = _kill_config(
+        tmp_path / "ref.yaml", tiny_model, ref_out, {n: synth_data / n for n in KILL_EXPERTS}
+    )
+    # one thread everywhere: the killed process and this one must compute bit for bit alike (and on a
+    # busy 2-core machine two OpenMP threads per process mostly wait on each other)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def run_ok(cfg: Path, *extra: str) -> str:
+        assert main([*cmd(cfg, *extra), *device]) == 0
+        out = capsys.readouterr()
+        return out.out + out.err
+
+    run_ok(ref_cfg)
+    # the killed run reads the reference run's preprocessed caches: the same examples
+    cut_cfg = _kill_config(
+        tmp_path / "cut.yaml", tiny_model, cut_out, {n: ref_out / n / "prep" for n in KILL_EXPERTS}
+    )
+    ckpts = concurrent_checkpoints(cut_out, list(KILL_EXPERTS))
+
+    # killed as soon as the checkpoint of a random step is complete: before, at or after ocr left
+    k = random.Random().randint(2, 4)
+
+    def newest() -> int:
+        done = ckpt.list_checkpoints(ckpts)
+        return int(done[-1].name.split("-")[1]) if done else 0
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mole_trainer", *cmd(cut_cfg), *device],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while newest() < k:
+            assert proc.poll() is None, "ended before the kill:\n" + proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = newest()
+    assert k <= killed_at < KILL_TRAIN["steps"], killed_at
+    state, meta, _ = ckpt.load_latest(ckpts)  # loads with weights_only=True
+    assert [e["name"] for e in meta["experts"]] == list(KILL_EXPERTS) and len(state["experts"]) == 2
+
+    out = run_ok(cut_cfg, "--resume")
+    assert f"resuming 2 experts from {ckpts / f'step-{killed_at:08d}'} (step {killed_at})" in out
+    for name in KILL_EXPERTS:
+        ref, cut = _tensors(ref_out / name / "adapter"), _tensors(cut_out / name / "adapter")
+        assert ref.keys() == cut.keys() and len(ref) == 12
+        for key in ref:
+            assert ref[key].equal(cut[key]), f"{name} {key}"
+        ref_log = (ref_out / name / TRAIN_LOG_FILE).read_text()
+        assert (cut_out / name / TRAIN_LOG_FILE).read_text() == ref_log
+        ref_info = json.loads((ref_out / name / EXPERT_INFO_FILE).read_text())
+        cut_info = json.loads((cut_out / name / EXPERT_INFO_FILE).read_text())
+        for key in ("steps", "best_step", "best_val_loss", "stopped_early", "value"):
+            assert cut_info[key] == ref_info[key], key
+    assert json.loads((cut_out / "ocr" / EXPERT_INFO_FILE).read_text())["steps"] == 3

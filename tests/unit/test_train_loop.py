@@ -191,3 +191,14 @@ def test_tensorboard_events_read_back(tmp_path):
 def test_invalid_checkpoint_settings_are_config_errors():
     assert "keep_checkpoints" in TrainSpec(keep_checkpoints=0).problems()
     assert "save_every" in TrainSpec(save_every=-1).problems()
+
+
+def test_rng_states_load_with_weights_only_and_replay_every_generator(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save(ckpt.rng_states(), tmp_path / "rng.pt")
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))  # no pickled numpy objects
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first

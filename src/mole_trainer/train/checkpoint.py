@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
@@ -24,6 +25,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 BEST_DIR, BEST_TMP, BEST_OLD = "best", ".best.tmp", ".best.old"  # the best adapter so far, and its swap
 # Fault injection for the kill-during-save test: seconds to sleep between the two files of a save.
 SAVE_DELAY_ENV = "MOLE_TEST_CHECKPOINT_SAVE_DELAY"
+_saved_hook: Callable[[Path], None] | None = None
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -40,13 +42,22 @@ def _fsync(path: Path) -> None:
 
 
 def rng_states() -> dict:
-    """Every random generator training can touch: torch (CPU and CUDA), Python and NumPy."""
+    """Every random generator training can touch: torch (CPU and CUDA), Python and NumPy.
+
+    Only tensors and plain lists/numbers, so a checkpoint loads with torch.load(weights_only=True).
+    """
     import random
 
     import numpy as np
     import torch
 
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    version, keys, gauss = random.getstate()
+    kind, np_keys, np_pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(keys), gauss],
+        "numpy": [kind, np_keys.tolist(), int(np_pos), int(has_gauss), float(cached)],
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -60,10 +71,18 @@ def restore_rng(states: dict) -> None:
     import torch
 
     torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, keys, gauss = states["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, np_keys, np_pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(np_keys, dtype=np.uint32), np_pos, has_gauss, cached))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def set_saved_hook(fn: Callable[[Path], None] | None) -> None:
+    """Call `fn(folder)` after every checkpoint save (a Modal app commits its Volume there)."""
+    global _saved_hook
+    _saved_hook = fn
 
 
 def save_checkpoint(root: Path, step: int, state: dict, trainer_state: dict, keep: int) -> Path:
@@ -89,6 +108,8 @@ def save_checkpoint(root: Path, step: int, state: dict, trainer_state: dict, kee
     _fsync(root)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    if _saved_hook:
+        _saved_hook(final)
     return final
 
 
@@ -111,7 +132,7 @@ def load_latest(root: Path, report=print) -> tuple[dict, dict, Path] | None:
     for folder in reversed(list_checkpoints(root)):
         try:
             trainer_state = json.loads((folder / TRAINER_STATE_FILE).read_text())
-            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged checkpoint must not hide an older good one
             report(f"warning: checkpoint {folder} cannot be read ({exc}); trying an older one")
             continue

@@ -9,25 +9,36 @@ Gradient clipping, AdamW, the LR schedule, evaluation (validation loss), keep-be
 stopping are all per expert; an expert that stops (early or at its own step count) leaves the
 batch. With the same seeds, data and lora dropout 0, the adapters equal those of training each
 expert alone (up to float rounding); dropout > 0 draws different masks than the sequential path.
+
+With a checkpoint folder the whole multi-expert state (every expert's weights, best weights,
+optimizer, scheduler, batch-stream position, early-stopping state and log, plus the RNG) is saved
+as one checkpoint (train/checkpoint.py), so `--resume` after a kill gives the same adapters bit
+for bit as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import LorasConfig, TrainSpec
+from ..config import LorasConfig, TrainSpec, to_dict
 from ..data.preprocess import IGNORE_INDEX, collate
 from ..errors import UserError
 from ..layout import CHECKPOINTS_DIR, TENSORBOARD_DIR, TRAIN_LOG_FILE
-from .checkpoint import clear_checkpoints
+from . import checkpoint as ckpt
 
 # experts share a forward pass while padding to the longest row costs at most 25 % more tokens than
 # separate passes (measured on 2 CPU cores, tiny model: a 4-expert batch padded from 118 to 175
 # tokens per row was 20 % slower than splitting off the long expert)
 PAD_SLACK = 0.25
+# the joint checkpoints of a concurrent run: OUTPUT_DIR/.concurrent/<expert+expert+...>/step-N/
+CONCURRENT_CKPT_DIR = ".concurrent"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass
@@ -40,6 +51,7 @@ class ExpertRun:
     spec: TrainSpec
     log_dir: Path | None = None  # train_log.jsonl (+ TensorBoard events) written here when set
     on_best: Callable[[int, dict, dict], None] | None = None  # (step, metrics, weights) at each new best
+    checkpoint_dir: Path | None = None  # where on_best writes: cleared by a fresh run, tidied on resume
 
 
 @dataclass
@@ -62,6 +74,7 @@ class ConcurrentResult:
     seconds: float
     step_seconds: float
     steps: int
+    resumed_from: int = 0
 
 
 def expert_token_means(model, batch: dict, labels, sizes: list[int]):
@@ -110,7 +123,16 @@ def length_groups(lengths: dict[int, list[int]], slack: float) -> list[list[int]
 
 
 def train_concurrent(
-    model, multi, runs: list[ExpertRun], pad_id: int, report=print, pad_slack: float | None = None
+    model,
+    multi,
+    runs: list[ExpertRun],
+    pad_id: int,
+    report=print,
+    pad_slack: float | None = None,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    settings: dict | None = None,
 ) -> ConcurrentResult:
     """Train the experts of `multi` (a MultiLora installed in `model`) together; best weights loaded at the end.
 
@@ -120,12 +142,17 @@ def train_concurrent(
     its last step), keep-best, and early stopping after `patience` evaluations without improvement.
     `pad_slack` (default PAD_SLACK) bounds the padding that experts of different lengths may add by
     sharing a forward pass (`length_groups`); it changes speed only, never the result.
+
+    With `checkpoint_dir`, one checkpoint of every expert's state is saved at each step where an
+    expert reaches its `save_every` (default: its `eval_every`) or leaves, keeping the largest
+    `keep_checkpoints` of the experts; `resume=True` continues from the newest one, refusing one
+    made with other `settings` (the caller's description of the experts, data and base).
     """
     import torch
 
     pad_slack = PAD_SLACK if pad_slack is None else pad_slack
 
-    from .loop import RunLog, batches, enable_gradient_checkpointing, eval_loss, lower_is_better, lr_lambda
+    from .loop import batches, enable_gradient_checkpointing, eval_loss, lower_is_better, lr_lambda
 
     E = len(runs)
     if multi.n != E:
@@ -146,27 +173,70 @@ def train_concurrent(
     ]
     streams = [batches(len(r.examples), r.spec.batch_size, r.spec.seed) for r in runs]
     better = [lower_is_better("val_loss", r.spec.min_delta) for r in runs]
-    logs = [
-        RunLog(r.log_dir / TRAIN_LOG_FILE, r.log_dir / TENSORBOARD_DIR, True, [], None)
-        if r.log_dir
-        else RunLog(None, None, True, [], None)
-        for r in runs
-    ]
     outcome = [ExpertOutcome() for _ in runs]
 
     def evaluate(e: int) -> dict:
         with multi.only(e):
             return {"val_loss": eval_loss(model, runs[e].val_examples, pad_id, runs[e].spec.batch_size)}
 
+    root = Path(checkpoint_dir) if checkpoint_dir else None
+    settings = {**(settings or {}), "pad_slack": pad_slack}
+    loaded = ckpt.load_latest(root, report) if resume and root else None
     model.eval()
-    best_state, bad = [], [0] * E
-    for e in range(E):
-        outcome[e].best_metrics = evaluate(e)
-        best_state.append(multi.state(e))
-        logs[e].record({"step": 0, **outcome[e].best_metrics})
+    if loaded:
+        state, meta, folder = loaded
+        ckpt.check_resumable(meta, settings, folder)
+        best_state, bad, active, first = _restore(state, meta, multi, optims, scheds, streams, outcome)
+        # purge_step drops TensorBoard events a killed run wrote after this checkpoint
+        logs = [_run_log(r, meta["experts"][e]["log"], first + 1) for e, r in enumerate(runs)]
+        for r in runs:
+            if r.checkpoint_dir:
+                ckpt.remove_partial(r.checkpoint_dir)
+        ckpt.remove_partial(root)
+        report(f"resuming {E} experts from {folder} (step {first})")
+    else:
+        if resume:
+            report(f"no checkpoint in {root} to resume from; starting at step 0")
+        for d in [root, *(r.checkpoint_dir for r in runs)]:
+            if d:  # a fresh run: an earlier run's checkpoints must not be resumed later
+                ckpt.clear_checkpoints(d)
+        logs = [_run_log(r, [], None) for r in runs]
+        best_state, bad = [], [0] * E
+        for e in range(E):
+            outcome[e].best_metrics = evaluate(e)
+            best_state.append(multi.state(e))
+            logs[e].record({"step": 0, **outcome[e].best_metrics})
+        active, first = list(range(E)), 0
+    keep = max(r.spec.keep_checkpoints for r in runs)
 
-    active = list(range(E))
-    start, step_time, step = time.perf_counter(), 0.0, 0
+    def save(step: int) -> None:
+        state = {
+            "experts": [
+                {
+                    "trainable": _plain(multi.state(e)),
+                    "best": _plain(best_state[e]),
+                    "optimizer": optims[e].state_dict(),
+                    "scheduler": scheds[e].state_dict(),
+                    "stream": streams[e].state_dict(),
+                }
+                for e in range(E)
+            ],
+            "rng": ckpt.rng_states(),
+        }
+        per_expert = [
+            {
+                "name": r.name,
+                "active": e in active,
+                "bad_evals": bad[e],
+                **{k: v for k, v in dataclasses.asdict(outcome[e]).items() if k != "log"},
+                "log": logs[e].log,
+            }
+            for e, r in enumerate(runs)
+        ]
+        meta = {"step": step, "finished": not active, "settings": settings, "experts": per_expert}
+        ckpt.save_checkpoint(root, step, state, meta, keep)
+
+    start, step_time, step = time.perf_counter(), 0.0, first
     model.train()
     while active:
         step += 1
@@ -233,13 +303,60 @@ def train_concurrent(
                         continue
             if last:
                 leaving.append(e)
+        due = any(step % (runs[e].spec.save_every or runs[e].spec.eval_every) == 0 for e in active)
         active = [e for e in active if e not in leaving]
+        if root and (due or leaving):
+            save(step)
     model.eval()
     for e in range(E):
         multi.load_state(e, best_state[e])
         outcome[e].log = logs[e].log
         logs[e].close()
-    return ConcurrentResult(outcome, time.perf_counter() - start, step_time, step)
+    return ConcurrentResult(outcome, time.perf_counter() - start, step_time, step, first)
+
+
+def _run_log(run: ExpertRun, log: list[dict], purge_step: int | None):
+    from .loop import RunLog
+
+    if not run.log_dir:
+        return RunLog(None, None, True, log, purge_step)
+    return RunLog(run.log_dir / TRAIN_LOG_FILE, run.log_dir / TENSORBOARD_DIR, True, log, purge_step)
+
+
+def _plain(weights: dict) -> dict:
+    """An expert's weights as plain tensors ({module: {"A", "B"}}), loadable with weights_only=True."""
+    return {name: {"A": w.A, "B": w.B} for name, w in weights.items()}
+
+
+def _restore(state: dict, meta: dict, multi, optims, scheds, streams, outcome: list[ExpertOutcome]):
+    """Put every expert back as a checkpoint saved it; returns (best states, bad evals, active, step)."""
+    best_state, bad, active = [], [], []
+    for e, (saved, info) in enumerate(zip(state["experts"], meta["experts"], strict=True)):
+        like = multi.state(e)  # scaling and dropout come from the config, the tensors from the checkpoint
+        multi.load_state(e, {n: dataclasses.replace(like[n], **w) for n, w in saved["trainable"].items()})
+        best_state.append({n: dataclasses.replace(like[n], **w) for n, w in saved["best"].items()})
+        optims[e].load_state_dict(saved["optimizer"])
+        scheds[e].load_state_dict(saved["scheduler"])
+        streams[e].load_state_dict(saved["stream"])
+        fields = {f.name for f in dataclasses.fields(ExpertOutcome)} - {"log"}
+        outcome[e] = ExpertOutcome(**{k: info[k] for k in fields}, log=list(info["log"]))
+        bad.append(info["bad_evals"])
+        if info["active"]:
+            active.append(e)
+    ckpt.restore_rng(state["rng"])
+    return best_state, bad, active, meta["step"]
+
+
+def concurrent_checkpoints(output_dir: str | Path, names: list[str]) -> Path:
+    """The joint checkpoint folder of a concurrent run of `names` (in this order) under output_dir.
+
+    One folder per set of experts: the per-expert output locks that keep two runs off the same
+    expert also keep them off the same folder.
+    """
+    key = "+".join(names)
+    if not all(SAFE_NAME.match(n) for n in names) or len(key) > 120:
+        key = hashlib.sha256("\0".join(names).encode()).hexdigest()[:16]
+    return Path(output_dir) / CONCURRENT_CKPT_DIR / key
 
 
 def best_checkpoint_writer(folder: Path, lora, base_model: str) -> Callable[[int, dict, dict], None]:
@@ -254,13 +371,35 @@ def best_checkpoint_writer(folder: Path, lora, base_model: str) -> Callable[[int
     return write
 
 
+def resume_settings(cfg: LorasConfig, jobs: list, init: list[dict]) -> dict:
+    """What a concurrent checkpoint must match to be resumed: the experts in order, each one's
+    training settings, LoRA, data (train/val counts and identity) and parameter shapes, and the base."""
+    out: dict = {"experts": [j.name for j in jobs], "base_model": cfg.base_model}
+    for j, weights in zip(jobs, init, strict=True):
+        own = {
+            **to_dict(j.spec),
+            "lora": to_dict(j.lora),
+            "examples": [len(j.train_examples), len(j.val_examples)],
+            "data": ckpt.data_identity(j.prep),
+            "parameters": {n: [list(w.A.shape), list(w.B.shape)] for n, w in weights.items()},
+        }
+        out.update({f"{j.name}.{k}": v for k, v in own.items()})
+    return out
+
+
 def train_experts_concurrent(
-    cfg: LorasConfig, names: list[str], device: str = "auto", dtype: str = "auto", report=print
+    cfg: LorasConfig,
+    names: list[str],
+    device: str = "auto",
+    dtype: str = "auto",
+    report=print,
+    resume: bool = False,
 ) -> dict:
     """`mole train experts --concurrent`: every named expert trained in one pass on one base.
 
     Preparation, base scoring, final scoring and saving are the sequential path's own
     (train/experts.py); each expert ends as an ordinary PEFT adapter with the same metadata.
+    Checkpoints go to `concurrent_checkpoints(output_dir, names)`; `resume` continues from them.
     """
     from ..model.loading import load_base
     from ..model.lora import attach_lora, detach_lora
@@ -279,15 +418,26 @@ def train_experts_concurrent(
     multi = MultiLora(base, init)
     runs = []
     for j in jobs:
-        # a fresh run: checkpoints of an earlier run of this expert must not be resumed later
-        clear_checkpoints(j.out / CHECKPOINTS_DIR)
         writer = best_checkpoint_writer(j.out / CHECKPOINTS_DIR, j.lora, cfg.base_model)
-        runs.append(ExpertRun(j.name, j.train_examples, j.val_examples, j.spec, j.out, writer))
+        runs.append(
+            ExpertRun(
+                j.name, j.train_examples, j.val_examples, j.spec, j.out, writer, j.out / CHECKPOINTS_DIR
+            )
+        )
     report(
         f"[concurrent] training {len(jobs)} experts together: "
         + ", ".join(f"{j.name} {j.spec.steps} steps x batch {j.spec.batch_size}" for j in jobs)
     )
-    result = train_concurrent(base, multi, runs, pads.pop(), report)
+    result = train_concurrent(
+        base,
+        multi,
+        runs,
+        pads.pop(),
+        report,
+        checkpoint_dir=concurrent_checkpoints(cfg.output_dir, names),
+        resume=resume,
+        settings=resume_settings(cfg, jobs, init),
+    )
     states = [multi.state(e) for e in range(len(jobs))]
     base = multi.remove()
     results = {}

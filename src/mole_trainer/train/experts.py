@@ -233,7 +233,8 @@ def train_experts(
 
     With `resume`, each expert continues from the newest checkpoint in its output folder (an
     expert whose run had finished is restored from its final checkpoint without training).
-    With `concurrent`, all experts train together in one pass over one base (train/concurrent.py).
+    With `concurrent`, all experts train together in one pass over one base (train/concurrent.py);
+    `resume` then continues from the joint checkpoint of that set of experts.
     """
     from ..model.loading import load_base, resolve_device
     from ..model.lora import attach_lora, detach_lora
@@ -245,11 +246,9 @@ def train_experts(
     if concurrent:
         if dist.world > 1:
             raise UserError("--concurrent runs in one process; under torchrun train the experts without it")
-        if resume:
-            raise UserError("--resume is not supported with --concurrent (train them again, or sequentially)")
         from .concurrent import train_experts_concurrent
 
-        return train_experts_concurrent(cfg, names, device, dtype, report)
+        return train_experts_concurrent(cfg, names, device, dtype, report, resume)
 
     base = load_base(cfg.base_model, dtype, device)
     results = {}
