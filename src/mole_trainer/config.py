@@ -273,6 +273,41 @@ class DatasetConfig:
         return DEFAULT_VAL_PER_EXPERT if self.val_per_expert is None else self.val_per_expert
 
 
+MODAL_MAX_TIMEOUT_S = 24 * 3600  # Modal's limit on a function's timeout
+MODAL_MAX_RETRIES = 10  # Modal's limit on modal.Retries(max_retries=...)
+NO_GPU = "none"  # gpu: none runs a stage on CPUs only
+
+
+@dataclass
+class StageResources:
+    """Resources of one Modal stage function; a key left out keeps the app's default for that stage."""
+
+    gpu: str | None = None  # a Modal GPU type (H100, H200, A100-80GB, L40S, ...) or "none"
+    gpu_count: int | None = None
+    timeout_s: int | None = None
+    retries: int | None = None  # attempts after a failure (pre-emption, crash); config errors never retry
+
+    def problems(self) -> dict[str, str]:
+        """Invalid values, by key."""
+        out = {}
+        if self.gpu is not None and (not self.gpu.strip() or ":" in self.gpu):
+            out["gpu"] = f"expected a GPU type such as H100, or '{NO_GPU}'; the count goes in gpu_count"
+        if self.gpu_count is not None and self.gpu_count < 1:
+            out["gpu_count"] = "must be >= 1"
+        if self.timeout_s is not None and not 1 <= self.timeout_s <= MODAL_MAX_TIMEOUT_S:
+            out["timeout_s"] = f"must be between 1 and {MODAL_MAX_TIMEOUT_S} (Modal's 24 h)"
+        if self.retries is not None and not 0 <= self.retries <= MODAL_MAX_RETRIES:
+            out["retries"] = f"must be between 0 and {MODAL_MAX_RETRIES}"
+        return out
+
+
+@dataclass
+class ModalConfig:
+    """modal.yaml: per-stage resources of the Modal app, e.g. `stages: {train_router: {gpu: H200}}`."""
+
+    stages: dict[str, StageResources] = field(default_factory=dict)
+
+
 # ----------------------------------------------------------------------------------------------
 # strict loading
 

@@ -173,3 +173,144 @@ def test_image_installs_exactly_the_pyproject_dependencies():
     assert len(pip) == 1
     assert sorted(pip[0]) == sorted(pyproject["project"]["dependencies"])
     assert f"ENV HF_HOME={m.HF_HOME}" in commands
+
+
+def test_a_user_error_is_returned_not_raised_so_modal_does_not_retry_it(monkeypatch, tmp_path, capsys):
+    """Modal retries whatever a function raises: a config error comes back as a result instead."""
+    from mole_trainer.locking import LockHeld
+
+    monkeypatch.setenv(m.LOCAL_ROOT_ENV, str(tmp_path))
+    result = m.train_router.local(config="config/missing.yaml")  # the real stage, on an empty Volume
+    assert result["ok"] is False and result["stage"] == "train_router"
+    assert str(tmp_path / m.DATA) in result["error"] and "not found" in result["error"]
+    with pytest.raises(SystemExit) as exit_info:
+        m.checked(result)  # what the `main` entrypoint does with each result
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: train_router: {result['error']}\n")
+    assert m.checked({"adapter": "x"}) == {"adapter": "x"}
+
+    # anything else still raises, so Modal retries it: a crash, or a lock a pre-empted attempt still holds
+    for exc in (RuntimeError("CUDA error: an illegal memory access"), LockHeld("locked by another run")):
+
+        def fail(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(m.stages, "train_router", fail)
+        with pytest.raises(type(exc)):
+            m.train_router.local()
+
+
+def test_a_fanout_reports_the_user_errors_of_its_experts(monkeypatch, tmp_path):
+    monkeypatch.setenv(m.LOCAL_ROOT_ENV, str(tmp_path))
+    _write_configs(tmp_path / m.DATA / m.CONFIG_DIR, ["calendar", "ocr"])
+    monkeypatch.setattr(m.train_experts, "starmap", lambda calls: [m.train_experts.local(*c) for c in calls])
+    result = m.train_expert_fanout.local()  # no expert data on the Volume: each expert's call fails
+    assert m.failed(result) and result["error"].startswith("calendar: ") and "; ocr: " in result["error"]
+
+
+class RecordingVolume:
+    """A Volume stand-in: records, at each commit, the newest checkpoint folder on it."""
+
+    def __init__(self, root: Path):
+        self.root, self.commits = root, []
+
+    def reload(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        folders = sorted(self.root.rglob("step-*"))
+        self.commits.append(folders[-1].name if folders else None)
+        assert not list(self.root.rglob(".step-*.tmp")), "committed in the middle of a save"
+
+
+def test_every_checkpoint_save_commits_the_volume_at_once(monkeypatch, tmp_path):
+    from pathlib import PurePosixPath
+
+    import torch
+
+    from mole_trainer.train import checkpoint as ckpt
+
+    monkeypatch.delenv(m.LOCAL_ROOT_ENV, raising=False)  # "mounted": the Volumes are used
+    monkeypatch.setattr(m, "MOUNT_ROOT", PurePosixPath(tmp_path))
+    volumes = {kind: RecordingVolume(tmp_path / kind) for kind in m.VOLUME_NAMES}
+    monkeypatch.setattr(m, "VOLUMES", volumes)
+    root = m.volume_path(m.CHECKPOINTS, "router/checkpoints")
+    assert root == tmp_path / m.CHECKPOINTS / "router/checkpoints"
+    commits = volumes[m.CHECKPOINTS].commits
+    with m.synced(reads=(m.DATA,), writes=(m.CHECKPOINTS,)):
+        for step in (1, 2, 3):
+            ckpt.save_checkpoint(root, step, {"w": torch.zeros(2)}, {"step": step}, keep=2)
+            assert commits[-1] == f"step-{step:08d}"  # committed before training goes on
+    assert commits == ["step-00000001", "step-00000002", "step-00000003", "step-00000003"]  # + the final one
+    assert volumes[m.DATA].commits == []  # read only
+    ckpt.save_checkpoint(root, 4, {"w": torch.zeros(2)}, {"step": 4}, keep=2)
+    assert len(commits) == 4, "outside a stage function, nothing is committed"
+
+
+def function_resources(fn) -> dict:
+    """gpu, timeout and retries a Modal function was defined with (reads modal 1.6's private closure)."""
+    from modal._utils.async_utils import synchronizer
+
+    f = synchronizer._translate_in(fn)
+    cells = dict(
+        zip(f._load.__code__.co_freevars, (c.cell_contents for c in f._load.__closure__), strict=True)
+    )
+    policy = cells["retry_policy"]
+    retries = [policy.retries, policy.initial_delay_ms / 1000] if policy else None
+    return {"gpu": f._spec.gpus, "timeout": cells["timeout"], "retries": retries}
+
+
+def test_stage_resources_default_to_todays_values():
+    assert os.environ.get(m.MODAL_CONFIG_ENV) is None
+    train = {"gpu": "H100", "timeout": 6 * 3600, "retries": [2, 30.0]}
+    assert function_resources(m.train_router) == function_resources(m.train_experts) == train
+    assert function_resources(m.eval_router) == {"gpu": "L40S", "timeout": 2 * 3600, "retries": None}
+    assert function_resources(m.data_preprocess) == {"gpu": None, "timeout": 3600, "retries": None}
+    assert function_resources(m.train_expert_fanout)["timeout"] == 24 * 3600
+
+
+def test_stage_resources_follow_the_modal_config(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "modal.yaml"
+    stages = {
+        "train_router": {"gpu": "H200", "gpu_count": 2, "timeout_s": 600, "retries": 0},
+        "eval_router": {"gpu": "none"},
+        "data_check": {"retries": 3},
+    }
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    names = ["train_router", "train_experts", "eval_router", "data_check"]
+    code = (
+        "import json; from tests.integration.test_modal_app import m, function_resources as r; "
+        f"print(json.dumps({{n: r(getattr(m, n)) for n in {names!r}}}))"
+    )
+    env = {**os.environ, m.MODAL_CONFIG_ENV: str(path)}
+    root = Path(__file__).parents[2]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["train_router"] == {"gpu": "H200:2", "timeout": 600, "retries": None}
+    assert got["train_experts"] == function_resources(m.train_experts)  # not named: today's values
+    assert got["eval_router"] == {"gpu": None, "timeout": 2 * 3600, "retries": None}
+    assert got["data_check"] == {"gpu": None, "timeout": 3600, "retries": [3, 30.0]}
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        (
+            {"train_routr": {"gpu": "H200"}},
+            "unknown stage 'stages.train_routr'; the Modal app has model_tiny",
+        ),
+        ({"train_router": {"gpu": "H100:2"}}, "stages.train_router.gpu: expected a GPU type such as H100"),
+        ({"train_router": {"retries": 11}}, "stages.train_router.retries: must be between 0 and 10"),
+        ({"train_router": {"timeout_s": "6h"}}, "stages.train_router.timeout_s: expected an integer"),
+    ],
+)
+def test_a_bad_modal_config_names_the_file_and_key(tmp_path, stages, message):
+    path = tmp_path / "modal.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(UserError, match=f"^{path}: ") as err:
+        m.stage_resources(path)
+    assert message in str(err.value)

@@ -14,11 +14,25 @@ config's folder, so configs in /vol/data/config/ name the other Volumes with ../
 
 With MOLE_MODAL_ROOT set, the Volumes are the folders MOLE_MODAL_ROOT/{models,data,checkpoints} and are
 never reloaded or committed: that is how `f.local(...)` runs a function on this machine.
+
+Recovery: a config or data error (UserError) is returned as {"ok": False, "stage", "error"} instead of
+raised, because Modal 1.6 retries every exception a function raises (modal.Retries has no exception
+filter) and a retry cannot fix a config; the `main` entrypoint exits 2 on such a result. Other failures
+(pre-emption, crashes, a lock still held by a pre-empted attempt) are raised and retried, and training
+resumes from its newest checkpoint, which is committed to the Volume as soon as it is saved.
+
+Resources: GPU type and count, timeout and retries of each stage are STAGE_DEFAULTS unless the
+modal.yaml named by MOLE_MODAL_CONFIG overrides them, e.g. `stages: {train_router: {gpu: H200}}`. The
+file is read when the app is defined, on the machine that runs `modal run` or `modal deploy` (set it
+there each time); a container keeps the resources its function was created with.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import sys
 import tomllib
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -26,10 +40,12 @@ from pathlib import Path, PurePosixPath
 import modal
 
 from mole_trainer import stages
+from mole_trainer.config import NO_GPU, ModalConfig, StageResources, load_config
 from mole_trainer.data.synth import DEFAULT_COUNTS, DEFAULT_IMAGE_SIZE
 from mole_trainer.errors import UserError
 from mole_trainer.layout import CACHE_DIR_ENV, LOCK_SHARED_ENV
-from mole_trainer.locking import set_publisher
+from mole_trainer.locking import LockHeld, set_publisher
+from mole_trainer.train.checkpoint import set_saved_hook
 
 APP_NAME = "mole-trainer"
 PYTHON_VERSION = "3.11"
@@ -42,6 +58,8 @@ LOCAL_ROOT_ENV = "MOLE_MODAL_ROOT"
 HF_HOME = str(MOUNT_ROOT / MODELS / "hf")
 MOLE_CACHE = str(MOUNT_ROOT / DATA / "cache")
 
+MODAL_CONFIG_ENV = "MOLE_MODAL_CONFIG"  # a modal.yaml with per-stage resources (module docstring)
+
 TRAIN_GPU = "H100"
 EVAL_GPU = "L40S"
 
@@ -53,9 +71,28 @@ TRAIN_TIMEOUT = 6 * HOUR
 EVAL_TIMEOUT = 2 * HOUR
 FANOUT_TIMEOUT = 24 * HOUR  # Modal's maximum: waits for the slowest expert, retries included
 
-# A retry re-runs the whole stage from the start; resuming from the last checkpoint on the Volume is a
-# later issue. Modal retries every failure, a UserError (bad config) included.
-TRAIN_RETRIES = modal.Retries(max_retries=2, backoff_coefficient=2.0, initial_delay=30.0)
+# A retried training resumes from its newest checkpoint on the Volume; a UserError is not retried.
+TRAIN_RETRIES = 2
+RETRY_BACKOFF = 2.0
+RETRY_DELAY_S = 30.0
+
+# today's resources of every stage function (gpu, gpu_count, timeout_s, retries); modal.yaml overrides keys
+_DATA = StageResources(NO_GPU, 1, DATA_TIMEOUT, 0)
+_TRAIN = StageResources(TRAIN_GPU, 1, TRAIN_TIMEOUT, TRAIN_RETRIES)
+_EVAL = StageResources(EVAL_GPU, 1, EVAL_TIMEOUT, 0)
+STAGE_DEFAULTS = {
+    "model_tiny": _DATA,
+    "data_synth": _DATA,
+    "data_routing": _DATA,
+    "data_check": _DATA,
+    "data_preprocess": _DATA,
+    "train_experts": _TRAIN,
+    "train_expert_fanout": StageResources(NO_GPU, 1, FANOUT_TIMEOUT, 0),
+    "train_router": _TRAIN,
+    "eval_router": _EVAL,
+    "test_router": _EVAL,
+    "deploy": _DATA,
+}
 
 # default locations, relative to their Volume (the layout in the module docstring)
 TINY_MODEL = "tiny-qwen3-vl"
@@ -77,6 +114,68 @@ def pinned_dependencies(pyproject: Path = PYPROJECT) -> list[str]:
             f"{pyproject}: not found; the Modal app is built from a source checkout of mole-trainer"
         )
     return tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+
+
+def stage_resources(path: str | Path | None) -> dict[str, StageResources]:
+    """Every stage's resources: STAGE_DEFAULTS, with the keys a modal.yaml at `path` sets over them."""
+    out = dict(STAGE_DEFAULTS)
+    if not path:
+        return out
+    for name, given in load_config(path, ModalConfig).stages.items():
+        if name not in out:
+            raise UserError(f"{path}: unknown stage 'stages.{name}'; the Modal app has {', '.join(out)}")
+        set_keys = {k: v for k, v in dataclasses.asdict(given).items() if v is not None}
+        out[name] = dataclasses.replace(out[name], **set_keys)
+    return out
+
+
+def function_options(res: StageResources) -> dict:
+    """The `app.function` arguments (gpu, timeout, retries) of a stage's resources."""
+    gpu = None if res.gpu == NO_GPU else res.gpu if res.gpu_count == 1 else f"{res.gpu}:{res.gpu_count}"
+    retries = None
+    if res.retries:
+        retries = modal.Retries(
+            max_retries=res.retries, backoff_coefficient=RETRY_BACKOFF, initial_delay=RETRY_DELAY_S
+        )
+    return {"gpu": gpu, "timeout": res.timeout_s, "retries": retries}
+
+
+# a container keeps the resources its function was created with: only the defining machine reads the file
+RESOURCES = stage_resources(os.environ.get(MODAL_CONFIG_ENV) if modal.is_local() else None)
+OPTIONS = {name: function_options(res) for name, res in RESOURCES.items()}
+
+
+def user_errors_returned(fn):
+    """Return a UserError (a config or data error) as {"ok": False, "stage", "error"} instead of raising it.
+
+    Modal retries whatever a function raises, and a retry cannot fix a config. A LockHeld is raised
+    still: the lock of a pre-empted attempt expires within its lease, so a later retry succeeds.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LockHeld:
+            raise
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return {"ok": False, "stage": fn.__name__, "error": str(exc)}
+
+    return run
+
+
+def failed(result) -> bool:
+    """True for the result of a stage function that returned its UserError."""
+    return isinstance(result, dict) and result.get("ok") is False
+
+
+def checked(result):
+    """`result`, or exit 2 with its error when the stage returned a UserError (for entrypoints)."""
+    if failed(result):
+        print(f"error: {result['stage']}: {result['error']}", file=sys.stderr)
+        raise SystemExit(2)
+    return result
 
 
 # Inside a container the module is imported again but the image is already built (and there is no
@@ -126,15 +225,20 @@ def synced(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()):
         for kind in dict.fromkeys(reads + writes):
             VOLUMES[kind].reload()
         set_publisher(_commit_lock)
-    yield
+        set_saved_hook(_commit_lock)  # a retry resumes from the newest checkpoint the Volume has
+    try:
+        yield
+    finally:
+        set_saved_hook(None)
     if mounted:
         for kind in writes:
             VOLUMES[kind].commit()
 
 
 def _commit_lock(path: Path) -> None:
-    """Commit the Volume holding an output lock just written, renewed or removed: other containers see
-    a Volume's files only once committed (and after their own reload, done when a stage starts)."""
+    """Commit the Volume holding an output lock just written, renewed or removed, or a checkpoint just
+    saved: other containers (a retry) see a Volume's files only once committed (and after their own
+    reload, done when a stage starts)."""
     for kind, volume in VOLUMES.items():
         if Path(path).is_relative_to(MOUNT_ROOT / kind):
             volume.commit()
@@ -157,7 +261,8 @@ def _model_ref(model: str) -> str:
     return model if not path.exists() and looks_like_hub_id(model) else str(path)
 
 
-@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+@app.function(volumes=MOUNTS, **OPTIONS["model_tiny"])
+@user_errors_returned
 def model_tiny(out: str = TINY_MODEL, seed: int = 0, workdir: str = ".", processor: str = "") -> dict:
     """Build the tiny offline Qwen3-VL into the models Volume (around a processor folder there, if given)."""
     with synced(writes=(MODELS, CHECKPOINTS)):
@@ -165,7 +270,8 @@ def model_tiny(out: str = TINY_MODEL, seed: int = 0, workdir: str = ".", process
         return stages.model_tiny(volume_path(MODELS, out), _workdir(workdir), seed, proc)
 
 
-@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+@app.function(volumes=MOUNTS, **OPTIONS["data_synth"])
+@user_errors_returned
 def data_synth(
     out: str = EXPERTS_DATA,
     experts: str = "",
@@ -185,7 +291,8 @@ def data_synth(
         )
 
 
-@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+@app.function(volumes=MOUNTS, **OPTIONS["data_routing"])
+@user_errors_returned
 def data_routing(
     config: str = f"{CONFIG_DIR}/dataset.yaml", output: str = ROUTING_FILE, workdir: str = "."
 ) -> dict:
@@ -194,14 +301,16 @@ def data_routing(
         return stages.data_routing(volume_path(DATA, config), volume_path(DATA, output), _workdir(workdir))
 
 
-@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+@app.function(volumes=MOUNTS, **OPTIONS["data_check"])
+@user_errors_returned
 def data_check(path: str = ROUTING_FILE, workdir: str = ".") -> dict:
     """Check a routing dataset on the data Volume: no image in two splits, labels in the map, images decode."""
     with synced(reads=(DATA,), writes=(CHECKPOINTS,)):
         return stages.data_check(volume_path(DATA, path), _workdir(workdir))
 
 
-@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT, cpu=PREPROCESS_CPUS)
+@app.function(volumes=MOUNTS, cpu=PREPROCESS_CPUS, **OPTIONS["data_preprocess"])
+@user_errors_returned
 def data_preprocess(
     input: str = ROUTING_FILE,
     output: str = ROUTER_PREP,
@@ -234,7 +343,8 @@ def data_preprocess(
         )
 
 
-@app.function(volumes=MOUNTS, gpu=TRAIN_GPU, timeout=TRAIN_TIMEOUT, retries=TRAIN_RETRIES)
+@app.function(volumes=MOUNTS, **OPTIONS["train_experts"])
+@user_errors_returned
 def train_experts(
     config: str = f"{CONFIG_DIR}/loras.yaml", only: str = "", workdir: str = ".", resume: bool = True
 ) -> dict:
@@ -247,11 +357,12 @@ def train_experts(
         return stages.train_experts(volume_path(DATA, config), _workdir(workdir), _names(only), resume=resume)
 
 
-@app.function(volumes=MOUNTS, timeout=FANOUT_TIMEOUT)
+@app.function(volumes=MOUNTS, **OPTIONS["train_expert_fanout"])
+@user_errors_returned
 def train_expert_fanout(config: str = f"{CONFIG_DIR}/loras.yaml", experts: str = "") -> dict:
     """Train every expert of loras.yaml (or the comma-separated `experts`) in a container of its own.
 
-    Returns {expert: result} like train_experts.
+    Returns {expert: result} like train_experts, or the UserErrors of the experts that returned one.
     """
     from mole_trainer.config import LorasConfig, load_config
 
@@ -261,13 +372,19 @@ def train_expert_fanout(config: str = f"{CONFIG_DIR}/loras.yaml", experts: str =
         raise UserError(f"{config}: the config lists no experts")
     # a history database per container: of concurrent commits to one file, a Volume keeps only the last
     calls = [(config, name, f"{FANOUT_WORKDIR}/{name}") for name in names]
-    results = {}
-    for result in train_experts.starmap(calls):
-        results.update(result)
+    results, errors = {}, []
+    for (_, name, _), result in zip(calls, train_experts.starmap(calls), strict=True):
+        if failed(result):
+            errors.append(f"{name}: {result['error']}")
+        else:
+            results.update(result)
+    if errors:
+        raise UserError("; ".join(errors))
     return results
 
 
-@app.function(volumes=MOUNTS, gpu=TRAIN_GPU, timeout=TRAIN_TIMEOUT, retries=TRAIN_RETRIES)
+@app.function(volumes=MOUNTS, **OPTIONS["train_router"])
+@user_errors_returned
 def train_router(
     dataset_path: str = ROUTER_PREP,
     config: str = f"{CONFIG_DIR}/router.yaml",
@@ -285,7 +402,8 @@ def train_router(
         )
 
 
-@app.function(volumes=MOUNTS, gpu=EVAL_GPU, timeout=EVAL_TIMEOUT)
+@app.function(volumes=MOUNTS, **OPTIONS["eval_router"])
+@user_errors_returned
 def eval_router(
     checkpoint: str = ROUTER_CKPT,
     test_data: str = ROUTING_FILE,
@@ -306,7 +424,8 @@ def eval_router(
         )
 
 
-@app.function(volumes=MOUNTS, gpu=EVAL_GPU, timeout=EVAL_TIMEOUT)
+@app.function(volumes=MOUNTS, **OPTIONS["test_router"])
+@user_errors_returned
 def test_router(
     checkpoint: str = ROUTER_CKPT,
     test_data: str = ROUTING_FILE,
@@ -329,7 +448,8 @@ def test_router(
         )
 
 
-@app.function(volumes=MOUNTS, timeout=DATA_TIMEOUT)
+@app.function(volumes=MOUNTS, **OPTIONS["deploy"])
+@user_errors_returned
 def deploy(
     checkpoint: str = ROUTER_CKPT,
     experts_dir: str = EXPERTS_CKPT,
@@ -361,7 +481,7 @@ def deploy(
 @app.local_entrypoint()
 def main(config_dir: str):
     """Upload CONFIG_DIR/{dataset,loras,router}.yaml to the data Volume, then run the demo pipeline on Modal."""
-    from mole_trainer.config import RouterConfig, load_config
+    from mole_trainer.config import RouterConfig
     from mole_trainer.configs import CONFIG_FILES
     from mole_trainer.pipeline import DEMO_SEED, DEMO_SYNTH_COUNTS
 
@@ -369,14 +489,14 @@ def main(config_dir: str):
         for name in CONFIG_FILES:
             batch.put_file(Path(config_dir) / name, f"/{CONFIG_DIR}/{name}")
     pixels = load_config(Path(config_dir) / "router.yaml", RouterConfig).image
-    model_tiny.remote(TINY_MODEL, DEMO_SEED)
-    data_synth.remote(EXPERTS_DATA, seed=DEMO_SEED, **DEMO_SYNTH_COUNTS)
-    data_routing.remote()
-    data_preprocess.remote(min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels)
-    experts = train_expert_fanout.remote()
-    router = train_router.remote()
-    report = eval_router.remote()
-    manifest = deploy.remote()
+    checked(model_tiny.remote(TINY_MODEL, DEMO_SEED))
+    checked(data_synth.remote(EXPERTS_DATA, seed=DEMO_SEED, **DEMO_SYNTH_COUNTS))
+    checked(data_routing.remote())
+    checked(data_preprocess.remote(min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels))
+    experts = checked(train_expert_fanout.remote())
+    router = checked(train_router.remote())
+    report = checked(eval_router.remote())
+    manifest = checked(deploy.remote())
     for name, e in experts.items():
         print(f"expert {name}: {e['metric']} {e['base_value']} (base) -> {e['value']}")
     print(f"router: best val accuracy {router['best']['val_accuracy']}, test accuracy {report['accuracy']}")
