@@ -228,7 +228,7 @@ def train_concurrent(
                 "name": r.name,
                 "active": e in active,
                 "bad_evals": bad[e],
-                **{k: v for k, v in dataclasses.asdict(outcome[e]).items() if k != "log"},
+                **{f.name: getattr(outcome[e], f.name) for f in dataclasses.fields(ExpertOutcome)},
                 "log": logs[e].log,
             }
             for e, r in enumerate(runs)
