@@ -223,7 +223,7 @@ class RecordingVolume:
         assert not list(self.root.rglob(".step-*.tmp")), "committed in the middle of a save"
 
 
-def test_every_checkpoint_save_commits_the_volume_at_once(monkeypatch, tmp_path):
+def test_every_checkpoint_save_commits_the_volume_at_once(monkeypatch, tmp_path, capsys):
     from pathlib import PurePosixPath
 
     import torch
@@ -245,6 +245,14 @@ def test_every_checkpoint_save_commits_the_volume_at_once(monkeypatch, tmp_path)
     assert volumes[m.DATA].commits == []  # read only
     ckpt.save_checkpoint(root, 4, {"w": torch.zeros(2)}, {"step": 4}, keep=2)
     assert len(commits) == 4, "outside a stage function, nothing is committed"
+
+    def refused() -> None:
+        raise RuntimeError("there are open files preventing the operation")
+
+    monkeypatch.setattr(volumes[m.CHECKPOINTS], "commit", refused)
+    with m.synced():
+        ckpt.save_checkpoint(root, 5, {"w": torch.zeros(2)}, {"step": 5}, keep=2)  # training goes on
+    assert "step-00000005: Volume commit failed (RuntimeError: there are open" in capsys.readouterr().err
 
 
 def function_resources(fn) -> dict:

@@ -225,7 +225,7 @@ def synced(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()):
         for kind in dict.fromkeys(reads + writes):
             VOLUMES[kind].reload()
         set_publisher(_commit_lock)
-        set_saved_hook(_commit_lock)  # a retry resumes from the newest checkpoint the Volume has
+        set_saved_hook(_commit_checkpoint)  # a retry resumes from the newest checkpoint the Volume has
     try:
         yield
     finally:
@@ -242,6 +242,18 @@ def _commit_lock(path: Path) -> None:
     for kind, volume in VOLUMES.items():
         if Path(path).is_relative_to(MOUNT_ROOT / kind):
             volume.commit()
+
+
+def _commit_checkpoint(folder: Path) -> None:
+    """Commit the Volume holding a checkpoint just saved; a failed commit is reported, not fatal.
+
+    (Modal reloads the Volume after a commit, which refuses while files are open on it, such as the
+    TensorBoard events being written; the background commits and the next save's commit still come.)
+    """
+    try:
+        _commit_lock(folder)
+    except Exception as exc:
+        print(f"warning: {folder}: Volume commit failed ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def _names(csv: str) -> list[str] | None:
