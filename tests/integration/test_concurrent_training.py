@@ -120,10 +120,12 @@ def test_concurrent_equals_sequential(tiny_model, synth_data, tmp_path, monkeypa
         base = PeftModel.from_pretrained(base, str(best)).unload()
 
 
-# dropout on, so a resume must restore the RNG too; ocr leaves the batch at step 3, calendar goes on
+# dropout on, so a resume must restore the RNG too; ocr leaves the batch at step 3, calendar goes on;
+# calendar's min_delta makes its best step 4 (val loss 7.24, 7.15, 6.68, 6.46 at steps 0, 2, 4, 6), so
+# its final adapter is the best weights a checkpoint kept, not its last ones
 KILL_TRAIN = {**TRAIN, "steps": 6, "eval_every": 2, "save_every": 1, "keep_checkpoints": 2}
 KILL_EXPERTS = {
-    "calendar": {"train": {"seed": 1}},
+    "calendar": {"train": {"seed": 1, "lr": 0.01, "min_delta": 0.3}},
     "ocr": {"train": {"steps": 3, "batch_size": 3, "seed": 3}},
 }
 
@@ -216,6 +218,12 @@ def test_concurrent_sigkill_then_resume_equals_an_uninterrupted_run(
 
     out = run_ok(cut_cfg, "--resume")
     assert f"resuming 2 experts from {ckpts / f'step-{killed_at:08d}'} (step {killed_at})" in out
+    # a finished run resumed again (a retry after a crash in final scoring) trains nothing: its
+    # adapters come from the best weights in the last checkpoint alone
+    for name in KILL_EXPERTS:
+        (cut_out / name / "adapter" / "adapter_model.safetensors").unlink()
+    out = run_ok(cut_cfg, "--resume")
+    assert f"resuming 2 experts from {ckpts / 'step-00000006'} (step 6)" in out
     for name in KILL_EXPERTS:
         ref, cut = _tensors(ref_out / name / "adapter"), _tensors(cut_out / name / "adapter")
         assert ref.keys() == cut.keys() and len(ref) == 12
@@ -228,3 +236,4 @@ def test_concurrent_sigkill_then_resume_equals_an_uninterrupted_run(
         for key in ("steps", "best_step", "best_val_loss", "stopped_early", "value"):
             assert cut_info[key] == ref_info[key], key
     assert json.loads((cut_out / "ocr" / EXPERT_INFO_FILE).read_text())["steps"] == 3
+    assert json.loads((cut_out / "calendar" / EXPERT_INFO_FILE).read_text())["best_step"] == 4
