@@ -134,6 +134,8 @@ class History:
         # autocommit mode: each statement is its own transaction unless BEGIN is issued explicitly
         conn = sqlite3.connect(self.path, timeout=TIMEOUT_S, isolation_level=None)
         conn.row_factory = sqlite3.Row
+        # in WAL mode NORMAL cannot corrupt the file; a power cut may lose the last commits, not a crash
+        conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
     def _init_schema(self) -> None:

@@ -249,7 +249,7 @@ def _tensorboard(folder: Path, files: list[Path], problems: list[str]) -> Found 
     return Found(run, rows, [])
 
 
-def _trainer_state(path: Path, problems: list[str]) -> Found | None:
+def _trainer_state(path: Path, out: Path, problems: list[str]) -> Found | None:
     state = _read_json(path, problems)
     if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
         if state is not None:
@@ -273,7 +273,7 @@ def _trainer_state(path: Path, problems: list[str]) -> Found | None:
     run = _run(
         _digest(b"trainer_state", path.read_bytes()),
         "train",
-        path.parent,
+        out,
         path.stat().st_mtime,
         runtime if _number(runtime) else None,
         config=config,
@@ -292,6 +292,7 @@ def find_runs(root: str | Path) -> tuple[list[Found], list[str]]:
         raise UserError(f"{root}: not a folder (expected a folder holding past runs' outputs)")
     found, problems = [], []
     trained: set[Path] = set()  # folders whose own logs make their TensorBoard files redundant
+    ours: set[Path] = set()  # our training outputs
     events: dict[Path, list[Path]] = {}
     states: dict[Path, tuple[int, Path]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -300,11 +301,12 @@ def find_runs(root: str | Path) -> tuple[list[Found], list[str]]:
         names = set(filenames)
         if names & {TRAIN_LOG_FILE, ROUTER_INFO_FILE, EXPERT_INFO_FILE}:
             trained.add(folder)
+            ours.add(folder)
             hit = _training(folder, problems)
             if hit:
                 found.append(hit)
-        ours = any(t in folder.parents for t in trained)  # our checkpoints/step-N/ hold one too
-        if TRAINER_STATE_FILE in names and not ours:
+        inside_ours = any(t in folder.parents for t in ours)  # our checkpoints/step-N/ hold one too
+        if TRAINER_STATE_FILE in names and not inside_ours:
             match = _HF_CHECKPOINT.search(folder.name)
             out = folder.parent if match else folder
             trained.add(out)
@@ -318,8 +320,8 @@ def find_runs(root: str | Path) -> tuple[list[Found], list[str]]:
                 hit = _eval_report(folder / name, problems)
                 if hit:
                     found.append(hit)
-    for _, path in sorted(states.values()):
-        hit = _trainer_state(path, problems)
+    for out, (_, path) in sorted(states.items()):
+        hit = _trainer_state(path, out, problems)
         if hit:
             found.append(hit)
     for folder, files in sorted(events.items()):
@@ -339,7 +341,8 @@ def backfill(history, existing: list[dict], root: str | Path) -> dict:
     """
     found, problems = find_runs(root)
     claimed: dict[str, dict] = {}
-    for run in sorted(existing, key=lambda r: r["started_at"]):  # the newest recorded run wins
+    recorded = [r for r in existing if not r.get("source")]  # not an earlier backfill's run
+    for run in sorted(recorded, key=lambda r: r["started_at"]):  # the newest recorded run wins
         for value in (run.get("artifacts") or {}).values():
             if isinstance(value, str):
                 claimed[str(Path(value).resolve())] = run

@@ -46,7 +46,8 @@ class FileHistory:
             raise UserError(f"{self.folder}: is a file; expected the run-history folder of JSONL files")
         self._file: Path | None = None
         self._pid: int | None = None
-        self._started: dict[str, str] = {}
+        self._started: dict[str, dict] = {}
+        self._rows: dict[str, set] = {}
 
     # -- writing --------------------------------------------------------------------------------
     def _own_file(self) -> Path:
@@ -64,7 +65,6 @@ class FileHistory:
         fd = os.open(self._own_file(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, data)
-            os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -139,7 +139,9 @@ class FileHistory:
 
     def add_metrics(self, run_id: str, rows: Iterable[tuple[int, str, float]]) -> int:
         """Append (step, name, value) rows of a run; returns how many were new to the history."""
-        have = {(r["step"], r["name"]) for r in self.metric_rows(run_id)}
+        if run_id not in self._rows:  # what the history holds of this run: read once, then kept here
+            self._rows[run_id] = {(r["step"], r["name"]) for r in self.metric_rows(run_id)}
+        have = self._rows[run_id]
         new = []
         for step, name, value in rows:
             key = (int(step), str(name))
