@@ -391,7 +391,7 @@ def estimate_cost(cost_usd: float | None, duration_s: float, usd_per_hour: float
     """The given cost, else the wall time priced at `usd_per_hour`, else None (no price known)."""
     if cost_usd is not None or usd_per_hour is None:
         return cost_usd
-    return round(duration_s / 3600.0 * usd_per_hour, 6)
+    return duration_s / 3600.0 * usd_per_hour
 
 
 def open_history(db_path: str | Path):

@@ -98,11 +98,14 @@ def fig_loss_curves(data: HistoryData, runs: list[dict] | None = None):
     rows = (len(runs) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
     for ax, run in zip(axes.flat, runs, strict=False):
-        for name, points in data.series(run["run_id"]).items():
-            if "loss" in name:
-                steps, values = zip(*points, strict=True)
-                style = "--" if "val" in name or "eval" in name else "-"
-                ax.plot(steps, values, style, marker="o", markersize=3, label=name)
+        losses = {n: p for n, p in data.series(run["run_id"]).items() if "loss" in n}
+        # an expert run's series are 'expert/train_loss': one colour per expert, dashed validation
+        groups = list(dict.fromkeys(n.rpartition("/")[0] for n in losses))
+        for i, (name, points) in enumerate(losses.items()):
+            steps, values = zip(*points, strict=True)
+            style = "--" if "val" in name or "eval" in name else "-"
+            colour = f"C{groups.index(name.rpartition('/')[0]) if len(groups) > 1 else i}"
+            ax.plot(steps, values, style, color=colour, marker="o", markersize=3, label=name)
         ax.set_title(f"{run['stage']} {_short(run)}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

@@ -3,7 +3,6 @@ device/cost/git recording, the JSONL history of shared Volumes, and concurrent w
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import multiprocessing
@@ -31,6 +30,8 @@ from mole_trainer.layout import (
     TRAIN_LOG_FILE,
 )
 from mole_trainer.runinfo import hourly_rate, load_prices, price_key
+
+from ..helpers import png_has_drawing, report_images
 
 EXPERTS = {"calendar": ("click_score", 0.0), "ocr": ("char_similarity", 0.05)}
 LABELS = ["calendar", "chart-screen", "login-window", "ocr"]
@@ -112,7 +113,10 @@ def past(tmp_path_factory) -> dict:
     info = {"adapter": str(router / "adapter"), "steps": 6, "best_step": 6, "train_seconds": 12.5}
     info["best"] = {"val_loss": 1.25, "val_accuracy": 0.5}
     (router / ROUTER_INFO_FILE).write_text(json.dumps(info))
-    SummaryWriter(str(router / TENSORBOARD_DIR)).close()  # ours: the log above says the same
+    writer = SummaryWriter(str(router / TENSORBOARD_DIR))  # as train/loop.py writes it: the log says the same
+    for entry in map(json.loads, (router / TRAIN_LOG_FILE).read_text().splitlines()):
+        writer.add_scalar("val_loss", entry["val_loss"], entry["step"])
+    writer.close()
     for name, (metric, base) in EXPERTS.items():
         out = root / "ckpt/experts" / name
         rows[name] = _log(out / TRAIN_LOG_FILE, [0, 2, 4], accuracy=False)
@@ -211,33 +215,13 @@ def test_backfill_lists_a_broken_log_line_and_keeps_the_rest(tmp_path):
     assert [p.split(": ")[0] for p in problems] == [f"{out / TRAIN_LOG_FILE}:3", f"{out / TRAIN_LOG_FILE}:4"]
 
 
-def _images(page: str) -> dict[str, bytes]:
-    out = {}
-    for name in FIGURES:
-        section = re.search(rf'<section id="{name}">(.*?)</section>', page, re.S)
-        assert section, f"no section {name}"
-        img = re.search(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', section.group(1))
-        out[name] = base64.b64decode(img.group(1)) if img else b""
-    return out
-
-
-def _drawn(png: bytes) -> bool:
-    """A real PNG with something drawn on it: many distinct colours, not a blank canvas."""
-    from PIL import Image
-
-    if not png.startswith(b"\x89PNG\r\n\x1a\n"):
-        return False
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    return image.width >= 300 and len(image.getcolors(1 << 20) or []) > 20
-
-
 def test_report_is_one_self_contained_page_with_every_figure(backfilled, tmp_path, capsys):
     out = tmp_path / "r" / "report.html"
     assert main(["--workdir", str(backfilled["wd"]), "history", "report", "--output", str(out)]) == 0
     assert f"wrote {out} (7 runs, {len(FIGURES)} figures)" in capsys.readouterr().out
     page = out.read_text()
-    images = _images(page)
-    assert {name: _drawn(png) for name, png in images.items()} == dict.fromkeys(FIGURES, True)
+    images = report_images(page, FIGURES)
+    assert {name: png_has_drawing(png) for name, png in images.items()} == dict.fromkeys(FIGURES, True)
     assert not re.search(r"(src|href)=\"(https?:)?//", page) and "<script" not in page  # no network
     assert page.count("<tr>") == 1 + 7  # the runs table: header + one row per run
 
@@ -265,7 +249,7 @@ def test_plot_writes_the_figures_of_one_run(backfilled, tmp_path, capsys):
         "consistency.png",
         "reliability.png",
     ]
-    assert all(_drawn(p.read_bytes()) for p in tmp_path.iterdir())
+    assert all(png_has_drawing(p.read_bytes()) for p in tmp_path.iterdir())
     assert main(["--workdir", str(wd), "history", "plot", "--run", "zzz", "--output-dir", str(tmp_path)]) == 2
     assert "no run with id 'zzz'" in capsys.readouterr().err
 
@@ -316,7 +300,10 @@ def test_a_run_records_git_device_and_cost(tmp_path):
         ("NVIDIA L4", "L4"),
         ("NVIDIA A10G", "A10G"),
         ("NVIDIA A100-SXM4-80GB", "A100-80GB"),
-        ("NVIDIA A100-SXM4-40GB", None),  # not in the table: no cost rather than a wrong one
+        ("NVIDIA A100-SXM4-40GB", "A100-40GB"),
+        ("Tesla T4", "T4"),
+        ("NVIDIA H200", None),  # not in the table: no cost rather than a wrong one
+        ("NVIDIA GeForce RTX 4090", None),
         ("cpu", "cpu"),
     ],
 )
