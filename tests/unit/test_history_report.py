@@ -304,6 +304,7 @@ def test_a_run_records_git_device_and_cost(tmp_path):
         ("Tesla T4", "T4"),
         ("NVIDIA H200", None),  # not in the table: no cost rather than a wrong one
         ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA L40", None),  # a whole-name match: not an L4
         ("cpu", "cpu"),
     ],
 )
@@ -375,3 +376,27 @@ def test_four_writers_of_500_metric_rows_lose_nothing(kind, tmp_path):
     assert all(r["status"] == "ok" for r in data.runs)
     for run in data.runs:
         assert data.series(run["run_id"])["loss"] == [(s, s / 500) for s in range(500)]
+
+
+def test_a_training_stores_its_curve_even_when_it_fails_and_never_an_older_log(tmp_path):
+    from mole_trainer.stages import _curves
+
+    log, old = tmp_path / "router" / TRAIN_LOG_FILE, tmp_path / "other" / TRAIN_LOG_FILE
+    _log(old, [0, 2], accuracy=False)
+    os.utime(old, (1_000_000_000, 1_000_000_000))  # left by an earlier run
+    db = tmp_path / HISTORY_DB
+    with (
+        pytest.raises(RuntimeError),
+        record_run(db, "train.router", {}) as run,
+        _curves(run, {"": log, "o/": old}),
+    ):
+        _log(log, [0, 2], accuracy=True)
+        raise RuntimeError("killed at step 3")
+    data = read_history(tmp_path)
+    assert data.runs[0]["status"] == "failed"
+    assert data.series(run.run_id) == {
+        "lr": [(2, 0.0015)],
+        "train_loss": [(2, 3.0)],
+        "val_accuracy": [(0, 0.2), (2, pytest.approx(0.3))],
+        "val_loss": [(0, 5.0), (2, 2.5)],
+    }
