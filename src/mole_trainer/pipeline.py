@@ -49,7 +49,7 @@ class StageRunner:
     def run(self, name: str, title: str, parts: list, fn, outputs: list[Path]):
         """Run `fn()` unless the stage's fingerprint and outputs are unchanged; returns (result, fingerprint)."""
         from .data.preprocess import fingerprint
-        from .history import History
+        from .history import open_history
 
         self.index += 1
         fp = fingerprint(name, parts, self.code)
@@ -59,7 +59,7 @@ class StageRunner:
             saved = json.loads(record.read_text())
             if saved.get("fingerprint") == fp:
                 self.console.print(f"[dim]{label}: unchanged, skipped[/dim]")
-                hist = History(self.wd.history_db)
+                hist = open_history(self.wd.history_db)
                 hist.finish(hist.start(f"demo.{name}", {"fingerprint": fp}), status="skipped")
                 self.seconds[name] = 0.0
                 self.skipped.append(name)

@@ -400,3 +400,26 @@ def test_a_training_stores_its_curve_even_when_it_fails_and_never_an_older_log(t
         "val_accuracy": [(0, 0.2), (2, pytest.approx(0.3))],
         "val_loss": [(0, 5.0), (2, 2.5)],
     }
+
+
+def test_a_gpu_run_is_recorded_with_its_gpu_and_priced_per_gpu(monkeypatch):
+    """No GPU here: a stand-in for torch's CUDA queries (what detect_device reads) checks the path."""
+    import sys
+    import types
+
+    from mole_trainer.runinfo import detect_device, device_label
+
+    cuda = types.SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        current_device=lambda: 0,
+        get_device_name=lambda index: "NVIDIA H100 80GB HBM3",
+    )
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: rank 0 records for both GPUs
+    prices = load_prices()
+    assert detect_device() == ("NVIDIA H100 80GB HBM3", 2)
+    assert device_label(*detect_device(), prices) == "H100:2"
+    assert hourly_rate(*detect_device(), prices) == pytest.approx(2 * prices["gpu_per_hour"]["H100"])
+    cuda.is_initialized = lambda: False  # torch imported, CUDA never used: a CPU run
+    assert detect_device()[0] == "cpu"
