@@ -34,10 +34,17 @@ def git_state(source: str | None = None) -> tuple[str | None, bool | None]:
         return env.removesuffix("-dirty"), env.endswith("-dirty")
     cwd = source or str(Path(__file__).resolve().parent)
     try:
+        # the package must be tracked there: a copy installed into some repository's .venv is not its code
+        tracked = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", "__init__.py"],
+            cwd=cwd,
+            capture_output=True,
+            timeout=GIT_TIMEOUT_S,
+        )
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=GIT_TIMEOUT_S
         )
-        if commit.returncode != 0:
+        if tracked.returncode != 0 or commit.returncode != 0:
             return None, None
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],

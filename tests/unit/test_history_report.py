@@ -423,3 +423,25 @@ def test_a_gpu_run_is_recorded_with_its_gpu_and_priced_per_gpu(monkeypatch):
     assert hourly_rate(*detect_device(), prices) == pytest.approx(2 * prices["gpu_per_hour"]["H100"])
     cuda.is_initialized = lambda: False  # torch imported, CUDA never used: a CPU run
     assert detect_device()[0] == "cpu"
+
+
+def test_git_state_names_the_checkout_that_tracks_the_code(tmp_path, monkeypatch):
+    from mole_trainer.runinfo import GIT_COMMIT_ENV, git_state
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True)
+
+    git("init", "-q")
+    for pkg in ("tracked", "venv"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / ".gitignore").write_text("venv/\n")  # a package installed into the repository's .venv
+    git("add", ".gitignore", "tracked/__init__.py")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "c")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    assert git_state(str(tmp_path / "tracked")) == (head, False)
+    assert git_state(str(tmp_path / "venv")) == (None, None)
+    (tmp_path / "tracked/__init__.py").write_text("x = 1\n")
+    assert git_state.__wrapped__(str(tmp_path / "tracked")) == (head, True)
+    monkeypatch.setenv(GIT_COMMIT_ENV, "abc123-dirty")  # a Modal image: no .git, the commit it was built from
+    assert git_state.__wrapped__(str(tmp_path / "venv")) == ("abc123", True)
