@@ -525,9 +525,10 @@ def _history(args, stages, wd) -> int:
 
         data = read_history(wd)
         run = data.run(args.run)
-        _print_json({**run, "series": data.series(run["run_id"])}) if args.json else print(
-            format_run(run, data)
-        )
+        if args.json:
+            _print_json({**run, "series": data.series(run["run_id"])})
+        else:
+            print(format_run(run, data))
     elif args.action == "show":
         from .history import format_runs_table
         from .layout import HISTORY_DB
