@@ -334,6 +334,32 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--stage", default=None)
     show.add_argument("--limit", type=_positive, default=None)
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show.add_argument(
+        "--run",
+        default=None,
+        metavar="ID",
+        help="everything recorded about this run (an id or unique prefix)",
+    )
+    compare = hist.add_parser("compare", help="two runs side by side: fields, config changes, metric changes")
+    compare.add_argument("runs", nargs=2, metavar="RUN", help="run ids (or unique prefixes)")
+    compare.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    from .layout import HISTORY_REPORT_FILE
+
+    report = hist.add_parser(
+        "report", help="one self-contained HTML page: loss curves, router metrics, experts, runs and cost"
+    )
+    report.add_argument(
+        "--output", default=None, help=f"HTML file to write (default WORKDIR/{HISTORY_REPORT_FILE})"
+    )
+    plot = hist.add_parser("plot", help="the report's figures as PNG files (of one run with --run)")
+    plot.add_argument("--run", default=None, metavar="ID", help="only the figures of this run")
+    plot.add_argument("--output-dir", required=True, help="folder for the PNG files")
+    backfill = hist.add_parser(
+        "backfill",
+        help="import past runs below DIR (train_log.jsonl, *_info.json, eval reports, TensorBoard, "
+        "trainer_state.json); a second import adds nothing",
+    )
+    backfill.add_argument("dir", metavar="DIR")
     return p
 
 
@@ -486,20 +512,64 @@ def run(args: argparse.Namespace) -> int:
         print(f"deployed {len(manifest['files'])} files ({', '.join(manifest['experts'])}) to {args.bucket}")
     elif cmd[0] == "infer":
         _infer(args, stages, wd)
-    elif cmd == ("history", "show"):
-        from .history import History, format_runs_table
+    elif cmd[0] == "history":
+        return _history(args, stages, wd)
+    return 0
+
+
+def _history(args, stages, wd) -> int:
+    from .history_view import read_history
+
+    if args.action == "show" and args.run:
+        from .history_view import format_run
+
+        data = read_history(wd)
+        run = data.run(args.run)
+        if args.json:
+            _print_json({**run, "series": data.series(run["run_id"])})
+        else:
+            print(format_run(run, data))
+    elif args.action == "show":
+        from .history import format_runs_table
         from .layout import HISTORY_DB
 
-        db = os.path.join(wd, HISTORY_DB)
-        runs = []
-        if os.path.exists(db):
-            history = History(db)
-            history.reconcile()  # a run whose process is gone shows (and is stored) as interrupted
-            runs = history.runs(args.stage, None, args.limit)
+        # a run whose process is gone shows (and is stored) as interrupted
+        runs = stages.history_show(wd, args.stage, args.limit)
         if args.json:
             _print_json(runs)
         else:
             print(format_runs_table(runs) if runs else f"no runs recorded in {os.path.join(wd, HISTORY_DB)}")
+    elif args.action == "compare":
+        from .history_view import compare_rows, format_compare
+
+        data = read_history(wd)
+        a, b = (data.run(r) for r in args.runs)
+        if args.json:
+            _print_json(
+                [dict(zip(("field", "a", "b", "change"), row, strict=True)) for row in compare_rows(a, b)]
+            )
+        else:
+            print(format_compare(a, b))
+    elif args.action == "report":
+        result = stages.history_report(wd, args.output)
+        for name, why in result["missing"].items():
+            print(f"figure {name}: {why}", file=sys.stderr)
+        print(f"wrote {result['report']} ({result['runs']} runs, {len(result['figures'])} figures)")
+    elif args.action == "plot":
+        result = stages.history_plot(wd, args.output_dir, args.run)
+        for name, why in result["missing"].items():
+            print(f"figure {name}: {why}", file=sys.stderr)
+        for path in result["files"]:
+            print(f"wrote {path}")
+    elif args.action == "backfill":
+        result = stages.history_backfill(args.dir, wd)
+        for problem in result["problems"]:
+            print(f"skipped: {problem}", file=sys.stderr)
+        print(
+            f"{result['found']} runs found below {args.dir}: {result['added']} added, "
+            f"{result['already_present']} already in the history, {result['attached_to_recorded']} were "
+            f"recorded runs (their curves attached); {result['metric_rows_added']} metric rows added"
+        )
     return 0
 
 

@@ -24,7 +24,7 @@ import platform
 import sqlite3
 import traceback
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .layout import HISTORY_DIR
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,42 @@ CREATE TABLE IF NOT EXISTS runs (
     host TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_stage ON runs (stage, id);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    UNIQUE (run_id, step, name)
+);
 """
 # added after schema version 1; additive, so older readers still work and the version stays 1
-_ADDED_COLUMNS = {"pid": "INTEGER", "pid_start": "INTEGER", "output": "TEXT", "resumed_from": "TEXT"}
+_ADDED_COLUMNS = {
+    "pid": "INTEGER",
+    "pid_start": "INTEGER",
+    "output": "TEXT",
+    "resumed_from": "TEXT",
+    "git_commit": "TEXT",
+    "git_dirty": "INTEGER",
+    "device": "TEXT",
+    "source": "TEXT",  # where `history backfill` imported the run from (None: recorded as it ran)
+}
+# every column a run row has, in the order `insert_run` writes them
+RUN_COLUMNS = (
+    "run_id",
+    "stage",
+    "status",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "config_json",
+    "data_hash",
+    "metrics_json",
+    "artifacts_json",
+    "error",
+    "cost_usd",
+    "host",
+    *_ADDED_COLUMNS,
+)
 _JSON_FIELDS = {"config_json": "config", "metrics_json": "metrics", "artifacts_json": "artifacts"}
 
 
@@ -100,6 +134,8 @@ class History:
         # autocommit mode: each statement is its own transaction unless BEGIN is issued explicitly
         conn = sqlite3.connect(self.path, timeout=TIMEOUT_S, isolation_level=None)
         conn.row_factory = sqlite3.Row
+        # in WAL mode NORMAL cannot corrupt the file; a power cut may lose the last commits, not a crash
+        conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
     def _init_schema(self) -> None:
@@ -137,13 +173,16 @@ class History:
     ) -> str:
         """Insert a run of this process with status 'running' and return its run_id."""
         from .locking import process_start
+        from .runinfo import git_state
 
-        run_id = uuid.uuid4().hex[:12]
+        run_id = new_run_id()
         pid = os.getpid()
+        commit, dirty = git_state()
         with closing(self._connect()) as conn:
             conn.execute(
                 "INSERT INTO runs (run_id, stage, status, started_at, config_json, data_hash, host, pid, "
-                "pid_start, output, resumed_from) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+                "pid_start, output, resumed_from, git_commit, git_dirty) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     stage,
@@ -155,6 +194,8 @@ class History:
                     process_start(pid),
                     output,
                     resumed_from,
+                    commit,
+                    dirty,
                 ),
             )
         return run_id
@@ -220,27 +261,69 @@ class History:
         artifacts: dict | None = None,
         error: str | None = None,
         cost_usd: float | None = None,
+        device: str | None = None,
+        usd_per_hour: float | None = None,
     ) -> None:
-        """Close a run: set its final status, finish time, duration and results."""
-        if status not in STATUSES or status == "running":
-            raise ValueError(f"final status must be one of {', '.join(STATUSES[1:])}; got {status!r}")
+        """Close a run: set its final status, finish time, duration and results.
+
+        Without `cost_usd`, a known `usd_per_hour` (runinfo.hourly_rate) prices the run's wall time.
+        """
+        check_final(status)
         started = datetime.fromisoformat(self.get(run_id)["started_at"])
         finished = datetime.now(UTC)
+        duration = (finished - started).total_seconds()
         with closing(self._connect()) as conn:
             conn.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, duration_s = ?, metrics_json = ?, "
-                "artifacts_json = ?, error = ?, cost_usd = ? WHERE run_id = ?",
+                "artifacts_json = ?, error = ?, cost_usd = ?, device = ? WHERE run_id = ?",
                 (
                     status,
                     finished.isoformat(timespec="microseconds"),
-                    (finished - started).total_seconds(),
+                    duration,
                     _dumps(metrics or {}),
                     _dumps(artifacts or {}),
                     error,
-                    cost_usd,
+                    estimate_cost(cost_usd, duration, usd_per_hour),
+                    device,
                     run_id,
                 ),
             )
+
+    def add_metrics(self, run_id: str, rows: Iterable[tuple[int, str, float]]) -> int:
+        """Store (step, name, value) rows of a run in one transaction; returns how many were new.
+
+        A row whose (run, step, name) is already stored is kept as it was (a second import adds nothing).
+        """
+        rows = [(run_id, int(step), str(name), float(value)) for step, name, value in rows]
+        with closing(self._connect()) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO metrics (run_id, step, name, value) VALUES (?, ?, ?, ?)", rows
+            )
+            added = conn.total_changes - before
+            conn.execute("COMMIT")
+        return added
+
+    def metric_rows(self, run_id: str | None = None) -> list[dict]:
+        """Metric rows ({run_id, step, name, value}), of one run or all, by run, name and step."""
+        sql, params = "SELECT run_id, step, name, value FROM metrics", []
+        if run_id is not None:
+            sql += " WHERE run_id = ?"
+            params.append(run_id)
+        with closing(self._connect()) as conn:
+            return [dict(r) for r in conn.execute(sql + " ORDER BY run_id, name, step", params)]
+
+    def insert_run(self, run: dict) -> bool:
+        """Store a finished run as given (a backfilled one); False when its run_id is already stored."""
+        row = encode_run(run)
+        marks = ", ".join("?" * len(RUN_COLUMNS))
+        with closing(self._connect()) as conn:
+            cur = conn.execute(
+                f"INSERT OR IGNORE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({marks})",
+                [row.get(c) for c in RUN_COLUMNS],
+            )
+            return cur.rowcount == 1
 
     def runs(
         self, stage: str | None = None, status: str | None = None, limit: int | None = None
@@ -280,7 +363,47 @@ def _decode(row: sqlite3.Row) -> dict:
     for column, key in _JSON_FIELDS.items():
         text = out.pop(column)
         out[key] = json.loads(text) if text is not None else None
+    if out.get("git_dirty") is not None:
+        out["git_dirty"] = bool(out["git_dirty"])
     return out
+
+
+def encode_run(run: dict) -> dict:
+    """A run as `runs()` returns it, with its JSON fields encoded as stored (the inverse of decoding)."""
+    row = {k: v for k, v in run.items() if k not in _JSON_FIELDS.values()}
+    for column, key in _JSON_FIELDS.items():
+        row[column] = _dumps(run[key]) if run.get(key) is not None else ("{}" if key == "config" else None)
+    return row
+
+
+def new_run_id() -> str:
+    """A fresh random run id."""
+    return uuid.uuid4().hex[:12]
+
+
+def check_final(status: str) -> None:
+    """ValueError unless `status` is a final status (not 'running')."""
+    if status not in STATUSES or status == "running":
+        raise ValueError(f"final status must be one of {', '.join(STATUSES[1:])}; got {status!r}")
+
+
+def estimate_cost(cost_usd: float | None, duration_s: float, usd_per_hour: float | None) -> float | None:
+    """The given cost, else the wall time priced at `usd_per_hour`, else None (no price known)."""
+    if cost_usd is not None or usd_per_hour is None:
+        return cost_usd
+    return duration_s / 3600.0 * usd_per_hour
+
+
+def open_history(db_path: str | Path):
+    """The history a run writes into: the SQLite file, or under MOLE_LOCK_SHARED=1 (a Volume shared by
+    containers, where SQLite's locks do not hold) JSONL files beside it, one per writer (history_files)."""
+    from .locking import shared_volume
+
+    if shared_volume():
+        from .history_files import FileHistory
+
+        return FileHistory(Path(db_path).with_name(HISTORY_DIR))
+    return History(db_path)
 
 
 @dataclass
@@ -292,6 +415,12 @@ class RunRecord:
     artifacts: dict = field(default_factory=dict)
     cost_usd: float | None = None
     status: str = "ok"
+    history: Any = None  # where add_metric_rows writes (None: a run that is not recorded)
+
+    def add_metric_rows(self, rows: Iterable[tuple[int, str, float]]) -> int:
+        """Store (step, name, value) rows of this run at once (curves survive a later failure)."""
+        rows = list(rows)
+        return self.history.add_metrics(self.run_id, rows) if self.history is not None and rows else 0
 
 
 @contextmanager
@@ -315,13 +444,25 @@ def record_run(
     message as printed), KeyboardInterrupt marks it 'interrupted'; the exception is re-raised, and a
     failure to write that row is logged, never raised over it.
     """
-    history = History(db_path)
+    from .runinfo import detect_device, device_label, hourly_rate, load_prices
+
+    prices = load_prices(Path(db_path).parent)  # a broken price file fails before the run starts
+    history = open_history(db_path)
     history.reconcile()
     output = str(Path(output).resolve()) if output is not None else None
     for holder in taken_over:
         history.interrupt_holder(holder.get("host"), holder.get("pid"), output)
     resumed_from = history.last_attempt(stage, output) if resume and output else None
-    record = RunRecord(history.start(stage, config, data_hash, output, resumed_from))
+    record = RunRecord(history.start(stage, config, data_hash, output, resumed_from), history=history)
+
+    def finish(status: str, error: str | None) -> None:
+        device, count = detect_device()
+        rate = hourly_rate(device, count, prices)
+        label = device_label(device, count, prices)
+        history.finish(
+            record.run_id, status, record.metrics, record.artifacts, error, record.cost_usd, label, rate
+        )
+
     try:
         yield record
     except BaseException as exc:
@@ -331,11 +472,11 @@ def record_run(
         else:
             error = "".join(traceback.format_exception_only(exc)).strip()
         try:
-            history.finish(record.run_id, status, record.metrics, record.artifacts, error, record.cost_usd)
-        except (sqlite3.Error, UserError) as db_exc:
+            finish(status, error)
+        except (sqlite3.Error, OSError, UserError) as db_exc:
             log.warning("could not record the failure of run %s in %s: %s", record.run_id, db_path, db_exc)
         raise
-    history.finish(record.run_id, record.status, record.metrics, record.artifacts, None, record.cost_usd)
+    finish(record.status, None)
 
 
 def _short(value: Any, width: int = 10) -> str:

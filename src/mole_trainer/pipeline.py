@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .configs import CONFIG_FILES, default_text
-from .layout import LABEL_MAP_FILE, SUMMARY_FILE, WorkDir
+from .layout import HISTORY_REPORT_FILE, LABEL_MAP_FILE, SUMMARY_FILE, WorkDir
 
 DEMO_SYNTH_COUNTS = {"train": 330, "val": 16, "test": 32}
 DEMO_SEED = 0
@@ -49,7 +49,7 @@ class StageRunner:
     def run(self, name: str, title: str, parts: list, fn, outputs: list[Path]):
         """Run `fn()` unless the stage's fingerprint and outputs are unchanged; returns (result, fingerprint)."""
         from .data.preprocess import fingerprint
-        from .history import History
+        from .history import open_history
 
         self.index += 1
         fp = fingerprint(name, parts, self.code)
@@ -59,7 +59,7 @@ class StageRunner:
             saved = json.loads(record.read_text())
             if saved.get("fingerprint") == fp:
                 self.console.print(f"[dim]{label}: unchanged, skipped[/dim]")
-                hist = History(self.wd.history_db)
+                hist = open_history(self.wd.history_db)
                 hist.finish(hist.start(f"demo.{name}", {"fingerprint": fp}), status="skipped")
                 self.seconds[name] = 0.0
                 self.skipped.append(name)
@@ -220,6 +220,10 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
             "history": str(wd.history_db),
         },
     }
+    # last: the report shows every run above (its figures need the eval report and training curves)
+    summary["artifacts"]["history_report"] = stages.history_report(root, wd.root / HISTORY_REPORT_FILE)[
+        "report"
+    ]
     (wd.root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(r.console, summary)
     return summary
@@ -283,4 +287,5 @@ def _print_summary(console, summary: dict) -> None:
     for stage, sec in summary["stage_seconds"].items():
         t.add_row(f"seconds: {stage}", "skipped" if stage in summary["skipped_stages"] else f"{sec:.1f}", "")
     console.print(t)
+    console.print(f"history report: {summary['artifacts']['history_report']}")
     console.print(f"summary: {Path(summary['artifacts']['history']).parent / SUMMARY_FILE}")

@@ -22,7 +22,7 @@ from .config import (
 from .data.formats import dataset_exists, split_dataset_path
 from .errors import UserError
 from .history import record_run
-from .layout import HISTORY_DB, LABEL_MAP_FILE, SPLITS
+from .layout import HISTORY_DB, HISTORY_REPORT_FILE, LABEL_MAP_FILE, SPLITS, TRAIN_LOG_FILE
 from .train.distributed import env_rank
 
 
@@ -55,6 +55,26 @@ def _writer_run(
         stale = [holder for lock in locks for holder in lock.taken_over]
         with record_run(_db(workdir), stage, config, digest, output, resume, stale) as run:
             yield run
+
+
+@contextmanager
+def _curves(run, logs: dict[str, Path]):
+    """Store the training curves of the enclosed training as the run's metric rows: every numeric key
+    of each train_log.jsonl line (names prefixed by the dict's key), also when the training fails.
+
+    A log left by an earlier run (not written since this run began) is not this run's and is ignored.
+    """
+    import time
+
+    from .history_backfill import log_rows
+
+    began = time.time()
+    try:
+        yield
+    finally:
+        for prefix, path in logs.items():
+            if path.is_file() and path.stat().st_mtime >= began - 1:
+                run.add_metric_rows(log_rows(path, prefix))
 
 
 def data_hash(*paths: str | Path) -> str:
@@ -330,7 +350,9 @@ def train_experts(
     record = {**to_dict(cfg), "concurrent": concurrent}
     folders = [Path(cfg.output_dir) / n for n in names]  # per expert: `--only` runs on others may go on
     with _writer_run(workdir, "train.experts", record, digest, cfg.output_dir, folders, resume) as run:
-        results = run_experts(cfg, only, device, dtype, report, resume=resume, concurrent=concurrent)
+        logs = {f"{n}/": Path(cfg.output_dir) / n / TRAIN_LOG_FILE for n in names}
+        with _curves(run, logs):
+            results = run_experts(cfg, only, device, dtype, report, resume=resume, concurrent=concurrent)
         for name, r in results.items():
             run.metrics[f"{name}.{r['metric']}"] = r["value"]
             run.metrics[f"{name}.base_{r['metric']}"] = r["base_value"]
@@ -357,7 +379,8 @@ def train_router(
     config_record = {**to_dict(cfg), "dataset": str(dataset_path)}
     digest = data_hash(dataset_path)
     with _writer_run(workdir, "train.router", config_record, digest, cfg.output_dir, resume=resume) as run:
-        info = run_router(dataset_path, cfg, device, dtype, report, resume=resume)
+        with _curves(run, {"": Path(cfg.output_dir) / TRAIN_LOG_FILE}):
+            info = run_router(dataset_path, cfg, device, dtype, report, resume=resume)
         run.metrics.update(info["best"])
         run.artifacts["adapter"] = info["adapter"]
     return info
@@ -377,6 +400,7 @@ def eval_router(
 ) -> dict:
     """Evaluate a router checkpoint on routing records and write the JSON report."""
     from .eval.router_eval import evaluate_router
+    from .history_backfill import eval_metrics
 
     config = {
         "checkpoint": str(checkpoint),
@@ -396,17 +420,8 @@ def eval_router(
             consistency=consistency,
             base_model=base_model,
         )
-        run.metrics.update(
-            {
-                "accuracy": report["accuracy"],
-                "macro_f1": report["macro_f1"],
-                "ece": report["calibration"]["ece"],
-            }
-        )
-        run.metrics.update({f"top{k}": v for k, v in report["top_k"].items() if k != "1"})
-        if consistency:
-            run.metrics["batch_invariance"] = report["consistency"]["batch_invariance"]
-            run.metrics["perturbation_consistency"] = report["consistency"]["perturbation_mean"]
+        # scalars, and the confusion matrix, calibration bins and consistency the history report draws
+        run.metrics.update(eval_metrics(report))
         run.artifacts["report"] = report["report_path"]
     return report
 
@@ -523,3 +538,37 @@ def infer(
         results = model(samples, batch_size, max_new_tokens, expert)
         run.metrics["requests"] = len(results)
     return results
+
+
+def history_show(workdir: str | Path = ".", stage: str | None = None, limit: int | None = None) -> list[dict]:
+    """The runs of the work directory's history (SQLite and JSONL merged), newest first."""
+    from .history_view import read_history
+
+    runs = read_history(workdir).runs
+    if stage is not None:
+        runs = [r for r in runs if r["stage"] == stage or r["stage"].startswith(stage + ".")]
+    return runs[:limit] if limit is not None else runs
+
+
+def history_backfill(folder: str | Path, workdir: str | Path = ".") -> dict:
+    """Import the past runs found below `folder` into the work directory's history (idempotent)."""
+    from .history import open_history
+    from .history_backfill import backfill
+    from .history_view import read_history
+
+    existing = read_history(workdir).runs
+    return backfill(open_history(_db(workdir)), existing, folder)
+
+
+def history_report(workdir: str | Path = ".", output: str | Path | None = None) -> dict:
+    """Write the history report (one self-contained HTML page); returns its path and figure names."""
+    from .history_report import write_report
+
+    return write_report(workdir, output or Path(workdir) / HISTORY_REPORT_FILE)
+
+
+def history_plot(workdir: str | Path, output_dir: str | Path, run_id: str | None = None) -> dict:
+    """Write the report's figures (of one run, or all) as PNG files into `output_dir`."""
+    from .history_report import write_plots
+
+    return write_plots(workdir, output_dir, run_id)

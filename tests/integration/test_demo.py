@@ -25,6 +25,8 @@ def test_demo_runs_every_stage_then_skips_what_did_not_change(tmp_path, capsys):
     assert summary["skipped_stages"] == []
     assert (wd / "deploy/manifest.json").is_file() and (wd / "history.sqlite").is_file()
     assert summary["stacked_inference"]["requests"] == 2 * len(NAMES)
+    report = wd / "history_report.html"  # the demo ends by writing the history report, and names it
+    assert summary["artifacts"]["history_report"] == str(report) and report.is_file()
 
     capsys.readouterr()
     assert main(["demo", "--workdir", str(wd)]) == 0

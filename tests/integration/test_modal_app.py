@@ -114,13 +114,23 @@ def test_every_stage_runs_locally_on_the_volume_layout(volumes, pipeline):
 
 
 @pytest.mark.slow
-def test_fanout_trains_every_expert_with_a_history_of_its_own(volumes, pipeline, monkeypatch):
-    # .starmap needs Modal: run each call in-process, as its container would
+def test_fanout_containers_write_history_files_of_their_own_and_the_history_merges_them(
+    volumes, pipeline, monkeypatch
+):
+    from mole_trainer.history_view import read_history
+    from mole_trainer.layout import HISTORY_DIR, LOCK_SHARED_ENV
+
+    # .starmap needs Modal: run each call in-process, as its container would (with the image's env)
+    monkeypatch.setenv(LOCK_SHARED_ENV, "1")
     monkeypatch.setattr(m.train_experts, "starmap", lambda calls: [m.train_experts.local(*c) for c in calls])
+    workdir = volumes / m.CHECKPOINTS
+    before = {r["run_id"] for r in read_history(workdir).runs}
     results = m.train_expert_fanout.local()
     assert sorted(results) == sorted(pipeline["synth"])
-    for name in results:
-        assert (volumes / m.CHECKPOINTS / m.FANOUT_WORKDIR / name / HISTORY_DB).is_file()
+    assert len(list((workdir / HISTORY_DIR).glob("*.jsonl"))) >= len(results)  # one file per writer
+    new = [r for r in read_history(workdir).runs if r["run_id"] not in before]
+    assert sorted(name for r in new for name in r["artifacts"]) == sorted(results)
+    assert all(r["stage"] == "train.experts" and r["status"] == "ok" for r in new)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 
 from mole_trainer.cli import main
 
-from ..helpers import NAMES, write_small_configs
+from ..helpers import NAMES, png_has_drawing, report_images, write_small_configs
 
 pytestmark = pytest.mark.slow
 
@@ -234,6 +234,24 @@ def test_history_records_every_stage(wd, capsys):
     assert all(r["status"] == "ok" for r in runs)
     mole(wd, "history", "show")
     assert "train.router" in capsys.readouterr().out
+
+
+def test_history_keeps_curves_cost_and_figures_of_the_real_pipeline(wd, tmp_path, capsys):
+    from mole_trainer.history_report import FIGURES
+    from mole_trainer.history_view import read_history
+
+    data = read_history(wd)
+    router = next(r for r in data.runs if r["stage"] == "train.router")
+    log = [json.loads(x) for x in (wd / "checkpoints/router/train_log.jsonl").read_text().splitlines()]
+    assert data.series(router["run_id"])["val_loss"] == [(e["step"], e["val_loss"]) for e in log]
+    experts = next(r for r in data.runs if r["stage"] == "train.experts")
+    assert {f"{n}/val_loss" for n in NAMES} <= set(data.series(experts["run_id"]))
+    for run in data.runs:  # recorded on this machine's CPUs, from this checkout
+        assert run["device"].startswith("cpu:") and run["cost_usd"] > 0 and run["git_commit"]
+    out = tmp_path / "report.html"
+    mole(wd, "history", "report", "--output", str(out))
+    images = report_images(out.read_text(), FIGURES)
+    assert {name: png_has_drawing(png) for name, png in images.items()} == dict.fromkeys(FIGURES, True)
 
 
 def test_eval_rejects_label_outside_the_map(wd, tmp_path):

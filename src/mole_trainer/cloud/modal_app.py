@@ -5,8 +5,8 @@ stage logic is the local one. Three Volumes, split by lifecycle, are mounted sid
 
     mole-models       /vol/models       base models (tiny-qwen3-vl/) and the Hugging Face cache (hf/)
     mole-data         /vol/data         config/*.yaml, experts/<expert>/, routing/routing_data.jsonl, prep/router/
-    mole-checkpoints  /vol/checkpoints  experts/<expert>/, router/, eval/, deploy/, history.sqlite,
-                                        fanout/<expert>/history.sqlite (one per fan-out container)
+    mole-checkpoints  /vol/checkpoints  experts/<expert>/, router/, eval/, deploy/, history/ (run records:
+                                        JSONL files, one per container; `mole history report` merges them)
 
 Paths given to the functions are relative to their Volume. Paths inside the configs resolve against the
 config's folder, so configs in /vol/data/config/ name the other Volumes with ../../, e.g.
@@ -104,7 +104,6 @@ EXPERTS_CKPT = "experts"
 ROUTER_CKPT = "router"
 EVAL_REPORT = "eval/router_report.json"
 DEPLOY_DIR = "deploy"
-FANOUT_WORKDIR = "fanout"
 
 
 def pinned_dependencies(pyproject: Path = PYPROJECT) -> list[str]:
@@ -182,6 +181,17 @@ def checked(result):
 # pyproject.toml), so the package list is only read where the image is defined.
 PIP_PACKAGES = pinned_dependencies() if modal.is_local() else []
 
+
+def _git_env() -> dict[str, str]:
+    """The commit the image is built from, for run records (the image holds the source without .git)."""
+    from mole_trainer.runinfo import GIT_COMMIT_ENV, git_state
+
+    commit, dirty = git_state()
+    return {GIT_COMMIT_ENV: commit + ("-dirty" if dirty else "")} if commit else {}
+
+
+GIT_ENV = _git_env() if modal.is_local() else {}
+
 image = (
     modal.Image.debian_slim(python_version=PYTHON_VERSION)
     .pip_install(*PIP_PACKAGES)
@@ -189,6 +199,7 @@ image = (
     .env({"HF_HOME": HF_HOME, CACHE_DIR_ENV: MOLE_CACHE})
     # containers may share host names and pids: judge every output lock by its lease
     .env({LOCK_SHARED_ENV: "1"})
+    .env(GIT_ENV)
     # ignore=[]: ship the package data (configs/*.yaml) too, not only the .py files
     .add_local_python_source("mole_trainer", ignore=[])
 )
@@ -217,8 +228,8 @@ def volume_path(kind: str, relative: str) -> Path:
 def synced(reads: tuple[str, ...] = (), writes: tuple[str, ...] = ()):
     """Reload the Volumes a stage reads or writes before it runs; commit the ones it wrote once it succeeded.
 
-    Written Volumes are reloaded too: a warm container must see files (history.sqlite) that other
-    containers changed before it rewrites them. Nothing happens under MOLE_MODAL_ROOT (no Volumes).
+    Written Volumes are reloaded too: a warm container must see files (output locks, the history's
+    runs) that other containers changed before it acts on them. Nothing happens under MOLE_MODAL_ROOT (no Volumes).
     """
     mounted = LOCAL_ROOT_ENV not in os.environ
     if mounted:
@@ -382,8 +393,9 @@ def train_expert_fanout(config: str = f"{CONFIG_DIR}/loras.yaml", experts: str =
         names = _names(experts) or list(load_config(volume_path(DATA, config), LorasConfig).experts)
     if not names:
         raise UserError(f"{config}: the config lists no experts")
-    # a history database per container: of concurrent commits to one file, a Volume keeps only the last
-    calls = [(config, name, f"{FANOUT_WORKDIR}/{name}") for name in names]
+    # one history for all: under MOLE_LOCK_SHARED each container writes JSONL files of its own there
+    # (history_files.py); of concurrent commits to one file a Volume would keep only the last
+    calls = [(config, name, ".") for name in names]
     results, errors = {}, []
     for (_, name, _), result in zip(calls, train_experts.starmap(calls), strict=True):
         if failed(result):

@@ -1,0 +1,236 @@
+"""Run history as JSONL files, one per writer, for folders shared by machines (a Modal Volume).
+
+SQLite's locks do not hold on a network file system, and of two containers committing the same
+file a Volume keeps only the last. Here every History object writes its own file
+(HISTORY_DIR/<time>-<host>-<pid>-<random>.jsonl), appending one JSON object per line:
+
+    {"kind": "run", "run": {...}}                       the run as `runs()` returns it (start, then finish)
+    {"kind": "metric", "run_id", "step", "name", "value"}
+    {"kind": "interrupt", "run_id", "error"}            another writer marks a run it took over
+
+Readers merge every file: a run's later line replaces its earlier one, an interrupt applies to a
+run still 'running', and a metric row's first (run, step, name) wins. No file is ever written by
+two processes, so concurrent writers lose nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import UserError
+from .history import RESUMABLE, _dumps, _now, check_final, estimate_cost, new_run_id
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".jsonl"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40] or "host"
+
+
+class FileHistory:
+    """The run history of one folder of JSONL files; this object appends to a file of its own."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"{self.folder}: is a file; expected the run-history folder of JSONL files")
+        self._file: Path | None = None
+        self._pid: int | None = None
+        self._started: dict[str, dict] = {}
+        self._rows: dict[str, set] = {}
+
+    # -- writing --------------------------------------------------------------------------------
+    def _own_file(self) -> Path:
+        if self._file is None or self._pid != os.getpid():  # a forked child gets a file of its own
+            self.folder.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            name = f"{stamp}-{_safe(platform.node())}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+            self._file, self._pid = self.folder / name, os.getpid()
+        return self._file
+
+    def _append(self, entries: list[dict]) -> None:
+        if not entries:
+            return
+        data = "".join(_dumps(e) + "\n" for e in entries).encode()
+        fd = os.open(self._own_file(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def start(
+        self,
+        stage: str,
+        config: dict,
+        data_hash: str | None = None,
+        output: str | None = None,
+        resumed_from: str | None = None,
+    ) -> str:
+        """Record a run of this process with status 'running' and return its run_id."""
+        from .locking import process_start
+        from .runinfo import git_state
+
+        run_id, pid = new_run_id(), os.getpid()
+        commit, dirty = git_state()
+        run = {
+            "run_id": run_id,
+            "stage": stage,
+            "status": "running",
+            "started_at": _now(),
+            "finished_at": None,
+            "duration_s": None,
+            "config": json.loads(_dumps(config)),
+            "data_hash": data_hash,
+            "metrics": None,
+            "artifacts": None,
+            "error": None,
+            "cost_usd": None,
+            "host": platform.node(),
+            "pid": pid,
+            "pid_start": process_start(pid),
+            "output": output,
+            "resumed_from": resumed_from,
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "device": None,
+            "source": None,
+        }
+        self._append([{"kind": "run", "run": run}])
+        self._started[run_id] = run
+        return run_id
+
+    def finish(
+        self,
+        run_id: str,
+        status: str = "ok",
+        metrics: dict | None = None,
+        artifacts: dict | None = None,
+        error: str | None = None,
+        cost_usd: float | None = None,
+        device: str | None = None,
+        usd_per_hour: float | None = None,
+    ) -> None:
+        """Close a run (see History.finish)."""
+        check_final(status)
+        run = dict(self._started.get(run_id) or self.get(run_id))
+        finished = datetime.now(UTC)
+        duration = (finished - datetime.fromisoformat(run["started_at"])).total_seconds()
+        run.update(
+            status=status,
+            finished_at=finished.isoformat(timespec="microseconds"),
+            duration_s=duration,
+            metrics=json.loads(_dumps(metrics or {})),
+            artifacts=json.loads(_dumps(artifacts or {})),
+            error=error,
+            cost_usd=estimate_cost(cost_usd, duration, usd_per_hour),
+            device=device,
+        )
+        self._append([{"kind": "run", "run": run}])
+
+    def add_metrics(self, run_id: str, rows: Iterable[tuple[int, str, float]]) -> int:
+        """Append (step, name, value) rows of a run; returns how many were new to the history."""
+        if run_id not in self._rows:  # what the history holds of this run: read once, then kept here
+            self._rows[run_id] = {(r["step"], r["name"]) for r in self.metric_rows(run_id)}
+        have = self._rows[run_id]
+        new = []
+        for step, name, value in rows:
+            key = (int(step), str(name))
+            if key not in have:
+                have.add(key)
+                new.append(
+                    {"kind": "metric", "run_id": run_id, "step": key[0], "name": key[1], "value": value}
+                )
+        self._append(new)
+        return len(new)
+
+    def insert_run(self, run: dict) -> bool:
+        """Store a finished run as given (a backfilled one); False when its run_id is already stored."""
+        if run["run_id"] in self._merged()[0]:
+            return False
+        self._append([{"kind": "run", "run": json.loads(_dumps(run))}])
+        return True
+
+    def reconcile(self) -> list[str]:
+        """Nothing to do: runs in shared folders are judged by their output lease (see History.reconcile)."""
+        return []
+
+    def interrupt_holder(self, host: str, pid: int, output: str) -> list[str]:
+        """Mark 'interrupted' the running runs of a lock holder whose lock was taken over as stale."""
+        gone = [
+            r["run_id"]
+            for r in self._merged()[0].values()
+            if r["status"] == "running" and (r["host"], r["pid"], r["output"]) == (host, pid, output)
+        ]
+        error = f"process {pid} on {host} stopped renewing its output lock"
+        self._append([{"kind": "interrupt", "run_id": run_id, "error": error} for run_id in gone])
+        return gone
+
+    # -- reading --------------------------------------------------------------------------------
+    def _merged(self) -> tuple[dict[str, dict], dict[tuple, dict]]:
+        runs: dict[str, dict] = {}
+        interrupts: dict[str, str] = {}
+        metrics: dict[tuple, dict] = {}
+        files = sorted(self.folder.glob(f"*{SUFFIX}")) if self.folder.is_dir() else []
+        for path in files:
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    kind = entry["kind"]
+                    if kind == "run":
+                        runs[entry["run"]["run_id"]] = entry["run"]
+                    elif kind == "metric":
+                        key = (entry["run_id"], int(entry["step"]), entry["name"])
+                        metrics.setdefault(key, {k: entry[k] for k in ("run_id", "step", "name", "value")})
+                    elif kind == "interrupt":
+                        interrupts.setdefault(entry["run_id"], entry["error"])
+                except (ValueError, KeyError, TypeError):  # a torn last line of a killed writer
+                    log.warning("%s:%d: not a run-history entry; skipped", path, number)
+        for run_id, error in interrupts.items():
+            run = runs.get(run_id)
+            if run is not None and run["status"] == "running":
+                runs[run_id] = {**run, "status": "interrupted", "error": error}
+        return runs, metrics
+
+    def runs(
+        self, stage: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[dict]:
+        """Runs newest first (see History.runs)."""
+        found = [
+            r
+            for r in self._merged()[0].values()
+            if (stage is None or r["stage"] == stage or r["stage"].startswith(stage + "."))
+            and (status is None or r["status"] == status)
+        ]
+        found.sort(key=lambda r: r["started_at"], reverse=True)
+        return found[:limit] if limit is not None else found
+
+    def get(self, run_id: str) -> dict:
+        """One run by run_id; UserError if there is none."""
+        run = self._merged()[0].get(run_id)
+        if run is None:
+            raise UserError(f"{self.folder}: no run with id {run_id!r}")
+        return run
+
+    def last_attempt(self, stage: str, output: str) -> str | None:
+        """run_id of the newest interrupted or failed run of `stage` on `output`."""
+        for run in self.runs(stage):
+            if run["stage"] == stage and run["output"] == output and run["status"] in RESUMABLE:
+                return run["run_id"]
+        return None
+
+    def metric_rows(self, run_id: str | None = None) -> list[dict]:
+        """Metric rows ({run_id, step, name, value}), of one run or all, by run, name and step."""
+        rows = [r for r in self._merged()[1].values() if run_id is None or r["run_id"] == run_id]
+        return sorted(rows, key=lambda r: (r["run_id"], r["name"], r["step"]))
