@@ -392,3 +392,82 @@ def test_credentials_in_a_url_are_redacted_everywhere(src: dict, tmp_path: Path)
         assert "s3cr3t" not in str(err.value) and "***@bucket/creds" in str(err.value)
     finally:
         fs.rm(root, recursive=True)
+
+
+@pytest.fixture
+def checkpoints(tmp_path: Path) -> dict:
+    """A router checkpoint and experts folder as `mole deploy` reads them (fake weights)."""
+    from mole_trainer.adapter_info import write_adapter_info
+    from mole_trainer.router_prompt import ROUTER_PROMPT_VERSION
+
+    base = {"base_model": "tiny", "min_pixels": 4096, "max_pixels": 20000}
+    router = make_adapter(tmp_path / "ckpt" / "router" / "adapter", b"router")
+    label_map = {"calendar": 0, "receipt": 1}
+    write_adapter_info(
+        router, {"role": "router", "prompt_version": ROUTER_PROMPT_VERSION, "label_map": label_map, **base}
+    )
+    for name in label_map:
+        folder = make_adapter(tmp_path / "ckpt" / "experts" / name / "adapter", name.encode())
+        write_adapter_info(folder, {"role": "expert", "expert": name, "max_new_tokens": 2, **base})
+    return {"router": str(router.parent), "experts": str(tmp_path / "ckpt" / "experts")}
+
+
+def test_cli_deploy_actions(checkpoints: dict, tmp_path: Path, capsys):
+    from mole_trainer.cli import main
+
+    dest = str(tmp_path / "deploy")
+    flags = ["deploy", "--checkpoint", checkpoints["router"], "--experts", checkpoints["experts"]]
+
+    def mole(*args) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["--workdir", str(tmp_path), *args])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    assert mole(*flags)[0] == 2  # no --bucket
+    code, out = mole(*flags, "--bucket", dest)
+    assert code == 0 and "deployed release" in out
+    first = current(Path(dest))["release"]
+    assert mole(*flags, "--bucket", dest)[0] == 0
+    second = current(Path(dest))["release"]
+    code, out = mole("deploy", "list", dest)
+    assert code == 0 and [line.split()[:2] for line in out.splitlines()] == [["-", first], ["*", second]]
+    assert mole("deploy", "verify", dest) == (
+        0,
+        f"{dest}: release {second}: all 13 files match the manifest\n",
+    )
+    bad = "loras/receipt/adapter/adapter_model.safetensors"
+    (Path(dest) / RELEASES_DIR / second / bad).write_bytes(b"changed")
+    code, out = mole("deploy", "verify", dest)
+    assert code == 1 and f"release {second}: {bad}: changed" in out
+    assert mole("deploy", "verify", dest, first)[0] == 0
+    code, out = mole("deploy", "rollback", dest)
+    assert code == 0 and current(Path(dest))["release"] == first
+    code, out = mole("deploy", "promote", dest, second)
+    assert code == 2 and bad in out and current(Path(dest))["release"] == first  # refused: damaged
+    code, out = mole("deploy", "gc", dest, "--keep", "0")
+    assert code == 0 and os.listdir(Path(dest) / RELEASES_DIR) == [first]
+    assert mole("deploy", "rollback", dest)[0] == 2  # nothing before it
+    from mole_trainer.history import History
+
+    stages = [r["stage"] for r in History(tmp_path / "history.sqlite").runs("deploy")]
+    assert stages == ["deploy.rollback", "deploy.gc", "deploy.promote", "deploy.rollback", "deploy", "deploy"]
+
+
+def test_cli_never_prints_or_records_credentials(checkpoints: dict, tmp_path: Path, capsys):
+    from mole_trainer.cli import main
+
+    url = f"memory://key:s3cr3t@bucket/{tmp_path.name}"
+    args = ["--workdir", str(tmp_path), "deploy", "--checkpoint", checkpoints["router"]]
+    try:
+        assert main([*args, "--experts", checkpoints["experts"], "--bucket", url]) == 0
+        assert main(["--workdir", str(tmp_path), "deploy", "list", url]) == 0
+        assert main(["--workdir", str(tmp_path), "deploy", "promote", url, "nope"]) == 2
+        out = capsys.readouterr()
+        assert "***@bucket" in out.out and "***@bucket" in out.err
+        assert "s3cr3t" not in out.out + out.err
+        history = b"".join(p.read_bytes() for p in tmp_path.glob("history.sqlite*"))  # WAL too
+        assert b"deploy" in history and b"s3cr3t" not in history
+    finally:
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.rm(root, recursive=True)
