@@ -304,20 +304,21 @@ def test_flat_layout_deployment_still_loads(src: dict, tmp_path: Path):
 
 def test_gc_keeps_newest_current_and_its_predecessor(src: dict, tmp_path: Path, dest: str):
     ids = [deploy(**src, dest=dest)["release"] for _ in range(4)]
-    releases.promote(dest, ids[1])  # CURRENT: ids[1], previous: ids[3], ids[2], ids[0]
+    releases.promote(dest, ids[1])
+    releases.promote(dest, ids[0])  # CURRENT: ids[0], previous: ids[1], ids[3], ids[2]
     fs, root = fsspec.core.url_to_fs(dest)
     young, old = "20991231T000000000Z-0000000a", "20000101T000000000Z-0000000b"
     if not releases.is_local(fs):  # an upload killed long ago, and one that may still be running
         for name in (young, old):
             fs.pipe_file(f"{root}/{RELEASES_DIR}/{name}/label_map.json", b"{}")
-    result = releases.gc(dest, keep=1)
-    assert sorted(result["kept"]) == sorted([ids[1], ids[3]])
-    assert sorted(result["removed"]) == sorted([ids[0], ids[2]] + ([] if releases.is_local(fs) else [old]))
+    result = releases.gc(dest, keep=1)  # the newest (ids[3]), CURRENT and its predecessor stay
+    assert sorted(result["kept"]) == sorted([ids[0], ids[1], ids[3]])
+    assert sorted(result["removed"]) == sorted([ids[2]] + ([] if releases.is_local(fs) else [old]))
     assert result["left_incomplete"] == ([] if releases.is_local(fs) else [young])
-    assert [r["release"] for r in listing(dest)["releases"] if r["complete"]] == [ids[1], ids[3]]
-    assert releases.rollback(dest)["release"] == ids[3]
-    releases.gc(dest, keep=0)
-    assert load_deployment(dest)["release"] == ids[3]
+    assert [r["release"] for r in listing(dest)["releases"] if r["complete"]] == [ids[0], ids[1], ids[3]]
+    assert releases.rollback(dest)["release"] == ids[1]
+    assert sorted(releases.gc(dest, keep=0)["removed"]) == [ids[0]]  # ids[3] is the predecessor now
+    assert load_deployment(dest)["release"] == ids[1]
 
 
 class CountingHash:
