@@ -472,3 +472,22 @@ def test_cli_never_prints_or_records_credentials(checkpoints: dict, tmp_path: Pa
     finally:
         fs, root = fsspec.core.url_to_fs(url)
         fs.rm(root, recursive=True)
+
+
+def test_modal_deploy_targets_a_bucket_with_credentials_from_a_named_secret(tmp_path: Path, monkeypatch):
+    m = pytest.importorskip("mole_trainer.cloud.modal_app")
+    from mole_trainer import stages
+
+    monkeypatch.delenv(m.DEPLOY_SECRET_ENV, raising=False)
+    assert m.deploy_secrets() == []  # no Secret attached unless one is named
+    monkeypatch.setenv(m.DEPLOY_SECRET_ENV, "team-s3")
+    assert len(m.deploy_secrets()) == 1
+    monkeypatch.setenv(m.LOCAL_ROOT_ENV, str(tmp_path))
+    calls = []
+    monkeypatch.setattr(stages, "deploy", lambda *args: calls.append(args) or {"files": []})
+    m.deploy.local(bucket="s3://bucket/mole")
+    m.deploy.local()
+    assert calls[0][2] == "s3://bucket/mole"
+    assert calls[1][2] == str(tmp_path / m.CHECKPOINTS / m.DEPLOY_DIR)
+    with pytest.raises(UserError, match="expected a URL"):
+        m.deploy.local(bucket="just-a-name")
