@@ -65,6 +65,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 # test hook: a deploy sleeps PAUSE_S after uploading this many files, so a test can kill it mid-upload
 PAUSE_ENV = "MOLE_DEPLOY_PAUSE_AFTER_FILES"
 PAUSE_S = 600.0
+_CURRENT_UNCHANGED = "CURRENT unchanged"
 
 
 @dataclass(frozen=True)
@@ -270,9 +271,6 @@ def _publish(fs, root: str, shown: str, files: list[_File], manifest: dict, mani
     new = pointer(release, hashlib.sha256(manifest_bytes).hexdigest(), previous, "deploy")
     write_current(fs, root, new)
     return new
-
-
-_CURRENT_UNCHANGED = "CURRENT unchanged"
 
 
 def _discard(fs, folder: str) -> None:

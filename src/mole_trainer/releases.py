@@ -281,6 +281,8 @@ def _release_names(fs, root: str) -> list[str]:
 def list_releases(fs, root: str, shown: str) -> dict:
     """{"current", "previous", "flat", "releases": [{release, complete, current, previous, created_at,
     experts, files, bytes}]} oldest first."""
+    if not fs.exists(root):
+        raise UserError(f"{shown}: not found (expected a deploy destination)")
     current = read_current(fs, root, shown)
     previous = (current or {}).get("previous") or []
     rows = []

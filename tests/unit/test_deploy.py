@@ -426,6 +426,7 @@ def test_cli_deploy_actions(checkpoints: dict, tmp_path: Path, capsys):
         return code, out.out + out.err
 
     assert mole(*flags)[0] == 2  # no --bucket
+    assert mole("deploy", "list", dest) == (2, f"error: {dest}: not found (expected a deploy destination)\n")
     code, out = mole(*flags, "--bucket", dest)
     assert code == 0 and "deployed release" in out
     first = current(Path(dest))["release"]
