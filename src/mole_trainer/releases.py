@@ -239,7 +239,7 @@ def resolve(fs, root: str, shown: str, release: str | None = None) -> dict:
                 "manifest": parse_manifest(data, f"{shown}/{MANIFEST_FILE}"),
                 "current": None,
             }
-        found = [r["release"] for r in list_releases(fs, root, shown)["releases"]]
+        found = [r["release"] for r in list_releases(fs, root, shown)["releases"]] if fs.exists(root) else []
         hint = f"; releases here: {', '.join(found)} (`mole deploy promote`)" if found else ""
         raise UserError(
             f"{shown}: no {CURRENT_FILE} and no {MANIFEST_FILE}; not a deployment, or its first deploy has "

@@ -479,7 +479,9 @@ def test_deploy_refuses_a_router_below_min_accuracy_unless_forced(wd, tmp_path, 
     assert not (tmp_path / "refused").exists()
     assert deploy(ckpt, "forced", "--min-accuracy", "0.6", "--eval-report", str(low), "--force") == 0
     assert "deployed anyway (--force)" in capsys.readouterr().out
-    assert (tmp_path / "forced/manifest.json").is_file()
+    forced = json.loads((tmp_path / "forced/CURRENT").read_text())["release"]
+    manifest = json.loads((tmp_path / "forced/releases" / forced / "manifest.json").read_text())
+    assert manifest["router_evaluation"]["figures"]["accuracy"] == accuracy  # the figures of that report
     assert deploy(ckpt, "low-ok", "--min-accuracy", str(accuracy), "--eval-report", str(low)) == 0
 
     # no report beside the checkpoint: router_info.json's validation accuracy is the recorded one
