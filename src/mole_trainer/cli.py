@@ -294,10 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--base-model", default=None, help="base to load instead of the one the router recorded")
     device_opts(tr)
 
-    dep = sub.add_parser("deploy", help="copy router + experts + label map + checksummed manifest to storage")
-    dep.add_argument("--checkpoint", required=True, help="router checkpoint folder")
-    dep.add_argument("--experts", required=True, help="folder holding <expert>/adapter for every expert")
-    dep.add_argument("--bucket", required=True, help="destination: a folder (or fsspec URL)")
+    dep = sub.add_parser(
+        "deploy",
+        help="upload router + experts + label map + checksummed manifest as a new release; manage releases",
+        description="`mole deploy --checkpoint CKPT --experts DIR --bucket DEST` uploads a new release to "
+        "DEST/releases/<id>/ and points DEST/CURRENT at it once it is read back intact. The actions below "
+        "list, verify, promote, roll back and remove releases.",
+    )
+    dep.add_argument("--checkpoint", default=None, help="router checkpoint folder (required to deploy)")
+    dep.add_argument(
+        "--experts",
+        default=None,
+        help="folder holding <expert>/adapter for every expert (required to deploy)",
+    )
+    dep.add_argument(
+        "--bucket", default=None, help="destination: a folder or URL (s3://, gs://, file://, memory://)"
+    )
+    _deploy_actions(dep)
     dep.add_argument(
         "--min-accuracy",
         type=_fraction,
@@ -498,9 +511,16 @@ def run(args: argparse.Namespace) -> int:
         )
         print(format_router_test(result))
         return 0 if result["passed"] else 1
+    elif cmd[0] == "deploy" and args.deploy_action:
+        return _deploy_action(args, stages, wd)
     elif cmd[0] == "deploy":
         from .eval.router_check import format_gate
 
+        missing = [f"--{n}" for n in ("checkpoint", "experts", "bucket") if getattr(args, n) is None]
+        if missing:
+            raise UserError(
+                f"deploy needs {', '.join(missing)} (or an action: list, promote, rollback, verify, gc)"
+            )
         if args.eval_report and args.min_accuracy is None:
             raise UserError("--eval-report is read only with --min-accuracy")
         manifest = stages.deploy(
@@ -509,7 +529,12 @@ def run(args: argparse.Namespace) -> int:
         gate = manifest.get("router_gate")
         if gate:
             print(format_gate(gate))
-        print(f"deployed {len(manifest['files'])} files ({', '.join(manifest['experts'])}) to {args.bucket}")
+        from .storage import redact
+
+        print(
+            f"deployed release {manifest['release']}: {len(manifest['files'])} files "
+            f"({', '.join(manifest['experts'])}) to {redact(args.bucket)}; CURRENT names it"
+        )
     elif cmd[0] == "infer":
         _infer(args, stages, wd)
     elif cmd[0] == "history":
@@ -569,6 +594,77 @@ def _history(args, stages, wd) -> int:
             f"{result['found']} runs found below {args.dir}: {result['added']} added, "
             f"{result['already_present']} already in the history, {result['attached_to_recorded']} were "
             f"recorded runs (their curves attached); {result['metric_rows_added']} metric rows added"
+        )
+    return 0
+
+
+def _deploy_actions(dep) -> None:
+    """`mole deploy ACTION URL ...`: the release commands beside the flags form that deploys."""
+    acts = dep.add_subparsers(dest="deploy_action", metavar="ACTION", parser_class=_Parser)
+    acts.required = False
+    lst = acts.add_parser(
+        "list", help="the releases at URL, oldest first; * marks CURRENT, - its predecessor"
+    )
+    lst.add_argument("url")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    prom = acts.add_parser("promote", help="point CURRENT at RELEASE (verified first)")
+    prom.add_argument("url")
+    prom.add_argument("release")
+    rb = acts.add_parser("rollback", help="point CURRENT back at the release it named before")
+    rb.add_argument("url")
+    ver = acts.add_parser("verify", help="re-hash a release (default: CURRENT's); exit 1 naming bad files")
+    ver.add_argument("url")
+    ver.add_argument("release", nargs="?", default=None)
+    gcp = acts.add_parser("gc", help="remove old releases; never CURRENT or its predecessor")
+    gcp.add_argument("url")
+    gcp.add_argument("--keep", type=_positive, required=True, help="complete releases to keep, newest first")
+
+
+def _deploy_action(args, stages, wd) -> int:
+    from .storage import redact
+
+    url = redact(args.url)
+    action = args.deploy_action
+    if action == "list":
+        listing = stages.deploy_list(args.url)
+        if args.json:
+            _print_json(listing)
+            return 0
+        if not listing["releases"]:
+            print(f"{url}: no releases" + (" (a flat-layout deployment is there)" if listing["flat"] else ""))
+        for row in listing["releases"]:
+            mark = "*" if row["current"] else "-" if row["previous"] else " "
+            if row["complete"]:
+                tail = f"{row['created_at']}  {row['files']} files  {row['bytes']} bytes  {','.join(row['experts'])}"
+            else:
+                tail = "incomplete (no manifest: an upload that did not finish)"
+            print(f"{mark} {row['release']}  {tail}")
+    elif action == "verify":
+        report = stages.deploy_verify(args.url, args.release)
+        name = report["release"] or "(flat layout)"
+        if report["ok"]:
+            print(f"{url}: release {name}: all {report['files']} files match the manifest")
+            return 0
+        for path in report["mismatched"]:
+            print(f"{url}: release {name}: {path}: changed (size or sha256 differ from the manifest)")
+        for path in report["missing"]:
+            print(f"{url}: release {name}: {path}: missing")
+        return 1
+    elif action == "promote":
+        result = stages.deploy_promote(args.url, args.release, wd)
+        print(f"{url}: CURRENT -> {result['release']} (was {result['replaced']})")
+    elif action == "rollback":
+        result = stages.deploy_rollback(args.url, wd)
+        print(f"{url}: CURRENT -> {result['release']} (rolled back from {result['replaced']})")
+    elif action == "gc":
+        result = stages.deploy_gc(args.url, args.keep, wd)
+        print(
+            f"{url}: removed {len(result['removed'])} release(s) {result['removed']}; kept {result['kept']}"
+            + (
+                f"; left incomplete (may be uploading): {result['left_incomplete']}"
+                if result["left_incomplete"]
+                else ""
+            )
         )
     return 0
 

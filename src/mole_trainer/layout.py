@@ -42,6 +42,16 @@ LOCK_SHARED_ENV = "MOLE_LOCK_SHARED"  # "1": the folder is on a shared Volume: j
 DEPLOY_ROUTER_DIR = "routing/adapter"
 DEPLOY_EXPERTS_DIR = "loras"
 DEPLOY_EXPERT_ADAPTER = "adapter"
+RELEASES_DIR = "releases"  # DEST/releases/<release-id>/: one immutable release each (releases.py)
+CURRENT_FILE = "CURRENT"  # DEST/CURRENT: the release readers load
+DEPLOY_CACHE_DIR = "deployments"  # below $MOLE_CACHE_DIR: downloaded releases, by manifest sha256
+
+
+def cache_root() -> Path:
+    """mole's cache folder: $MOLE_CACHE_DIR, else ~/.cache/mole-trainer."""
+    import os
+
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "mole-trainer")
 
 
 class WorkDir:

@@ -459,6 +459,62 @@ def test_router(
     return result
 
 
+def _router_evaluation(checkpoint: str | Path, eval_report: str | Path | None) -> dict | None:
+    """The router's recorded evaluation figures for the manifest (None: nothing recorded)."""
+    import json
+
+    from .eval.router_check import recorded_evaluation
+
+    try:
+        rec = recorded_evaluation(checkpoint, eval_report)
+    except UserError as exc:  # a report of other weights or of the train split: say so, deploy anyway
+        return {"error": str(exc)}
+    if rec is None:
+        return None
+    try:
+        data = json.loads(Path(rec["source"]).read_text())
+    except (OSError, ValueError):
+        data = {}
+    if "best" in data:  # router_info.json: the validation figures of the best step
+        figures = {k: v for k, v in data["best"].items() if isinstance(v, int | float)}
+    else:
+        calibration = data.get("calibration") or {}
+        figures = {k: data.get(k) for k in ("split", "n", "accuracy", "macro_f1", "top_k")}
+        figures["ece"] = calibration.get("ece")
+    return {**rec, "figures": figures}
+
+
+def _producing_runs(workdir: str | Path, router: Path, experts: dict[str, str]) -> dict:
+    """Run ids (this work dir's history) of the training runs that wrote the deployed adapters.
+
+    Adapter folders record no run id; the history's ok train runs record the adapter paths they wrote,
+    so the newest run whose artifact is the deployed folder is the one. None where none matches.
+    """
+    from .history import History
+
+    found = {"router": None, "experts": dict.fromkeys(experts)}
+    if not _db(workdir).is_file():
+        return found
+    want = {Path(path).resolve(): name for name, path in experts.items()}
+    for run in History(_db(workdir)).runs("train", "ok"):
+        for key, value in (run["artifacts"] or {}).items():
+            if not isinstance(value, str):
+                continue
+            path = Path(value).resolve()
+            if run["stage"] == "train.router" and key == "adapter" and path == router.resolve():
+                found["router"] = found["router"] or run["run_id"]
+            elif run["stage"] == "train.experts" and want.get(path) == key and found["experts"][key] is None:
+                found["experts"][key] = run["run_id"]
+    return found
+
+
+def _dest_lock_run(workdir: str | Path, stage: str, config: dict, dest: str):
+    """Record a run changing `dest`; a local DEST is locked for it (an object store cannot be)."""
+    if "://" not in dest or dest.startswith("file://"):
+        return _writer_run(workdir, stage, config, None, dest.removeprefix("file://"))
+    return record_run(_db(workdir), stage, config)
+
+
 def deploy(
     checkpoint: str | Path,
     experts_dir: str | Path,
@@ -468,16 +524,18 @@ def deploy(
     force: bool = False,
     eval_report: str | Path | None = None,
 ) -> dict:
-    """Deploy the router checkpoint and every expert it routes to into `dest`.
+    """Deploy the router checkpoint and every expert it routes to into `dest` as a new release.
 
     With `min_accuracy`, the router's recorded evaluation (eval/router_check.py) must reach it, else
     nothing is deployed (unless `force`); `eval_report` names the `mole eval router` report to use.
+    The manifest records the router's evaluation figures and the runs that trained the adapters.
     """
     import json
 
     from .adapter_info import check_same_base, find_adapter_dir, read_adapter_info
     from .deploy import deploy as run_deploy
     from .layout import EXPERT_INFO_FILE
+    from .storage import redact
 
     router = find_adapter_dir(checkpoint)
     router_info = read_adapter_info(router, "router")
@@ -495,27 +553,78 @@ def deploy(
     # the router's output folder (the checkpoint, or the folder above its adapter) and each expert's
     refuse_if_written(list(dict.fromkeys([Path(checkpoint), router.parent])), "the router")
     refuse_if_written([Path(experts_dir) / name for name in label_map], "an expert")
-    config = {"checkpoint": str(checkpoint), "experts_dir": str(experts_dir), "dest": dest}
+    config = {"checkpoint": str(checkpoint), "experts_dir": str(experts_dir), "dest": redact(dest)}
     if min_accuracy is not None:
         config.update(min_accuracy=min_accuracy, force=force, eval_report=eval_report and str(eval_report))
-    if "://" not in dest or dest.startswith("file://"):
-        recorder = _writer_run(workdir, "deploy", config, None, dest.removeprefix("file://"))
-    else:  # a bucket is not locked: object stores have no atomic exclusive create
-        recorder = record_run(_db(workdir), "deploy", config)
-    with recorder as run:
+    with _dest_lock_run(workdir, "deploy", config, dest) as run:
         if min_accuracy is not None:  # inside the run: a refusal is recorded as a failed deploy
             from .eval.router_check import check_deployable
 
             gate = check_deployable(checkpoint, min_accuracy, force, eval_report)
             run.metrics.update(router_accuracy=gate["accuracy"], forced=int(gate["forced"]))
-        manifest = run_deploy(str(router), experts, label_map, dest, metadata)
+        info = {
+            "router_evaluation": _router_evaluation(checkpoint, eval_report),
+            "runs": _producing_runs(workdir, router, experts),
+        }
+        manifest = run_deploy(str(router), experts, label_map, dest, metadata, None, info)
         run.metrics["files"] = len(manifest["files"])
-        run.artifacts["deployment"] = dest
+        run.artifacts["deployment"] = redact(dest)
+        if manifest.get("release"):
+            run.artifacts["release"] = manifest["release"]
     return (
         manifest
         if min_accuracy is None
         else {**manifest, "router_gate": {**gate, "min_accuracy": min_accuracy}}
     )
+
+
+def deploy_list(dest: str) -> dict:
+    """The releases at `dest` (releases.list_releases), with which one CURRENT names."""
+    from .releases import list_releases
+    from .storage import open_fs, redact
+
+    fs, root = open_fs(dest)
+    return list_releases(fs, root, redact(dest))
+
+
+def deploy_verify(dest: str, release: str | None = None) -> dict:
+    """Re-hash every file of a release (default: CURRENT's) against its manifest; see deploy.verify_deployment."""
+    from .deploy import verify_deployment
+
+    return verify_deployment(dest, release)
+
+
+def deploy_promote(dest: str, release: str, workdir: str | Path = ".") -> dict:
+    """Point `dest`'s CURRENT at `release`, after verifying it (recorded in the history)."""
+    from .releases import promote
+    from .storage import redact
+
+    with _dest_lock_run(workdir, "deploy.promote", {"dest": redact(dest), "release": release}, dest) as run:
+        result = promote(dest, release)
+        run.artifacts.update(release=result["release"], replaced=result["replaced"])
+    return result
+
+
+def deploy_rollback(dest: str, workdir: str | Path = ".") -> dict:
+    """Point `dest`'s CURRENT back at the release it named before (recorded in the history)."""
+    from .releases import rollback
+    from .storage import redact
+
+    with _dest_lock_run(workdir, "deploy.rollback", {"dest": redact(dest)}, dest) as run:
+        result = rollback(dest)
+        run.artifacts.update(release=result["release"], replaced=result["replaced"])
+    return result
+
+
+def deploy_gc(dest: str, keep: int, workdir: str | Path = ".") -> dict:
+    """Remove old releases at `dest`, keeping the newest `keep`, CURRENT and its predecessor."""
+    from .releases import gc
+    from .storage import redact
+
+    with _dest_lock_run(workdir, "deploy.gc", {"dest": redact(dest), "keep": keep}, dest) as run:
+        result = gc(dest, keep)
+        run.metrics.update(removed=len(result["removed"]), kept=len(result["kept"]))
+    return result
 
 
 def infer(
@@ -531,8 +640,14 @@ def infer(
 ) -> list[dict]:
     """Route and generate for request samples with a deployment (`base_model` overrides the recorded one)."""
     from .infer.stacked import StackedModel
+    from .storage import redact
 
-    config = {"deployment": deployment, "requests": len(samples), "expert": expert, "base_model": base_model}
+    config = {
+        "deployment": redact(deployment),
+        "requests": len(samples),
+        "expert": expert,
+        "base_model": base_model,
+    }
     with record_run(_db(workdir), "infer", config) as run:
         model = StackedModel(deployment, device, dtype, base_model=base_model)
         results = model(samples, batch_size, max_new_tokens, expert)

@@ -23,7 +23,7 @@ def test_demo_runs_every_stage_then_skips_what_did_not_change(tmp_path, capsys):
     stages = ["model", "synth", "routing", "preprocess", "experts", "router", "eval", "deploy", "infer"]
     assert list(summary["stage_seconds"]) == stages
     assert summary["skipped_stages"] == []
-    assert (wd / "deploy/manifest.json").is_file() and (wd / "history.sqlite").is_file()
+    assert (wd / "deploy/CURRENT").is_file() and (wd / "history.sqlite").is_file()
     assert summary["stacked_inference"]["requests"] == 2 * len(NAMES)
     report = wd / "history_report.html"  # the demo ends by writing the history report, and names it
     assert summary["artifacts"]["history_report"] == str(report) and report.is_file()

@@ -108,7 +108,10 @@ def test_every_stage_runs_locally_on_the_volume_layout(volumes, pipeline):
     assert 0.0 <= report["accuracy"] <= 1.0 and report["n"] == len(experts) * COUNTS["test"]
     assert out["test_router"]["passed"] and out["test_router"]["n"] == 2 * len(experts)
     assert out["deploy"]["router_gate"]["source"] == str(root / m.CHECKPOINTS / m.EVAL_REPORT)
-    manifest = json.loads((root / m.CHECKPOINTS / m.DEPLOY_DIR / MANIFEST_FILE).read_text())
+    deployed = root / m.CHECKPOINTS / m.DEPLOY_DIR
+    release = json.loads((deployed / "CURRENT").read_text())["release"]
+    assert out["deploy"]["release"] == release
+    manifest = json.loads((deployed / "releases" / release / MANIFEST_FILE).read_text())
     assert sorted(manifest["experts"]) == experts
     assert (root / m.CHECKPOINTS / HISTORY_DB).is_file()
 

@@ -151,8 +151,15 @@ def test_router_and_eval_report(wd):
 def test_deployment_layout_and_manifest(wd):
     from mole_trainer.deploy import sha256_file
 
-    dest = wd / "deploy"
+    release = json.loads((wd / "deploy/CURRENT").read_text())["release"]
+    dest = wd / "deploy/releases" / release
     manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["release"] == release
+    assert Path(manifest["base_model"]).resolve() == (wd / "model/tiny-qwen3-vl").resolve()
+    # the training runs of this work dir's history that wrote the deployed adapters
+    assert manifest["runs"]["router"] and set(manifest["runs"]["experts"]) == set(NAMES)
+    assert all(manifest["runs"]["experts"].values())
+    assert "val_accuracy" in manifest["router_evaluation"]["figures"]
     assert (dest / "routing/adapter/adapter_config.json").is_file()
     for n in NAMES:
         assert (dest / f"loras/{n}/adapter/adapter_model.safetensors").is_file()
@@ -368,14 +375,15 @@ def test_wrong_artifacts_are_user_errors(wd, tmp_path, capsys):
 def test_moved_deployment_with_base_model_override_and_mixed_bases(wd, tmp_path, capsys):
     import shutil
 
-    moved = tmp_path / "moved"
-    shutil.copytree(wd / "deploy", moved)
+    copied = tmp_path / "moved"
+    shutil.copytree(wd / "deploy", copied)
+    moved = copied / "releases" / json.loads((copied / "CURRENT").read_text())["release"]
     model_copy = tmp_path / "elsewhere/tiny"
     shutil.copytree(wd / "model/tiny-qwen3-vl", model_copy)
     image = next((wd / "data/experts/ocr/images").iterdir())
     request = ["--image", str(image), "--prompt", "Read the note", "--max-new-tokens", "2"]
     capsys.readouterr()
-    mole(tmp_path, "infer", "--deployment", str(moved), "--base-model", str(model_copy), *request)
+    mole(tmp_path, "infer", "--deployment", str(copied), "--base-model", str(model_copy), *request)
     assert capsys.readouterr().out.strip().split("\t")[1] in NAMES
     # an expert trained on another base cannot join this deployment
     info_path = moved / "loras/ocr/adapter/mole_adapter.json"
@@ -489,7 +497,9 @@ def test_deploy_refuses_a_router_below_min_accuracy_unless_forced(wd, tmp_path, 
     assert not (tmp_path / "refused").exists()
     assert deploy(ckpt, "forced", "--min-accuracy", "0.6", "--eval-report", str(low), "--force") == 0
     assert "deployed anyway (--force)" in capsys.readouterr().out
-    assert (tmp_path / "forced/manifest.json").is_file()
+    forced = json.loads((tmp_path / "forced/CURRENT").read_text())["release"]
+    manifest = json.loads((tmp_path / "forced/releases" / forced / "manifest.json").read_text())
+    assert manifest["router_evaluation"]["figures"]["accuracy"] == accuracy  # the figures of that report
     assert deploy(ckpt, "low-ok", "--min-accuracy", str(accuracy), "--eval-report", str(low)) == 0
 
     # no report beside the checkpoint: router_info.json's validation accuracy is the recorded one

@@ -1,18 +1,29 @@
-"""Deploying fake adapter folders: layout, manifest checks, validation and atomic re-deploys."""
+"""Deploying fake adapter folders as releases: layout, manifest, CURRENT, validation, failures, loading."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
 import pytest
 
+import mole_trainer
 from mole_trainer import deploy as deploy_mod
+from mole_trainer import release_cache, releases
 from mole_trainer.deploy import deploy, load_deployment, sha256_file, verify_deployment
 from mole_trainer.errors import UserError
-from mole_trainer.layout import DEPLOY_METADATA_FILE, LABEL_MAP_FILE, MANIFEST_FILE
+from mole_trainer.layout import (
+    CURRENT_FILE,
+    DEPLOY_METADATA_FILE,
+    LABEL_MAP_FILE,
+    MANIFEST_FILE,
+    RELEASES_DIR,
+)
 
 
 def make_adapter(folder: Path, blob: bytes) -> Path:
@@ -20,6 +31,13 @@ def make_adapter(folder: Path, blob: bytes) -> Path:
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     (folder / "adapter_model.safetensors").write_bytes(blob)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch) -> Path:
+    """Every load caches below the test's folder."""
+    monkeypatch.setenv("MOLE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "deployments"
 
 
 @pytest.fixture
@@ -37,60 +55,8 @@ def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_round_trip(src: dict, tmp_path: Path):
-    dest = tmp_path / "deploy"
-    manifest = deploy(**src, dest=str(dest), metadata={"calendar": {"score": 0.9}}, extra={"run": "r1"})
-
-    files = tree(dest)
-    assert set(files) == {
-        MANIFEST_FILE,
-        LABEL_MAP_FILE,
-        "routing/adapter/adapter_config.json",
-        "routing/adapter/adapter_model.safetensors",
-        f"routing/adapter/{LABEL_MAP_FILE}",
-        "loras/calendar/adapter/adapter_config.json",
-        "loras/calendar/adapter/adapter_model.safetensors",
-        f"loras/calendar/{DEPLOY_METADATA_FILE}",
-        "loras/receipt/adapter/adapter_config.json",
-        "loras/receipt/adapter/adapter_model.safetensors",
-        f"loras/receipt/{DEPLOY_METADATA_FILE}",
-    }
-    assert json.loads(files[LABEL_MAP_FILE]) == {"calendar": 0, "receipt": 1}
-    assert files[f"routing/adapter/{LABEL_MAP_FILE}"] == files[LABEL_MAP_FILE]
-    meta = json.loads(files[f"loras/calendar/{DEPLOY_METADATA_FILE}"])
-    assert meta["score"] == 0.9 and meta["expert"] == "calendar" and meta["deployed_at"]
-    assert json.loads(files[MANIFEST_FILE]) == manifest
-    assert manifest["extra"] == {"run": "r1"}
-    assert list(manifest["experts"]) == ["calendar", "receipt"]
-    listed = {e["path"]: e for e in manifest["files"]}
-    assert set(listed) == set(files) - {MANIFEST_FILE}
-    blob = dest / "loras/receipt/adapter/adapter_model.safetensors"
-    assert listed["loras/receipt/adapter/adapter_model.safetensors"]["sha256"] == sha256_file(blob)
-
-    assert verify_deployment(str(dest)) == {"ok": True, "files": len(listed), "mismatched": [], "missing": []}
-    loaded = load_deployment(str(dest))
-    assert loaded["router"] == str(dest / "routing/adapter")
-    assert loaded["experts"] == {
-        name: str(dest / "loras" / name / "adapter") for name in ("calendar", "receipt")
-    }
-    assert loaded["label_map"] == {"calendar": 0, "receipt": 1}
-
-
-def test_tampering_detected(src: dict, tmp_path: Path):
-    dest = tmp_path / "deploy"
-    deploy(**src, dest=str(dest))
-    (dest / "loras/calendar/adapter/adapter_model.safetensors").write_bytes(b"cal-weightz")
-    (dest / "routing/adapter/adapter_config.json").unlink()
-    report = verify_deployment(str(dest))
-    assert report["ok"] is False
-    assert report["mismatched"] == ["loras/calendar/adapter/adapter_model.safetensors"]
-    assert report["missing"] == ["routing/adapter/adapter_config.json"]
-    with pytest.raises(UserError, match="does not match"):
-        load_deployment(str(dest))
-
-
 def test_missing_manifest(tmp_path: Path):
-    with pytest.raises(UserError, match=MANIFEST_FILE):
+    with pytest.raises(UserError, match=f"no {CURRENT_FILE} and no {MANIFEST_FILE}"):
         verify_deployment(str(tmp_path))
 
 
@@ -132,17 +98,136 @@ def second_version(src: dict, tmp_path: Path) -> dict:
     }
 
 
-def test_redeploy_replaces_old(src: dict, tmp_path: Path):
+def current(dest: Path) -> dict:
+    return json.loads((dest / CURRENT_FILE).read_text())
+
+
+@pytest.fixture(params=["local", "memory"])
+def dest(request, tmp_path: Path):
+    """A destination of either kind: a local folder (renames) or an object store (memory://)."""
+    if request.param == "local":
+        yield str(tmp_path / "deploy")
+        return
+    url = f"memory://bucket/{tmp_path.name}"
+    yield url
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def listing(dest: str) -> dict:
+    fs, root = fsspec.core.url_to_fs(dest)
+    return releases.list_releases(fs, root, dest)
+
+
+def test_release_layout_manifest_and_current(src: dict, tmp_path: Path):
     dest = tmp_path / "deploy"
-    deploy(**src, dest=str(dest))
-    (dest / "README.txt").write_text("kept")
-    deploy(**second_version(src, tmp_path), dest=str(dest))
-    assert sorted(p.name for p in (dest / "loras").iterdir()) == ["calendar", "invoice"]
-    assert (dest / "routing/adapter/adapter_model.safetensors").read_bytes() == b"router-v2"
-    assert sorted(os.listdir(dest)) == sorted(
-        [MANIFEST_FILE, LABEL_MAP_FILE, "routing", "loras", "README.txt"]
+    (src["router_dir"] / "mole_adapter.json").write_text(
+        json.dumps({"base_model": "Qwen/Qwen3-VL-8B-Instruct"})
     )
-    assert verify_deployment(str(dest))["ok"]
+    info = {"router_evaluation": {"accuracy": 0.9}, "runs": {"router": "abc", "experts": {}}}
+    manifest = deploy(
+        **src, dest=str(dest), metadata={"calendar": {"score": 0.9}}, extra={"run": "r1"}, info=info
+    )
+
+    release = manifest["release"]
+    assert sorted(os.listdir(dest)) == [CURRENT_FILE, RELEASES_DIR]
+    assert os.listdir(dest / RELEASES_DIR) == [release]
+    assert current(dest)["release"] == release and current(dest)["previous"] == []
+    root = dest / RELEASES_DIR / release
+    files = tree(root)
+    assert set(files) == {
+        MANIFEST_FILE,
+        LABEL_MAP_FILE,
+        "routing/adapter/adapter_config.json",
+        "routing/adapter/adapter_model.safetensors",
+        "routing/adapter/mole_adapter.json",
+        f"routing/adapter/{LABEL_MAP_FILE}",
+        "loras/calendar/adapter/adapter_config.json",
+        "loras/calendar/adapter/adapter_model.safetensors",
+        f"loras/calendar/{DEPLOY_METADATA_FILE}",
+        "loras/receipt/adapter/adapter_config.json",
+        "loras/receipt/adapter/adapter_model.safetensors",
+        f"loras/receipt/{DEPLOY_METADATA_FILE}",
+    }
+    assert json.loads(files[LABEL_MAP_FILE]) == {"calendar": 0, "receipt": 1}
+    assert files[f"routing/adapter/{LABEL_MAP_FILE}"] == files[LABEL_MAP_FILE]
+    meta = json.loads(files[f"loras/calendar/{DEPLOY_METADATA_FILE}"])
+    assert meta["score"] == 0.9 and meta["expert"] == "calendar" and meta["deployed_at"]
+    assert json.loads(files[MANIFEST_FILE]) == manifest
+    assert current(dest)["manifest_sha256"] == hashlib.sha256(files[MANIFEST_FILE]).hexdigest()
+    assert manifest["base_model"] == "Qwen/Qwen3-VL-8B-Instruct"
+    assert manifest["router_evaluation"] == {"accuracy": 0.9} and manifest["runs"]["router"] == "abc"
+    assert manifest["code_version"]["package"] == mole_trainer.__version__
+    assert manifest["extra"] == {"run": "r1"}
+    assert list(manifest["experts"]) == ["calendar", "receipt"]
+    listed = {e["path"]: e for e in manifest["files"]}
+    assert set(listed) == set(files) - {MANIFEST_FILE}
+    blob = root / "loras/receipt/adapter/adapter_model.safetensors"
+    assert listed["loras/receipt/adapter/adapter_model.safetensors"]["sha256"] == sha256_file(blob)
+
+    report = verify_deployment(str(dest))
+    assert report == {"release": release, "ok": True, "files": len(listed), "mismatched": [], "missing": []}
+    loaded = load_deployment(str(dest))
+    assert loaded["release"] == release and loaded["root"] == str(root)
+    assert loaded["experts"] == {
+        name: str(root / "loras" / name / "adapter") for name in ("calendar", "receipt")
+    }
+    assert loaded["label_map"] == {"calendar": 0, "receipt": 1}
+
+
+def test_second_deploy_keeps_the_first_and_rollback_promote_move_current(
+    src: dict, tmp_path: Path, dest: str
+):
+    first = deploy(**src, dest=dest)["release"]
+    second = deploy(**second_version(src, tmp_path), dest=dest)["release"]
+    assert second > first  # ids sort by time
+    got = listing(dest)
+    assert [r["release"] for r in got["releases"]] == [first, second]
+    assert got["current"] == second and got["previous"] == [first]
+    assert set(load_deployment(dest)["experts"]) == {"calendar", "invoice"}
+
+    assert releases.rollback(dest)["release"] == first
+    loaded = load_deployment(dest)
+    assert loaded["release"] == first and set(loaded["experts"]) == {"calendar", "receipt"}
+    assert Path(loaded["router"], "adapter_model.safetensors").read_bytes() == b"router-weights"
+    with pytest.raises(UserError, match="no previous release"):
+        releases.rollback(dest)
+    assert releases.promote(dest, second)["previous"] == [first]
+    assert load_deployment(dest)["release"] == second
+    assert verify_deployment(dest, first)["release"] == first
+    with pytest.raises(UserError, match="no release nope"):
+        releases.promote(dest, "nope")
+
+
+def test_corrupted_file_fails_verify_promote_and_load_naming_it(src: dict, tmp_path: Path, dest: str):
+    first = deploy(**src, dest=dest)["release"]
+    second = deploy(**second_version(src, tmp_path), dest=dest)["release"]
+    fs, root = fsspec.core.url_to_fs(dest)
+    bad = "loras/invoice/adapter/adapter_model.safetensors"
+    fs.pipe_file(f"{root}/{RELEASES_DIR}/{second}/{bad}", b"evil")
+    fs.rm_file(f"{root}/{RELEASES_DIR}/{second}/routing/adapter/adapter_config.json")
+    report = verify_deployment(dest)
+    assert report["ok"] is False and report["mismatched"] == [bad]
+    assert report["missing"] == ["routing/adapter/adapter_config.json"]
+    with pytest.raises(
+        UserError, match=f"{second}.*changed.*{bad}.*missing: routing/adapter/adapter_config.json"
+    ):
+        load_deployment(dest)
+    releases.rollback(dest)
+    assert load_deployment(dest)["release"] == first  # the older release is untouched
+    with pytest.raises(UserError, match=bad):
+        releases.promote(dest, second)
+    assert listing(dest)["current"] == first
+
+
+def test_changed_manifest_is_refused(src: dict, tmp_path: Path, dest: str):
+    release = deploy(**src, dest=dest)["release"]
+    fs, root = fsspec.core.url_to_fs(dest)
+    path = f"{root}/{RELEASES_DIR}/{release}/{MANIFEST_FILE}"
+    fs.pipe_file(path, fs.cat_file(path).replace(b'"calendar": 0', b'"calendar": 2'))
+    with pytest.raises(UserError, match=f"{MANIFEST_FILE}: changed since it was deployed"):
+        load_deployment(dest)
 
 
 def failing_after(n: int, real):
@@ -157,70 +242,253 @@ def failing_after(n: int, real):
     return wrapper
 
 
-def test_failure_mid_copy_keeps_old_deployment(src: dict, tmp_path: Path, monkeypatch):
-    dest = tmp_path / "deploy"
-    deploy(**src, dest=str(dest))
-    before = tree(dest)
-    monkeypatch.setattr(deploy_mod, "_put_one", failing_after(4, deploy_mod._put_one))
-    with pytest.raises(UserError, match="disk full"):
-        deploy(**second_version(src, tmp_path), dest=str(dest))
-    assert tree(dest) == before
-    assert sorted(os.listdir(dest)) == sorted([MANIFEST_FILE, LABEL_MAP_FILE, "routing", "loras"])
-
-
-@pytest.mark.parametrize("fail_at", [2, 5, 7, 8])  # phase 1 (moving old out) and phase 2 (moving new in)
-def test_failure_mid_swap_rolls_back(src: dict, tmp_path: Path, monkeypatch, fail_at: int):
-    dest = tmp_path / "deploy"
-    deploy(**src, dest=str(dest))
-    before = tree(dest)
-    monkeypatch.setattr(deploy_mod.os, "replace", failing_after(fail_at, os.replace))
-    with pytest.raises(UserError, match="simulated"):
-        deploy(**second_version(src, tmp_path), dest=str(dest))
+def test_failure_mid_upload_leaves_current_and_earlier_releases(
+    src: dict, tmp_path: Path, dest: str, monkeypatch
+):
+    first = deploy(**src, dest=dest)["release"]
+    fs, root = fsspec.core.url_to_fs(dest)
+    before = {p: fs.cat_file(p) for p in fs.find(root) if ".mole-lock" not in p}
+    monkeypatch.setattr(type(fs), "put_file", failing_after(3, type(fs).put_file))
+    with pytest.raises(UserError, match="disk full.*CURRENT unchanged"):
+        deploy(**second_version(src, tmp_path), dest=dest)
     monkeypatch.undo()
-    assert tree(dest) == before
-    assert sorted(os.listdir(dest)) == sorted([MANIFEST_FILE, LABEL_MAP_FILE, "routing", "loras"])
+    assert {p: fs.cat_file(p) for p in fs.find(root)} == before  # the partial upload is gone too
+    assert load_deployment(dest)["release"] == first
 
 
-def test_crashed_swap_recovered_by_next_deploy(src: dict, tmp_path: Path):
+def test_a_release_that_reads_back_wrong_is_not_made_current(
+    src: dict, tmp_path: Path, dest: str, monkeypatch
+):
+    first = deploy(**src, dest=dest)["release"]
+    real = deploy_mod._upload
+
+    def lossy_upload(fs, files, folder, manifest_bytes):  # storage that mangles one object it accepted
+        real(fs, files, folder, manifest_bytes)
+        fs.pipe_file(f"{folder}/loras/calendar/adapter/adapter_model.safetensors", b"bit rot")
+
+    monkeypatch.setattr(deploy_mod, "_upload", lossy_upload)
+    with pytest.raises(
+        UserError, match="loras/calendar/adapter/adapter_model.safetensors.*CURRENT unchanged"
+    ):
+        deploy(**second_version(src, tmp_path), dest=dest)
+    got = listing(dest)
+    assert got["current"] == first and len(got["releases"]) == 2  # the bad release stays, unreferenced
+    assert load_deployment(dest)["release"] == first
+
+
+def test_killed_local_upload_leaves_a_partial_folder_that_readers_and_gc_handle(src: dict, tmp_path: Path):
     dest = tmp_path / "deploy"
-    deploy(**src, dest=str(dest))
-    # state left by a process killed in phase 1: manifest and routing moved out, the rest not yet
-    previous = dest / ".previous"
-    previous.mkdir()
-    os.replace(dest / MANIFEST_FILE, previous / MANIFEST_FILE)
-    os.replace(dest / "routing", previous / "routing")
-    (dest / ".staging-dead").mkdir()
-    with pytest.raises(UserError, match=MANIFEST_FILE):
-        load_deployment(str(dest))  # readers never take a deployment without its manifest
-    deploy(**second_version(src, tmp_path), dest=str(dest))
-    assert sorted(os.listdir(dest)) == sorted([MANIFEST_FILE, LABEL_MAP_FILE, "routing", "loras"])
-    assert set(load_deployment(str(dest))["experts"]) == {"calendar", "invoice"}
+    first = deploy(**src, dest=str(dest))["release"]
+    partial = dest / RELEASES_DIR / f"{releases.PARTIAL_PREFIX}20991231T000000000Z-deadbeef-1234"
+    partial.mkdir()
+    (partial / "routing").mkdir()  # what a SIGKILL mid-upload leaves: never renamed to its id
+    assert [r["release"] for r in listing(str(dest))["releases"]] == [first]
+    assert load_deployment(str(dest))["release"] == first
+    assert releases.gc(str(dest), keep=5)["removed"] == [partial.name] and not partial.exists()
 
 
-def test_refuses_foreign_folder(src: dict, tmp_path: Path):
+def test_flat_layout_deployment_still_loads(src: dict, tmp_path: Path):
     dest = tmp_path / "deploy"
-    (dest / "routing").mkdir(parents=True)
-    with pytest.raises(UserError, match="not a mole-trainer deployment"):
-        deploy(**src, dest=str(dest))
-    assert (dest / "routing").is_dir()
+    release = deploy(**src, dest=str(dest))["release"]
+    flat = tmp_path / "flat"
+    os.replace(dest / RELEASES_DIR / release, flat)  # what a deploy before releases wrote
+    report = verify_deployment(str(flat))
+    assert report["ok"] and report["release"] is None
+    loaded = load_deployment(str(flat))
+    assert loaded["release"] is None and loaded["router"] == str(flat / "routing/adapter")
+    (flat / "loras/calendar/adapter/adapter_model.safetensors").write_bytes(b"cal-weightz")
+    with pytest.raises(UserError, match="loras/calendar/adapter/adapter_model.safetensors"):
+        load_deployment(str(flat))
+    assert listing(str(flat))["flat"] is True
 
 
-def test_remote_round_trip_with_memory_fs(src: dict, tmp_path: Path):
-    url = "memory://bucket/deploy-test"
+def test_gc_keeps_newest_current_and_its_predecessor(src: dict, tmp_path: Path, dest: str):
+    ids = [deploy(**src, dest=dest)["release"] for _ in range(4)]
+    releases.promote(dest, ids[1])
+    releases.promote(dest, ids[0])  # CURRENT: ids[0], previous: ids[1], ids[3], ids[2]
+    fs, root = fsspec.core.url_to_fs(dest)
+    young, old = "20991231T000000000Z-0000000a", "20000101T000000000Z-0000000b"
+    if not releases.is_local(fs):  # an upload killed long ago, and one that may still be running
+        for name in (young, old):
+            fs.pipe_file(f"{root}/{RELEASES_DIR}/{name}/label_map.json", b"{}")
+    result = releases.gc(dest, keep=1)  # the newest (ids[3]), CURRENT and its predecessor stay
+    assert sorted(result["kept"]) == sorted([ids[0], ids[1], ids[3]])
+    assert sorted(result["removed"]) == sorted([ids[2]] + ([] if releases.is_local(fs) else [old]))
+    assert result["left_incomplete"] == ([] if releases.is_local(fs) else [young])
+    assert [r["release"] for r in listing(dest)["releases"] if r["complete"]] == [ids[0], ids[1], ids[3]]
+    assert releases.rollback(dest)["release"] == ids[1]
+    assert sorted(releases.gc(dest, keep=0)["removed"]) == [ids[0]]  # ids[3] is the predecessor now
+    assert load_deployment(dest)["release"] == ids[1]
+
+
+class CountingHash:
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, fh):
+        self.calls += 1
+        return self.real(fh)
+
+
+def test_load_verifies_once_then_trusts_the_record(src: dict, dest: str, monkeypatch, cache: Path):
+    deploy(**src, dest=dest)
+    counter = CountingHash(releases.sha256_stream)
+    monkeypatch.setattr(releases, "sha256_stream", counter)
+    first = load_deployment(dest)
+    assert counter.calls == first["manifest"]["files"].__len__()
+    second = load_deployment(dest)
+    assert counter.calls == len(first["manifest"]["files"]) and second["root"] == first["root"]
+    # a cached or in-place file that changed no longer matches the record: checked (and refetched) again
+    blob = Path(first["experts"]["receipt"], "adapter_model.safetensors")
+    blob.write_bytes(b"rec-weights" * 99 + b"x" * 11)
+    if dest.startswith("memory://"):
+        third = load_deployment(dest)
+        assert (
+            Path(third["experts"]["receipt"], "adapter_model.safetensors").read_bytes()
+            == b"rec-weights" * 100
+        )
+        # no partial download, trash or lock left behind
+        assert sorted(os.listdir(cache)) == [release_cache.LOCKS_DIR, Path(third["root"]).name]
+        assert os.listdir(cache / release_cache.LOCKS_DIR) == []
+    else:
+        with pytest.raises(UserError, match="loras/receipt/adapter/adapter_model.safetensors"):
+            load_deployment(dest)
+    assert counter.calls > len(first["manifest"]["files"])
+
+
+def test_concurrent_loaders_download_a_release_once(src: dict, tmp_path: Path, monkeypatch):
+    url = f"memory://bucket/{tmp_path.name}-conc"
+    deploy(**src, dest=url)
+    fs, _ = fsspec.core.url_to_fs(url)
+    fetched = []
+    real = type(fs).get_file
+
+    def slow_get(self, rpath, lpath, **kw):
+        fetched.append(rpath)
+        time.sleep(0.02)
+        return real(self, rpath, lpath, **kw)
+
+    monkeypatch.setattr(type(fs), "get_file", slow_get)
+    with ThreadPoolExecutor(4) as pool:
+        roots = list(pool.map(lambda _: load_deployment(url)["root"], range(4)))
+    assert len(set(roots)) == 1
+    assert sorted(fetched) == sorted(set(fetched))  # each file downloaded by one loader only
+    fs.rm(url.removeprefix("memory://"), recursive=True)
+
+
+def test_credentials_in_a_url_are_redacted_everywhere(src: dict, tmp_path: Path):
+    from mole_trainer.storage import redact
+
+    assert redact("s3://AKIA:s3cr3t@bucket/x") == "s3://***@bucket/x"
+    assert redact("https://h/p?X-Amz-Signature=abc&v=1") == "https://h/p?X-Amz-Signature=***&v=1"
+    assert redact("/plain/path") == "/plain/path"
+    url = "memory://user:s3cr3t@bucket/creds"  # memory:// takes the userinfo as part of the path
+    manifest = deploy(**src, dest=url)
     fs, root = fsspec.core.url_to_fs(url)
     try:
-        deploy(**src, dest=url)
-        deploy(**second_version(src, tmp_path), dest=url)
-        names = {p[len(root) + 1 :].split("/")[1] for p in fs.find(f"{root}/loras")}
-        assert names == {"calendar", "invoice"}
-        assert not fs.glob(f"{root}/.staging-*")
-        assert verify_deployment(url)["ok"]
-
-        loaded = load_deployment(url, cache_dir=tmp_path / "cache")
-        assert Path(loaded["router"], "adapter_model.safetensors").read_bytes() == b"router-v2"
-        assert set(loaded["experts"]) == {"calendar", "invoice"}
-        # cached files are reused; a tampered remote file is caught
-        fs.pipe_file(f"{root}/loras/invoice/adapter/adapter_model.safetensors", b"evil")
-        assert verify_deployment(url)["mismatched"] == ["loras/invoice/adapter/adapter_model.safetensors"]
+        stored = b"".join(fs.cat_file(p) for p in fs.find(root))
+        assert b"s3cr3t" not in stored and manifest["release"].encode() in stored
+        with pytest.raises(UserError) as err:
+            releases.promote(url, "missing-release")
+        assert "s3cr3t" not in str(err.value) and "***@bucket/creds" in str(err.value)
     finally:
         fs.rm(root, recursive=True)
+
+
+@pytest.fixture
+def checkpoints(tmp_path: Path) -> dict:
+    """A router checkpoint and experts folder as `mole deploy` reads them (fake weights)."""
+    from mole_trainer.adapter_info import write_adapter_info
+    from mole_trainer.router_prompt import ROUTER_PROMPT_VERSION
+
+    base = {"base_model": "tiny", "min_pixels": 4096, "max_pixels": 20000}
+    router = make_adapter(tmp_path / "ckpt" / "router" / "adapter", b"router")
+    label_map = {"calendar": 0, "receipt": 1}
+    write_adapter_info(
+        router, {"role": "router", "prompt_version": ROUTER_PROMPT_VERSION, "label_map": label_map, **base}
+    )
+    for name in label_map:
+        folder = make_adapter(tmp_path / "ckpt" / "experts" / name / "adapter", name.encode())
+        write_adapter_info(folder, {"role": "expert", "expert": name, "max_new_tokens": 2, **base})
+    return {"router": str(router.parent), "experts": str(tmp_path / "ckpt" / "experts")}
+
+
+def test_cli_deploy_actions(checkpoints: dict, tmp_path: Path, capsys):
+    from mole_trainer.cli import main
+
+    dest = str(tmp_path / "deploy")
+    flags = ["deploy", "--checkpoint", checkpoints["router"], "--experts", checkpoints["experts"]]
+
+    def mole(*args) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["--workdir", str(tmp_path), *args])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    assert mole(*flags)[0] == 2  # no --bucket
+    assert mole("deploy", "list", dest) == (2, f"error: {dest}: not found (expected a deploy destination)\n")
+    code, out = mole(*flags, "--bucket", dest)
+    assert code == 0 and "deployed release" in out
+    first = current(Path(dest))["release"]
+    assert mole(*flags, "--bucket", dest)[0] == 0
+    second = current(Path(dest))["release"]
+    code, out = mole("deploy", "list", dest)
+    assert code == 0 and [line.split()[:2] for line in out.splitlines()] == [["-", first], ["*", second]]
+    assert mole("deploy", "verify", dest) == (
+        0,
+        f"{dest}: release {second}: all 13 files match the manifest\n",
+    )
+    bad = "loras/receipt/adapter/adapter_model.safetensors"
+    (Path(dest) / RELEASES_DIR / second / bad).write_bytes(b"changed")
+    code, out = mole("deploy", "verify", dest)
+    assert code == 1 and f"release {second}: {bad}: changed" in out
+    assert mole("deploy", "verify", dest, first)[0] == 0
+    code, out = mole("deploy", "rollback", dest)
+    assert code == 0 and current(Path(dest))["release"] == first
+    code, out = mole("deploy", "promote", dest, second)
+    assert code == 2 and bad in out and current(Path(dest))["release"] == first  # refused: damaged
+    code, out = mole("deploy", "gc", dest, "--keep", "0")
+    assert code == 0 and os.listdir(Path(dest) / RELEASES_DIR) == [first]
+    assert mole("deploy", "rollback", dest)[0] == 2  # nothing before it
+    from mole_trainer.history import History
+
+    stages = [r["stage"] for r in History(tmp_path / "history.sqlite").runs("deploy")]
+    assert stages == ["deploy.rollback", "deploy.gc", "deploy.promote", "deploy.rollback", "deploy", "deploy"]
+
+
+def test_cli_never_prints_or_records_credentials(checkpoints: dict, tmp_path: Path, capsys):
+    from mole_trainer.cli import main
+
+    url = f"memory://key:s3cr3t@bucket/{tmp_path.name}"
+    args = ["--workdir", str(tmp_path), "deploy", "--checkpoint", checkpoints["router"]]
+    try:
+        assert main([*args, "--experts", checkpoints["experts"], "--bucket", url]) == 0
+        assert main(["--workdir", str(tmp_path), "deploy", "list", url]) == 0
+        assert main(["--workdir", str(tmp_path), "deploy", "promote", url, "nope"]) == 2
+        out = capsys.readouterr()
+        assert "***@bucket" in out.out and "***@bucket" in out.err
+        assert "s3cr3t" not in out.out + out.err
+        history = b"".join(p.read_bytes() for p in tmp_path.glob("history.sqlite*"))  # WAL too
+        assert b"deploy" in history and b"s3cr3t" not in history
+    finally:
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.rm(root, recursive=True)
+
+
+def test_modal_deploy_targets_a_bucket_with_credentials_from_a_named_secret(tmp_path: Path, monkeypatch):
+    m = pytest.importorskip("mole_trainer.cloud.modal_app")
+    from mole_trainer import stages
+
+    monkeypatch.delenv(m.DEPLOY_SECRET_ENV, raising=False)
+    assert m.deploy_secrets() == []  # no Secret attached unless one is named
+    monkeypatch.setenv(m.DEPLOY_SECRET_ENV, "team-s3")
+    assert len(m.deploy_secrets()) == 1
+    monkeypatch.setenv(m.LOCAL_ROOT_ENV, str(tmp_path))
+    calls = []
+    monkeypatch.setattr(stages, "deploy", lambda *args: calls.append(args) or {"files": []})
+    m.deploy.local(bucket="s3://bucket/mole")
+    m.deploy.local()
+    assert calls[0][2] == "s3://bucket/mole"
+    assert calls[1][2] == str(tmp_path / m.CHECKPOINTS / m.DEPLOY_DIR)
+    with pytest.raises(UserError, match="expected a URL"):
+        m.deploy.local(bucket="just-a-name")

@@ -104,6 +104,11 @@ EXPERTS_CKPT = "experts"
 ROUTER_CKPT = "router"
 EVAL_REPORT = "eval/router_report.json"
 DEPLOY_DIR = "deploy"
+# `deploy(bucket=URL)` reads the bucket's credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_ENDPOINT_URL, ... or GOOGLE_APPLICATION_CREDENTIALS) from the modal.Secret this variable names
+# when the app is run or deployed; unset, no Secret is attached (Secret.from_name of a missing Secret
+# would stop every function of the app from starting)
+DEPLOY_SECRET_ENV = "MOLE_MODAL_DEPLOY_SECRET"
 
 
 def pinned_dependencies(pyproject: Path = PYPROJECT) -> list[str]:
@@ -472,7 +477,13 @@ def test_router(
         )
 
 
-@app.function(volumes=MOUNTS, **OPTIONS["deploy"])
+def deploy_secrets() -> list:
+    """The modal.Secret named by $MOLE_MODAL_DEPLOY_SECRET (bucket credentials for deploy), if set."""
+    name = os.environ.get(DEPLOY_SECRET_ENV, "").strip()
+    return [modal.Secret.from_name(name)] if name else []
+
+
+@app.function(volumes=MOUNTS, secrets=deploy_secrets(), **OPTIONS["deploy"])
 @user_errors_returned
 def deploy(
     checkpoint: str = ROUTER_CKPT,
@@ -482,19 +493,24 @@ def deploy(
     min_accuracy: float | None = None,
     force: bool = False,
     eval_report: str | None = EVAL_REPORT,
+    bucket: str = "",
 ) -> dict:
-    """Deploy the router and its experts (checkpoints Volume) into `dest` on the checkpoints Volume.
+    """Deploy the router and its experts (checkpoints Volume) as a new release into `dest` on the
+    checkpoints Volume, or into `bucket` (a URL: s3://, gs://, ...; credentials from the Secret
+    named by $MOLE_MODAL_DEPLOY_SECRET) when given.
 
     With `min_accuracy`, the router's `eval_report` (checkpoints Volume; eval_router writes it there)
     must reach it, unless `force`; eval_report=None uses the report beside the checkpoint, else the
     validation accuracy of router_info.json.
     """
+    if bucket and "://" not in bucket:
+        raise UserError(f"bucket {bucket!r}: expected a URL such as s3://BUCKET/PREFIX (or use dest)")
     with synced(writes=(CHECKPOINTS,)):
         report = volume_path(CHECKPOINTS, eval_report) if eval_report and min_accuracy is not None else None
         return stages.deploy(
             volume_path(CHECKPOINTS, checkpoint),
             volume_path(CHECKPOINTS, experts_dir),
-            str(volume_path(CHECKPOINTS, dest)),
+            bucket or str(volume_path(CHECKPOINTS, dest)),
             _workdir(workdir),
             min_accuracy,
             force,
@@ -524,4 +540,7 @@ def main(config_dir: str):
     for name, e in experts.items():
         print(f"expert {name}: {e['metric']} {e['base_value']} (base) -> {e['value']}")
     print(f"router: best val accuracy {router['best']['val_accuracy']}, test accuracy {report['accuracy']}")
-    print(f"deployed {len(manifest['files'])} files to {VOLUME_NAMES[CHECKPOINTS]}:/{DEPLOY_DIR}")
+    print(
+        f"deployed release {manifest['release']} ({len(manifest['files'])} files) to "
+        f"{VOLUME_NAMES[CHECKPOINTS]}:/{DEPLOY_DIR}"
+    )

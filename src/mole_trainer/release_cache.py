@@ -1,0 +1,185 @@
+"""Loading a deployment: follow CURRENT, fetch the release once into a local cache keyed by the sha256
+of its manifest, verify it once and record that, so a later start does not hash it again.
+
+Cache layout (``cache_dir``, default layout.cache_root()/deployments)::
+
+    <manifest-sha256>/                 a downloaded release: its files and manifest.json
+    <manifest-sha256>/.verified.json   size and mtime of every file as verified
+    verified/<manifest-sha256>-<h>.json  the same record for a local release used in place (h: its path)
+    .locks/<manifest-sha256>/          the lock (locking.OutputLock) of the loader downloading it
+    .partial-<manifest-sha256>-<id>/   a download in progress, renamed to <manifest-sha256>/ when verified
+
+A later load only compares sizes and mtimes with the record. A difference (a cached file changed or
+gone) means the copy is not the verified one: a download is fetched again, a local release is hashed
+again. Several loaders at once: one downloads under the lock, the others wait for it and reuse the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import time
+import uuid
+from contextlib import suppress
+from pathlib import Path
+
+from .errors import UserError
+from .layout import DEPLOY_CACHE_DIR, MANIFEST_FILE, RELEASES_DIR, cache_root
+from .releases import PARTIAL_PREFIX, describe_failure, resolve, verify_files
+from .storage import is_local, open_fs, redact
+
+VERIFIED_FILE = ".verified.json"
+LOCKS_DIR = ".locks"
+VERIFIED_DIR = "verified"
+LOCK_POLL_S = 0.2
+LOCK_WAIT_S = 4 * 3600.0  # a live loader downloading a large release may hold the lock this long
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded releases are kept: $MOLE_CACHE_DIR/deployments (or ~/.cache/mole-trainer/...)."""
+    return cache_root() / DEPLOY_CACHE_DIR
+
+
+def _stats(root: Path, manifest: dict) -> dict | None:
+    out = {}
+    for entry in manifest["files"]:
+        try:
+            st = (root / entry["path"]).stat()
+        except OSError:
+            return None
+        out[entry["path"]] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _record_matches(record: Path, root: Path, manifest: dict, digest: str) -> bool:
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(data, dict)
+        and data.get("manifest_sha256") == digest
+        and data.get("files") == _stats(root, manifest)
+    )
+
+
+def _write_record(record: Path, root: Path, manifest: dict, digest: str) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f"{record.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps({"manifest_sha256": digest, "files": _stats(root, manifest)}) + "\n")
+    os.replace(tmp, record)
+
+
+def _local_fs():
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem()
+
+
+def _verify_in_place(root: Path, manifest: dict, digest: str, cache: Path, shown: str) -> None:
+    record = (
+        cache
+        / VERIFIED_DIR
+        / f"{digest}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]}.json"
+    )
+    if _record_matches(record, root, manifest, digest):
+        return
+    report = verify_files(_local_fs(), str(root), manifest)
+    if not report["ok"]:
+        raise UserError(describe_failure(shown, report))
+    with suppress(OSError):  # a read-only cache only costs hashing again next time
+        _write_record(record, root, manifest, digest)
+
+
+def _wait_for_lock(folder: Path, ready) -> object | None:
+    """The download lock of `folder`, or None once `ready()` says another loader finished the work."""
+    from .locking import LockHeld, OutputLock
+
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            return OutputLock(folder, "deploy.load").acquire()
+        except LockHeld as held:
+            if ready():
+                return None
+            if time.monotonic() > deadline:
+                raise UserError(f"gave up waiting for another loader: {held}") from None
+            time.sleep(LOCK_POLL_S)
+
+
+def _fetch(fs, target: dict, cache: Path, digest: str, shown: str) -> Path:
+    manifest = target["manifest"]
+    final = cache / digest
+    record = final / VERIFIED_FILE
+
+    def ready() -> bool:
+        return _record_matches(record, final, manifest, digest)
+
+    if ready():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = _wait_for_lock(cache / LOCKS_DIR / digest, ready)
+    if lock is None:
+        return final
+    try:
+        if ready():  # done by the loader that held the lock before us
+            return final
+        partial = cache / f"{PARTIAL_PREFIX}{digest}-{uuid.uuid4().hex[:8]}"
+        try:
+            for entry in manifest["files"]:
+                local = partial / entry["path"]
+                local.parent.mkdir(parents=True, exist_ok=True)
+                with suppress(FileNotFoundError):  # reported as missing by the check below
+                    fs.get_file(posixpath.join(target["root"], entry["path"]), str(local))
+            (partial / MANIFEST_FILE).write_bytes(target["manifest_bytes"])
+            report = verify_files(_local_fs(), str(partial), manifest)
+            if not report["ok"]:
+                raise UserError(describe_failure(shown, report) + " (as downloaded)")
+            _write_record(partial / VERIFIED_FILE, partial, manifest, digest)
+            if final.exists():  # a cached copy that no longer matches its record
+                trash = cache / f"{PARTIAL_PREFIX}trash-{uuid.uuid4().hex[:8]}"
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(partial, final)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    finally:
+        lock.release()
+    return final
+
+
+def load_deployment(dest: str, cache_dir: str | Path | None = None) -> dict:
+    """Verified local paths of a deployment:
+    {"root", "router", "experts", "label_map", "manifest", "release"}.
+
+    Follows DEST/CURRENT (a flat-layout deployment, with manifest.json at DEST, loads as before with
+    release None). A local release is used in place; a remote one is downloaded once into
+    ``cache_dir`` (module docstring). Either is hashed against its manifest the first time only; a file
+    that does not match is a UserError naming it.
+    """
+    fs, root = open_fs(dest)
+    shown = redact(dest)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        target = resolve(fs, root, shown)
+        where = f"{shown}/{RELEASES_DIR}/{target['release']}" if target["release"] else shown
+        digest = hashlib.sha256(target["manifest_bytes"]).hexdigest()
+        if is_local(fs):
+            local_root = Path(target["root"])
+            _verify_in_place(local_root, target["manifest"], digest, cache, where)
+        else:
+            local_root = _fetch(fs, target, cache, digest, where)
+    except OSError as exc:
+        raise UserError(f"{shown}: cannot load the deployment into {cache}: {redact(str(exc))}") from exc
+    manifest = target["manifest"]
+    return {
+        "root": str(local_root),
+        "router": str(local_root / manifest["router"]),
+        "experts": {name: str(local_root / rel) for name, rel in manifest["experts"].items()},
+        "label_map": manifest["label_map"],
+        "manifest": manifest,
+        "release": target["release"],
+    }
