@@ -327,6 +327,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     device_opts(inf)
 
+    srv = sub.add_parser(
+        "serve", help="serve the routed stack over HTTP (OpenAI-compatible chat completions, batched)"
+    )
+    srv.add_argument("--deployment", default=None, help="deployment folder or fsspec URL (or in --config)")
+    srv.add_argument("--config", default=None, help="serve settings file (YAML/JSON); options override it")
+    srv.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=_positive, default=None, help="port (default 8000)")
+    srv.add_argument("--max-batch", type=_at_least_one, default=None, help="requests per engine batch (8)")
+    srv.add_argument(
+        "--max-wait-ms", type=float, default=None, help="how long a batch waits to fill up (10 ms)"
+    )
+    srv.add_argument("--allow-files", default=None, help="accept local image paths inside this folder only")
+    srv.add_argument("--max-image-pixels", type=_at_least_one, default=None, help="width x height per image")
+    srv.add_argument("--max-images", type=_at_least_one, default=None, help="images per request")
+    srv.add_argument("--max-body-bytes", type=_at_least_one, default=None, help="request body size")
+    srv.add_argument("--max-tokens", type=_at_least_one, default=None, help="largest max_tokens accepted")
+    srv.add_argument(
+        "--min-probability",
+        type=_fraction,
+        default=None,
+        help="below this routing probability the --fallback answers",
+    )
+    srv.add_argument("--fallback", default=None, help="an expert's name, or 'base' (no adapter)")
+    srv.add_argument("--base-model", default=None, help="base to load instead of the recorded one")
+    srv.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
+    srv.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+
     hist = sub.add_parser("history", help="run history").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -486,6 +513,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"deployed {len(manifest['files'])} files ({', '.join(manifest['experts'])}) to {args.bucket}")
     elif cmd[0] == "infer":
         _infer(args, stages, wd)
+    elif cmd[0] == "serve":
+        _serve(args, stages, wd)
     elif cmd == ("history", "show"):
         from .history import History, format_runs_table
         from .layout import HISTORY_DB
@@ -571,6 +600,22 @@ def _infer(args, stages, wd) -> None:
         print(f"{r['id']}\t{r['expert']}\t{prob}\t{r['output']!r}")
     if args.output:
         write_results(results, args.output)
+
+
+def _serve(args, stages, wd) -> None:
+    from .serve.settings import DEFAULT_HOST, DEFAULT_PORT, SERVE_OPTIONS, serve_settings
+
+    settings = serve_settings(args.config, **{k: getattr(args, k) for k in SERVE_OPTIONS})
+    if not args.deployment and not args.config:
+        raise UserError("serve needs --deployment URL (or a --config file naming one)")
+    host = args.host or DEFAULT_HOST
+    port = DEFAULT_PORT if args.port is None else args.port
+    answered = stages.serve(settings, host, port, wd)
+    print(
+        f"stopped: {answered['requests']} requests answered ({answered['ok']} ok, "
+        f"{answered['refused']} refused, {answered['failed']} failed)",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -523,3 +523,39 @@ def infer(
         results = model(samples, batch_size, max_new_tokens, expert)
         run.metrics["requests"] = len(results)
     return results
+
+
+def serve_app(settings, cache_dir: str | None = None):
+    """The server's ASGI app (serve.settings.ServeConfig): the deployment loaded once into the engine."""
+    from .infer.engine import Engine
+    from .serve.app import ServedStack, build_app
+
+    limits = settings.limits()
+    if limits.allow_files is not None and not limits.allow_files.is_dir():
+        raise UserError(f"--allow-files {limits.allow_files}: not a folder")
+    engine = Engine(
+        settings.deployment,
+        settings.device,
+        settings.dtype,
+        settings.base_model,
+        cache_dir,
+        settings.min_probability,
+        settings.fallback,
+    )
+    stack = ServedStack(engine, engine.names, engine.base_model)
+    return build_app(stack, limits, settings.max_batch, settings.max_wait_ms)
+
+
+def serve(settings, host: str, port: int, workdir: str | Path = ".") -> dict:
+    """Run `mole serve` until SIGTERM / Ctrl-C (in-flight requests finish first); recorded as one run."""
+    import uvicorn
+
+    from .serve.settings import SHUTDOWN_GRACE_S
+
+    config = {**to_dict(settings), "host": host, "port": port}
+    with record_run(_db(workdir), "serve", config) as run:
+        app = serve_app(settings)
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        answered = app.state.metrics.answered()
+        run.metrics.update(answered)
+    return answered

@@ -41,6 +41,19 @@ class Metrics:
             if timings.get(stage) is not None:
                 self.latency.labels(stage).observe(timings[stage])
 
+    def answered(self) -> dict[str, int]:
+        """Requests answered so far: {"requests": all, "ok": status 200, "refused": 4xx, "failed": 5xx}."""
+        out = {"requests": 0, "ok": 0, "refused": 0, "failed": 0}
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                n, status = int(sample.value), sample.labels["status"]
+                out["requests"] += n
+                key = "ok" if status == "200" else "refused" if status.startswith("4") else "failed"
+                out[key] += n
+        return out
+
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -15,7 +15,25 @@ MAX_BATCH = 8  # requests per engine batch
 MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for others
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-BASE_FALLBACK = "base"  # --fallback base: the base model without any adapter answers
+SHUTDOWN_GRACE_S = 120  # on SIGTERM, how long in-flight requests may take to finish
+
+
+# the ServeConfig fields `mole serve` takes as options (--max-batch fills max_batch, ...)
+SERVE_OPTIONS = (
+    "deployment",
+    "device",
+    "dtype",
+    "base_model",
+    "max_batch",
+    "max_wait_ms",
+    "min_probability",
+    "fallback",
+    "max_image_pixels",
+    "max_images",
+    "max_body_bytes",
+    "max_tokens",
+    "allow_files",
+)
 
 
 @dataclass
@@ -74,3 +92,15 @@ class ServeConfig:
             max_tokens=self.max_tokens,
             allow_files=Path(self.allow_files) if self.allow_files else None,
         )
+
+
+def serve_settings(config: str | Path | None = None, **overrides) -> ServeConfig:
+    """Settings from a serve config file (or the defaults), with the given non-None `overrides` on top;
+    invalid values are UserErrors naming the key."""
+    import dataclasses
+
+    from ..config import from_dict, load_config
+
+    base = load_config(config, ServeConfig) if config else ServeConfig()
+    merged = {**dataclasses.asdict(base), **{k: v for k, v in overrides.items() if v is not None}}
+    return from_dict(ServeConfig, merged, source=str(config) if config else "serve options")
