@@ -555,7 +555,32 @@ def serve(settings, host: str, port: int, workdir: str | Path = ".") -> dict:
     config = {**to_dict(settings), "host": host, "port": port}
     with record_run(_db(workdir), "serve", config) as run:
         app = serve_app(settings)
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        with _stop_quietly_on_sigterm():
+            uvicorn.run(
+                app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
+            )
         answered = app.state.metrics.answered()
         run.metrics.update(answered)
     return answered
+
+
+class _Stopped(Exception):
+    pass
+
+
+@contextmanager
+def _stop_quietly_on_sigterm():
+    """uvicorn shuts down gracefully on SIGTERM, then raises the signal again: end normally instead
+    (the run is recorded as finished and the exit status is 0)."""
+    import signal
+
+    def stop(signum, frame):
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except _Stopped:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -18,7 +18,14 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import asynccontextmanager
 from typing import Any
+
+# this module is imported only to serve: FastAPI resolves the handlers' annotations from its globals
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from .batcher import MicroBatcher
 from .errors import ApiError
@@ -114,13 +121,6 @@ def build_app(
     max_wait_ms: float = MAX_WAIT_MS,
 ):
     """The FastAPI app serving `stack`; the batcher's worker starts with the app and drains when it stops."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-
     limits = limits or Limits()
     metrics = Metrics()
     state: dict[str, Any] = {"batcher": None}
