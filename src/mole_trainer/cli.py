@@ -606,7 +606,7 @@ def _serve(args, stages, wd) -> None:
     from .serve.settings import DEFAULT_HOST, DEFAULT_PORT, SERVE_OPTIONS, serve_settings
 
     settings = serve_settings(args.config, **{k: getattr(args, k) for k in SERVE_OPTIONS})
-    if not args.deployment and not args.config:
+    if not settings.deployment:
         raise UserError("serve needs --deployment URL (or a --config file naming one)")
     host = args.host or DEFAULT_HOST
     port = DEFAULT_PORT if args.port is None else args.port

@@ -40,7 +40,7 @@ SERVE_OPTIONS = (
 class ServeConfig:
     """How the routed stack is served (engine, batching, request limits; GPU and scale-out on Modal)."""
 
-    deployment: str = "deploy"  # on Modal: relative to the checkpoints Volume
+    deployment: str = ""  # a folder or fsspec URL; on Modal relative to the checkpoints Volume
     device: str = "auto"
     dtype: str = "auto"
     base_model: str | None = None
