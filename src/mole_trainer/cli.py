@@ -315,11 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--deployment", required=True)
     inf.add_argument("--image", default=None)
     inf.add_argument("--prompt", default=None)
-    inf.add_argument("--input", default=None, help="requests JSONL ({image, prompt} lines)")
-    inf.add_argument("--output", default=None, help="write results as JSONL here")
+    inf.add_argument(
+        "--input",
+        default=None,
+        help="requests JSONL ({image, prompt} lines, or messages/ShareGPT records); image paths absolute "
+        "or relative to the file",
+    )
+    inf.add_argument("--output", default=None, help="write results as JSONL here, each batch as it finishes")
     inf.add_argument("--expert", default=None, help="skip routing and use this expert")
     inf.add_argument("--batch-size", type=_at_least_one, default=8)
     inf.add_argument("--max-new-tokens", type=_at_least_one, default=None)
+    inf.add_argument(
+        "--min-probability",
+        type=_fraction,
+        default=None,
+        help="below this routing probability the --fallback answers",
+    )
+    inf.add_argument("--fallback", default=None, help="expert name, or 'base' (the base model, no adapter)")
     inf.add_argument(
         "--base-model",
         default=None,
@@ -570,7 +582,7 @@ def _report_rejects(records: dict, output) -> None:
 
 
 def _infer(args, stages, wd) -> None:
-    from .infer.stacked import request_sample, requests_from_jsonl, write_results
+    from .infer.stacked import request_sample, requests_from_jsonl
 
     if args.input and (args.image or args.prompt):
         raise UserError("give either --input FILE or --image with --prompt, not both")
@@ -584,7 +596,14 @@ def _infer(args, stages, wd) -> None:
         from pathlib import Path
 
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    results = stages.infer(
+
+    def show(r: dict) -> None:
+        prob = "forced" if r["probability"] is None else f"p={r['probability']:.3f}"
+        if r["fallback"] is not None:
+            prob += f" fallback (routed {r['routed']})"
+        print(f"{r['id']}\t{r['expert']}\t{prob}\t{r['output']!r}", flush=True)
+
+    stages.infer(
         args.deployment,
         samples,
         wd,
@@ -594,12 +613,11 @@ def _infer(args, stages, wd) -> None:
         args.dtype,
         args.max_new_tokens,
         args.base_model,
+        output=args.output,
+        min_probability=args.min_probability,
+        fallback=args.fallback,
+        on_result=show,
     )
-    for r in results:
-        prob = "forced" if r["probability"] is None else f"p={r['probability']:.3f}"
-        print(f"{r['id']}\t{r['expert']}\t{prob}\t{r['output']!r}")
-    if args.output:
-        write_results(results, args.output)
 
 
 def _serve(args, stages, wd) -> None:

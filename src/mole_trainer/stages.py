@@ -513,15 +513,54 @@ def infer(
     dtype: str = "auto",
     max_new_tokens: int | None = None,
     base_model: str | None = None,
+    output: str | Path | None = None,
+    min_probability: float | None = None,
+    fallback: str | None = None,
+    on_result=None,
 ) -> list[dict]:
-    """Route and generate for request samples with a deployment (`base_model` overrides the recorded one)."""
-    from .infer.stacked import StackedModel
+    """Route and answer request samples with a deployment through the engine (infer/engine.py).
 
-    config = {"deployment": deployment, "requests": len(samples), "expert": expert, "base_model": base_model}
+    `base_model` overrides the recorded base; below `min_probability` the `fallback` answers. Each
+    batch's results are written to `output` (JSONL, flushed) and passed to `on_result` as soon as
+    that batch is answered; all results are returned in request order.
+    """
+    from .infer.engine import Engine, Request
+    from .infer.stacked import ResultWriter
+
+    config = {
+        "deployment": deployment,
+        "requests": len(samples),
+        "expert": expert,
+        "base_model": base_model,
+        "min_probability": min_probability,
+        "fallback": fallback,
+    }
     with record_run(_db(workdir), "infer", config) as run:
-        model = StackedModel(deployment, device, dtype, base_model=base_model)
-        results = model(samples, batch_size, max_new_tokens, expert)
+        engine = Engine(
+            deployment,
+            device,
+            dtype,
+            base_model=base_model,
+            min_probability=min_probability,
+            fallback=fallback,
+        )
+        requests = [Request(s, expert=expert, max_new_tokens=max_new_tokens) for s in samples]
+        writer = ResultWriter(output) if output is not None else None
+        results = []
+        try:
+            for res in engine.iter_run(requests, batch_size):
+                results.append(res.to_dict())
+                if writer is not None:
+                    writer.write(results[-1])
+                if on_result is not None:
+                    on_result(results[-1])
+        finally:
+            if writer is not None:
+                writer.close()
         run.metrics["requests"] = len(results)
+        run.metrics["fallbacks"] = sum(r["fallback"] is not None for r in results)
+        if output is not None:
+            run.artifacts["output"] = str(output)
     return results
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..adapter_info import check_same_base, read_adapter_info
 from ..data.formats import Sample
+from ..data.preprocess import load_images as decode_images
 from ..errors import UserError
 from ..router_prompt import label_names, router_messages
 
@@ -87,23 +88,6 @@ def check_fallback(min_probability: float | None, fallback: str | None, names: S
     return (None if min_probability is None else float(min_probability)), fallback
 
 
-def decode_images(sample: Sample) -> list:
-    """The sample's images as RGB PIL images (paths are opened; PIL images converted if needed)."""
-    from PIL import Image
-
-    out = []
-    for im in sample.images:
-        if isinstance(im, Image.Image):
-            out.append(im if im.mode == "RGB" else im.convert("RGB"))
-            continue
-        try:
-            with Image.open(im) as opened:
-                out.append(opened.convert("RGB"))
-        except Exception as exc:
-            raise UserError(f"{sample.source or sample.id}: image '{im}' cannot be decoded ({exc})") from None
-    return out
-
-
 def encode_text(processor, messages: list[dict], image_inputs: dict | None) -> dict:
     """Token ids (1-D tensors) of a prompt whose images were processed beforehand.
 
@@ -130,12 +114,13 @@ def encode_text(processor, messages: list[dict], image_inputs: dict | None) -> d
 class _Vision:
     """One pixel budget's processed images for a batch, and their vision-tower features (run once)."""
 
-    def __init__(self, processor, images: list[list], model):
+    def __init__(self, processor, images: list[list], model, rows: set[int] | None = None):
+        """`images[i]`: request i's decoded images; only the requests in `rows` (default all) are processed."""
         self.model = model
         self.offsets = [0]
-        for ims in images:
-            self.offsets.append(self.offsets[-1] + len(ims))
-        flat = [im for ims in images for im in ims]
+        for i, ims in enumerate(images):
+            self.offsets.append(self.offsets[-1] + (len(ims) if rows is None or i in rows else 0))
+        flat = [im for i, ims in enumerate(images) if rows is None or i in rows for im in ims]
         self.inputs = processor.image_processor(images=flat, return_tensors="pt") if flat else None
         self._features = None
         if self.inputs is not None:
@@ -321,9 +306,15 @@ class Engine:
     def _run_batch(self, reqs: list[Request]) -> list[Result]:
         samples = [r.sample for r in reqs]
         images = [decode_images(s) for s in samples]
-        visions = {self.router_budget: _Vision(self._processors[self.router_budget], images, self.model)}
-        t0 = time.perf_counter()
         routed_rows = [i for i, r in enumerate(reqs) if r.expert is None]
+        # the router's pixel budget: the routed requests, and forced ones whose expert shares it
+        at_router = {
+            i for i, r in enumerate(reqs) if r.expert is None or self.budget[r.expert] == self.router_budget
+        }
+        visions = {
+            self.router_budget: _Vision(self._processors[self.router_budget], images, self.model, at_router)
+        }
+        t0 = time.perf_counter()
         probs = self._route(samples, visions[self.router_budget], routed_rows) if routed_rows else None
         route_s = time.perf_counter() - t0
         decisions = self._decide(reqs, routed_rows, probs)
@@ -383,12 +374,13 @@ class Engine:
 
         from ..data.preprocess import collate
 
+        for budget in {self.budget[n] for n in experts} - set(visions):  # experts at another pixel budget
+            rows_at = {i for i, n in enumerate(experts) if self.budget[n] == budget}
+            visions[budget] = _Vision(self._processors[budget], images, self.model, rows_at)
         rows = []
         picks = []
         for i, (r, name) in enumerate(zip(reqs, experts, strict=True)):
             budget = self.budget[name]
-            if budget not in visions:  # this expert sees the images at another pixel budget
-                visions[budget] = _Vision(self._processors[budget], images, self.model)
             vision = visions[budget]
             rows.append(
                 encode_text(
