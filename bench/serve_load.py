@@ -42,8 +42,9 @@ PROMPTS = ["Click on the 14th.", "What is the total in March?", "Log in as admin
 
 def tiny_deployment(root: Path) -> str:
     """The tests' deployment: the tiny Qwen3-VL with a router and 4 experts of random LoRA weights."""
-    from mole_trainer.model.tiny import build_tiny_model
     from tests.helpers import build_tiny_deployment
+
+    from mole_trainer.model.tiny import build_tiny_model
 
     return build_tiny_deployment(build_tiny_model(root / "tiny"), root)["deployment"]
 
