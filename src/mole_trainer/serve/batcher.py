@@ -99,17 +99,11 @@ class MicroBatcher:
         return batch, False
 
     def _work(self) -> None:
+        # submit() puts nothing after the stop marker: answering up to it drains the queue
         stop = False
         while not stop:
             batch, stop = self._collect()
-            if stop:  # drain: what was queued before the marker is answered in full batches
-                while True:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-            for i in range(0, len(batch), self.max_batch):
-                self._run([j for j in batch[i : i + self.max_batch] if j is not _STOP])
+            self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
         if not batch:
