@@ -382,7 +382,7 @@ def serve_config():
     deployed = os.environ.get(SERVE_SETTINGS_ENV)
     if deployed:
         return from_dict(ServeConfig, json.loads(deployed), SERVE_SETTINGS_ENV)
-    return serve_settings(os.environ.get(SERVE_CONFIG_ENV) or None)
+    return serve_settings(os.environ.get(SERVE_CONFIG_ENV) or None, resolve=False)
 
 
 def serve_function_options(settings) -> dict:

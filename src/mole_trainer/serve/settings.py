@@ -94,13 +94,20 @@ class ServeConfig:
         )
 
 
-def serve_settings(config: str | Path | None = None, **overrides) -> ServeConfig:
+def serve_settings(config: str | Path | None = None, resolve: bool = True, **overrides) -> ServeConfig:
     """Settings from a serve config file (or the defaults), with the given non-None `overrides` on top;
-    invalid values are UserErrors naming the key."""
+    invalid values are UserErrors naming the key. With `resolve`, the file's local paths (deployment,
+    allow_files, base_model) are relative to its folder, like every config's; without, they stay as
+    written (the Modal endpoint reads them relative to its Volumes)."""
     import dataclasses
 
-    from ..config import from_dict, load_config
+    from ..config import _read_raw, from_dict, resolve_path
 
-    base = load_config(config, ServeConfig) if config else ServeConfig()
+    base = from_dict(ServeConfig, _read_raw(Path(config)), str(config)) if config else ServeConfig()
+    if config and resolve:
+        for key in ("deployment", "allow_files", "base_model"):
+            value = getattr(base, key)
+            if value and "://" not in value:
+                setattr(base, key, resolve_path(value, Path(config).parent, allow_hub_id=key == "base_model"))
     merged = {**dataclasses.asdict(base), **{k: v for k, v in overrides.items() if v is not None}}
     return from_dict(ServeConfig, merged, source=str(config) if config else "serve options")
