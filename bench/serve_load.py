@@ -10,6 +10,8 @@ client threads each send a request, wait for its answer and send the next (close
 
 Usage: PYTHONPATH=src python bench/serve_load.py [--clients 1,4,16] [--requests 8] [--max-tokens 8]
        [--deployment DIR --device cuda]   (default: the tiny model with random adapters, on the CPU)
+The tiny model is built around the real Qwen3-VL-8B processor of tests/fixtures (151,936-token
+vocabulary: the LM head and prompt lengths are real), as in bench/stacked_inference.py.
 The last line printed is one JSON object.
 """
 
@@ -37,16 +39,19 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+PROCESSOR = REPO / "tests/fixtures/qwen3-vl-8b-processor"  # the real Qwen3-VL-8B processor (no weights)
 PROMPTS = ["Click on the 14th.", "What is the total in March?", "Log in as admin.", "Read the text."]
 
 
-def tiny_deployment(root: Path) -> str:
-    """The tests' deployment: the tiny Qwen3-VL with a router and 4 experts of random LoRA weights."""
+def tiny_deployment(root: Path, processor: str) -> str:
+    """The tests' deployment (a router and 4 experts of random LoRA weights) on the tiny Qwen3-VL, built
+    around `processor` (a processor folder: its tokenizer, vocabulary and chat template) if given."""
     from tests.helpers import build_tiny_deployment
 
     from mole_trainer.model.tiny import build_tiny_model
 
-    return build_tiny_deployment(build_tiny_model(root / "tiny"), root)["deployment"]
+    model = build_tiny_model(root / "tiny", processor_dir=processor or None)
+    return build_tiny_deployment(model, root)["deployment"]
 
 
 def make_images(n: int) -> list[bytes]:
@@ -179,6 +184,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--deployment", default=None, help="a deployment (default: the tiny random one)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--processor",
+        default=str(PROCESSOR),
+        help="processor folder the tiny model is built around ('' for the tiny local tokenizer)",
+    )
     ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
     ap.add_argument("--requests", type=int, default=8, help="requests per level (at least 2 per client)")
     ap.add_argument("--serial-requests", type=int, default=8, help="requests of the serial baseline")
@@ -188,7 +198,7 @@ def main() -> None:
     a = ap.parse_args()
     levels = [int(c) for c in a.clients.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        deployment = a.deployment or tiny_deployment(Path(tmp))
+        deployment = a.deployment or tiny_deployment(Path(tmp), a.processor)
         images = make_images(16)
         serial = serial_baseline(deployment, images, a.device, a.max_tokens, a.serial_requests)
         print(
@@ -232,7 +242,7 @@ def main() -> None:
             {
                 "bench": "serve_load",
                 "device": a.device,
-                "deployment": a.deployment or "tiny (random adapters)",
+                "deployment": a.deployment or f"tiny (random adapters), processor {a.processor or 'local'}",
                 "max_tokens": a.max_tokens,
                 "max_batch": a.max_batch,
                 "max_wait_ms": a.max_wait_ms,
