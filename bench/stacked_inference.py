@@ -24,8 +24,8 @@ single_s / mixed_s (target >= 0.9: mixing experts costs at most 10 % of a single
 / mixed_s (speed-ups); `same_outputs`: requests whose greedy output is identical on the mixed path
 and on each PEFT path (it must be N/N).
 
-Usage: python bench/stacked_inference.py [--requests 16] [--max-new-tokens 16] [--repeats 3]
-       [--rank 16] [--image 640x400] [--device auto]
+Usage: python bench/stacked_inference.py [--requests 16] [--max-new-tokens 8] [--repeats 3]
+       [--rank 16] [--image 448x280] [--device auto]
 """
 
 from __future__ import annotations
@@ -191,10 +191,10 @@ def main() -> None:
     """Build, run every path --repeats times, print per-repeat times and the JSON summary."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--image", default="640x400", help="screenshot size WxH")
+    ap.add_argument("--image", default="448x280", help="screenshot size WxH")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     size = tuple(int(x) for x in args.image.lower().split("x"))
