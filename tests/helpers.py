@@ -39,9 +39,10 @@ DEPLOY_EXPERTS = {
 DEPLOY_B_STD = 0.5  # PEFT initialises B to zero: random B makes every adapter change the outputs
 
 
-def build_tiny_deployment(model_dir, root) -> dict:
-    """Router + the DEPLOY_EXPERTS adapters with random non-zero LoRA weights on the tiny model,
-    saved as training saves them (PEFT folder + mole_adapter.json) and deployed into root/deploy.
+def build_tiny_deployment(model_dir, root, experts: dict | None = None, router: tuple | None = None) -> dict:
+    """Router + expert adapters with random non-zero LoRA weights on `model_dir`, saved as training
+    saves them (PEFT folder + mole_adapter.json) and deployed into root/deploy. `experts` ({name:
+    (lora, image budget, max_new_tokens)}) and `router` ((lora, image budget)) default to DEPLOY_*.
 
     Returns {"deployment": path, "names": expert names in label order, "adapters": {name: folder}}.
     """
@@ -57,8 +58,9 @@ def build_tiny_deployment(model_dir, root) -> dict:
     from mole_trainer.router_prompt import ROUTER_PROMPT_VERSION
 
     root = Path(root)
+    experts_spec = experts or DEPLOY_EXPERTS
     base = load_base(str(model_dir), device="cpu")
-    names = sorted(DEPLOY_EXPERTS)
+    names = sorted(experts_spec)
     label_map = {n: i for i, n in enumerate(names)}
 
     def adapter(folder, lora, seed, info):
@@ -71,21 +73,25 @@ def build_tiny_deployment(model_dir, root) -> dict:
         write_adapter_info(folder, {"base_model": str(model_dir), **info})
         return str(folder)
 
-    lora, image = DEPLOY_ROUTER
-    router = adapter(
+    lora, image = router or DEPLOY_ROUTER
+    router_dir = adapter(
         root / "router/adapter",
         lora,
         100,
         {"role": "router", "prompt_version": ROUTER_PROMPT_VERSION, "label_map": label_map, **image},
     )
-    experts = {}
+    expert_dirs = {}
     for i, name in enumerate(names):
-        lora, image, max_new = DEPLOY_EXPERTS[name]
-        experts[name] = adapter(
+        lora, image, max_new = experts_spec[name]
+        expert_dirs[name] = adapter(
             root / f"experts/{name}/adapter",
             lora,
             i,
             {"role": "expert", "expert": name, "max_new_tokens": max_new, **image},
         )
-    deploy(router, experts, label_map, str(root / "deploy"))
-    return {"deployment": str(root / "deploy"), "names": names, "adapters": {"router": router, **experts}}
+    deploy(router_dir, expert_dirs, label_map, str(root / "deploy"))
+    return {
+        "deployment": str(root / "deploy"),
+        "names": names,
+        "adapters": {"router": router_dir, **expert_dirs},
+    }
