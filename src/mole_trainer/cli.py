@@ -339,22 +339,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     device_opts(inf)
 
+    from .serve import defaults as sd
+
     srv = sub.add_parser(
         "serve", help="serve the routed stack over HTTP (OpenAI-compatible chat completions, batched)"
     )
     srv.add_argument("--deployment", default=None, help="deployment folder or fsspec URL (or in --config)")
     srv.add_argument("--config", default=None, help="serve settings file (YAML/JSON); options override it")
-    srv.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    srv.add_argument("--port", type=_positive, default=None, help="port (default 8000)")
-    srv.add_argument("--max-batch", type=_at_least_one, default=None, help="requests per engine batch (8)")
+    srv.add_argument("--host", default=None, help=f"address to bind (default {sd.DEFAULT_HOST})")
+    srv.add_argument("--port", type=_positive, default=None, help=f"port (default {sd.DEFAULT_PORT})")
     srv.add_argument(
-        "--max-wait-ms", type=float, default=None, help="how long a batch waits to fill up (10 ms)"
+        "--max-batch", type=_at_least_one, default=None, help=f"requests per engine batch ({sd.MAX_BATCH})"
+    )
+    srv.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=None,
+        help=f"how long a batch waits to fill up ({sd.MAX_WAIT_MS:g} ms)",
     )
     srv.add_argument("--allow-files", default=None, help="accept local image paths inside this folder only")
-    srv.add_argument("--max-image-pixels", type=_at_least_one, default=None, help="width x height per image")
-    srv.add_argument("--max-images", type=_at_least_one, default=None, help="images per request")
-    srv.add_argument("--max-body-bytes", type=_at_least_one, default=None, help="request body size")
-    srv.add_argument("--max-tokens", type=_at_least_one, default=None, help="largest max_tokens accepted")
+    srv.add_argument(
+        "--max-image-pixels",
+        type=_at_least_one,
+        default=None,
+        help=f"width x height per image ({sd.MAX_IMAGE_PIXELS})",
+    )
+    srv.add_argument(
+        "--max-images", type=_at_least_one, default=None, help=f"images per request ({sd.MAX_IMAGES})"
+    )
+    srv.add_argument(
+        "--max-body-bytes", type=_at_least_one, default=None, help=f"request body size ({sd.MAX_BODY_BYTES})"
+    )
+    srv.add_argument(
+        "--max-tokens",
+        type=_at_least_one,
+        default=None,
+        help=f"largest max_tokens accepted ({sd.MAX_TOKENS})",
+    )
     srv.add_argument(
         "--min-probability",
         type=_fraction,
@@ -621,7 +642,8 @@ def _infer(args, stages, wd) -> None:
 
 
 def _serve(args, stages, wd) -> None:
-    from .serve.settings import DEFAULT_HOST, DEFAULT_PORT, SERVE_OPTIONS, serve_settings
+    from .serve.defaults import DEFAULT_HOST, DEFAULT_PORT
+    from .serve.settings import SERVE_OPTIONS, serve_settings
 
     settings = serve_settings(args.config, **{k: getattr(args, k) for k in SERVE_OPTIONS})
     if not settings.deployment:

@@ -589,7 +589,7 @@ def serve(settings, host: str, port: int, workdir: str | Path = ".") -> dict:
     """Run `mole serve` until SIGTERM / Ctrl-C (in-flight requests finish first); recorded as one run."""
     import uvicorn
 
-    from .serve.settings import SHUTDOWN_GRACE_S
+    from .serve.defaults import SHUTDOWN_GRACE_S
 
     config = {**to_dict(settings), "host": host, "port": port}
     with record_run(_db(workdir), "serve", config) as run:

@@ -28,10 +28,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .batcher import MicroBatcher
+from .defaults import MAX_BATCH, MAX_WAIT_MS
 from .errors import ApiError
 from .messages import ROUTED_MODEL, ChatRequest, Limits, parse_chat_request, parse_json_body
 from .metrics import Metrics
-from .settings import MAX_BATCH, MAX_WAIT_MS
 
 OWNER = "mole-trainer"
 

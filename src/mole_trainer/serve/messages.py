@@ -30,15 +30,11 @@ from urllib.parse import unquote, urlparse
 from ..data.conversation import MESSAGE_ROLES, RawTurn, check_conversation, router_request
 from ..data.formats import Sample
 from ..errors import UserError
+from .defaults import MAX_BODY_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_TOKENS
 from .errors import ApiError
 
 ROUTED_MODEL = "mole"  # the model name that routes; an expert's name forces that expert
 
-# defaults of the server's limits (the CLI's --max-* options)
-MAX_IMAGE_PIXELS = 16_000_000  # width x height of one image, checked before it is decoded
-MAX_IMAGES = 8  # images per request
-MAX_BODY_BYTES = 32 * 1024 * 1024  # request body (base64 images included)
-MAX_TOKENS = 1024  # the largest max_tokens a request may ask for
 TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 is greedy
 
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system prompt

@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .messages import MAX_BODY_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_TOKENS, Limits
-
-MAX_BATCH = 8  # requests per engine batch
-MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for others
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-SHUTDOWN_GRACE_S = 120  # on SIGTERM, how long in-flight requests may take to finish
-
+from .defaults import (
+    MAX_BATCH,
+    MAX_BODY_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES,
+    MAX_TOKENS,
+    MAX_WAIT_MS,
+)
+from .messages import Limits
 
 # the ServeConfig fields `mole serve` takes as options (--max-batch fills max_batch, ...)
 SERVE_OPTIONS = (
