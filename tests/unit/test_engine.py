@@ -158,6 +158,7 @@ def test_streaming_limits_and_sampling_per_row(engine):
         assert r.completion_tokens <= reqs[i].max_new_tokens
         assert (r.finish_reason == "length") == (r.completion_tokens == reqs[i].max_new_tokens)
     assert res[1].completion_tokens > 2  # not cut at the shortest row's limit
+    assert len(pieces[1]) >= 2  # streamed while generating, not all at the end
     greedy = [
         r.output for r in engine.run([Request(s, expert="calendar", max_new_tokens=6) for s in samples])
     ]
