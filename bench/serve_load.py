@@ -1,12 +1,13 @@
 """Benchmark: closed-loop load on a live `mole serve` against a serial one-request-at-a-time engine loop.
 
-Same deployment, same requests, one machine. The serial baseline runs in this process: the engine
+Same deployment, same requests, one machine. The serial baseline runs in this process (half its
+requests before the load, half after, so a shared machine's drift hits both sides): the engine
 answers one request at a time (`Engine.run([request], batch_size=1)`, no HTTP), the best a server
-without batching could do. Then `mole serve` starts as a subprocess on 127.0.0.1 (a free port) and C
-client threads each send a request, wait for its answer and send the next (closed loop), for C in
---clients. Per level: requests/s, p50/p95 latency (client side), the router's share of the latency
-(route seconds / total seconds, as the server reports them per request) and the mean batch size
-(from /metrics). `batched_over_serial` is requests/s at the largest C over the serial loop's.
+without batching could do. Then `mole serve` starts as a subprocess on 127.0.0.1 (a free port) and
+C client threads each send a request, wait for its answer and send the next (closed loop), for C
+in --clients. Per level: requests/s, p50/p95 latency (client side), the router's share of the
+latency (route seconds / total seconds, as the server reports them per request) and the mean batch
+size (from /metrics). `batched_over_serial` is requests/s at the largest C over the serial loop's.
 
 Usage: PYTHONPATH=src python bench/serve_load.py [--clients 1,4,16] [--requests 8] [--max-tokens 8]
        [--deployment DIR --device cuda]   (default: the tiny model with random adapters, on the CPU)
@@ -68,33 +69,43 @@ def make_images(n: int) -> list[bytes]:
     return out
 
 
-def serial_baseline(deployment: str, images: list[bytes], device: str, max_tokens: int, n: int) -> dict:
-    """Requests/s of the engine answering one request at a time, in this process."""
-    from PIL import Image
+class SerialLoop:
+    """The engine answering one request at a time, in this process (no HTTP, no batching)."""
 
-    from mole_trainer.data.formats import Sample
-    from mole_trainer.infer.engine import Engine, Request
+    def __init__(self, deployment: str, images: list[bytes], device: str, max_tokens: int):
+        from mole_trainer.infer.engine import Engine
 
-    engine = Engine(deployment, device=device)
+        self.engine = Engine(deployment, device=device)
+        self.images, self.max_tokens = images, max_tokens
+        self.times: list[float] = []
+        self.engine.run([self.request(0)], batch_size=1)  # warm-up
 
-    def request(i: int) -> Request:
-        im = Image.open(io.BytesIO(images[i % len(images)])).convert("RGB")
+    def request(self, i: int):
+        from PIL import Image
+
+        from mole_trainer.data.formats import Sample
+        from mole_trainer.infer.engine import Request
+
+        im = Image.open(io.BytesIO(self.images[i % len(self.images)])).convert("RGB")
         prompt = PROMPTS[i % len(PROMPTS)]
         sample = Sample(id=f"r{i}", images=[im], instruction=prompt, answer="", source=f"r{i}")
-        return Request(sample, max_new_tokens=max_tokens)
+        return Request(sample, max_new_tokens=self.max_tokens)
 
-    engine.run([request(0)], batch_size=1)  # warm-up
-    times = []
-    for i in range(n):
-        start = time.perf_counter()
-        engine.run([request(i)], batch_size=1)
-        times.append(time.perf_counter() - start)
-    del engine
-    return {
-        "requests": n,
-        "requests_per_s": round(n / sum(times), 3),
-        "p50_s": round(statistics.median(times), 4),
-    }
+    def run(self, n: int) -> None:
+        """Answer n more requests one by one, timing each."""
+        for _ in range(n):
+            req = self.request(len(self.times))
+            start = time.perf_counter()
+            self.engine.run([req], batch_size=1)
+            self.times.append(time.perf_counter() - start)
+
+    def summary(self) -> dict:
+        t = self.times
+        return {
+            "requests": len(t),
+            "requests_per_s": round(len(t) / sum(t), 3),
+            "p50_s": round(statistics.median(t), 4),
+        }
 
 
 def _free_port() -> int:
@@ -200,7 +211,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         deployment = a.deployment or tiny_deployment(Path(tmp), a.processor)
         images = make_images(16)
-        serial = serial_baseline(deployment, images, a.device, a.max_tokens, a.serial_requests)
+        # half the serial loop before the load and half after: a shared machine's drift hits both sides
+        serial_loop = SerialLoop(deployment, images, a.device, a.max_tokens)
+        serial_loop.run(a.serial_requests // 2)
+        serial = serial_loop.summary()
         print(
             f"serial engine loop: {serial['requests_per_s']} requests/s (p50 {serial['p50_s']} s)", flush=True
         )
@@ -236,6 +250,9 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
             log.close()
+        serial_loop.run(a.serial_requests - a.serial_requests // 2)
+        serial = serial_loop.summary()
+        print(f"serial engine loop (before + after): {serial['requests_per_s']} requests/s", flush=True)
     top = rows[-1]
     print(
         json.dumps(
