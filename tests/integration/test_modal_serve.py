@@ -63,6 +63,7 @@ def _image_env(image) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_web_serves_the_deployment_on_the_checkpoints_volume(tiny_deployment, tmp_path, monkeypatch):
+    pytest.importorskip("httpx2")  # starlette's TestClient (installed with openai, dev extra)
     from PIL import Image
     from starlette.testclient import TestClient
 

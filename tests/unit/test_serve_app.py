@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-pytest.importorskip("fastapi")
+pytest.importorskip("httpx2")  # starlette's TestClient (installed with openai, dev extra)
 
 from starlette.testclient import TestClient  # noqa: E402
 
