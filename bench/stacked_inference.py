@@ -1,9 +1,31 @@
-"""Benchmark: stacked inference (route a batch, then generate grouped by expert) against the naive
-per-request loop (route one request, switch adapter, generate one request), same process, same
-deployment, same requests, on the tiny offline Qwen3-VL.
+"""Benchmark: one mixed-expert batch through the engine against the ways a batch for several LoRA
+experts is otherwise served, in the same process, on the same requests and the same adapters.
 
-Usage: python bench/stacked_inference.py [--requests N] [--repeats R] [--max-new-tokens T]
-The last line printed is one JSON object (medians over the repeats, and the ratio).
+Paths (every one generates greedily, the same max_new_tokens, for the same N requests):
+- `mixed`: the engine (infer/engine.py), requests forced round-robin onto 4 experts, ONE generate
+  call with each row on its own expert (stacked LoRA layer, per-row gather).
+- `single`: the engine, the same batch all on one expert (the cost of a batch with no mixing).
+- `routed`: the engine with routing: one routing pass, then the mixed generate (the full request).
+- `peft_mixed`: PEFT with the 4 experts loaded, one generate with `adapter_names=[...]` per row.
+- `peft_grouped`: PEFT, the batch split by expert, `set_adapter` + generate per group (the old
+  `mole infer`).
+- `peft_swap`: PEFT, one request at a time: `set_adapter` to its expert, generate it alone.
+
+Model: the tiny Qwen3-VL (model/tiny.py sizes) built around the real Qwen3-VL-8B processor of
+tests/fixtures (its tokenizer, chat template, 151,936-token vocabulary and image processor), so
+the LM head, prompt lengths and image tokens are real; adapters: rank --rank on every projection
+of the language model, random non-zero weights. Requests: one GUI-like screenshot each (--image
+WxH), instructions of different lengths. Timings are medians over --repeats, each path run once
+per repeat, interleaved.
+
+Figures (last line, one JSON object): seconds per path and requests/s; `mixed_over_single` =
+single_s / mixed_s (target >= 0.9: mixing experts costs at most 10 % of a single-adapter batch);
+`mixed_over_peft_mixed`, `mixed_over_peft_grouped`, `mixed_over_peft_swap` = that path's seconds
+/ mixed_s (speed-ups); `same_outputs`: requests whose greedy output is identical on the mixed path
+and on each PEFT path (it must be N/N).
+
+Usage: python bench/stacked_inference.py [--requests 16] [--max-new-tokens 8] [--repeats 3]
+       [--rank 16] [--image 448x280] [--device auto]
 """
 
 from __future__ import annotations
@@ -12,114 +34,228 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.helpers (the deployment builder the tests use)
+sys.path.insert(0, str(REPO / "src"))
+
+PROCESSOR = REPO / "tests/fixtures/qwen3-vl-8b-processor"
+EXPERTS = ["calendar", "chart-screen", "login-window", "ocr"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+INSTRUCTIONS = [
+    "Click on the 14th.",
+    "Sign in as jdoe with the password shown on the note.",
+    "What is the total?",
+    "Open the settings and turn off notifications for every app except mail.",
+    "Which series is highest in March?",
+    "Type the address into the search box and press enter.",
+    "Read the text in the image.",
+    "Add two bottles of milk to the cart, then go to the checkout page and apply the coupon.",
+]
+PATHS = ("mixed", "single", "routed", "peft_mixed", "peft_grouped", "peft_swap")
 
 
-def build_deployment(root: Path) -> tuple[str, list]:
-    """Tiny model, synthetic data, experts + router trained for a few steps, deployed (demo layout)."""
-    from mole_trainer import stages
-    from mole_trainer.config import LorasConfig, RouterConfig, load_config
-    from mole_trainer.configs import write_configs
-    from mole_trainer.data.formats import load_jsonl_samples
-    from mole_trainer.layout import WorkDir
+def screenshot(size: tuple[int, int], seed: int):
+    """A GUI-like picture: title bar, panels and text lines."""
+    import random
 
-    wd = WorkDir(root)
-    short = {"train": {"steps": 2, "eval_every": 2}}
-    write_configs(
-        wd.config_dir,
-        {
-            "dataset.yaml": {"train_per_expert": 8, "val_per_expert": 2, "test_per_expert": 8},
-            "loras.yaml": {**short, "eval_records": 1},
-            "router.yaml": short,
-        },
-    )
-    stages.model_tiny(wd.model_dir, root)
-    stages.data_synth(wd.experts_data, root, None, {"train": 8, "val": 2, "test": 8})
-    stages.data_routing(wd.config_dir / "dataset.yaml", wd.routing_file, root)
-    image = load_config(wd.config_dir / "router.yaml", RouterConfig).image
-    stages.data_preprocess(
-        wd.routing_file,
-        wd.prep_dir / "router",
-        str(wd.model_dir),
-        "router",
-        None,
-        image.min_pixels,
-        image.max_pixels,
-        root,
-    )
-    quiet = lambda *_: None  # noqa: E731
-    stages.train_experts(wd.config_dir / "loras.yaml", root, report=quiet)
-    stages.train_router(wd.prep_dir / "router", wd.config_dir / "router.yaml", root, report=quiet)
-    experts_dir = load_config(wd.config_dir / "loras.yaml", LorasConfig).output_dir
-    router_dir = load_config(wd.config_dir / "router.yaml", RouterConfig).output_dir
-    stages.deploy(router_dir, experts_dir, str(wd.deploy_dir), root)
-    requests = [s for s in load_jsonl_samples(wd.routing_file) if s.split == "test"]
-    return str(wd.deploy_dir), requests
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    im = Image.new("RGB", size, (rng.randrange(200, 256),) * 3)
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 0, size[0], 30], fill=(40, 60, 90))
+    for _ in range(25):
+        x, y = rng.randrange(0, size[0] - 120), rng.randrange(34, size[1] - 40)
+        colour = tuple(rng.randrange(0, 256) for _ in range(3))
+        d.rectangle([x, y, x + rng.randrange(30, 120), y + rng.randrange(14, 40)], outline=colour, width=2)
+        d.text((x + 4, y + 3), rng.choice(INSTRUCTIONS)[:20], fill=(0, 0, 0))
+    return im
 
 
-def naive(model, requests, max_new_tokens):
-    """One request at a time: route it, activate its expert, generate."""
-    from mole_trainer.infer.generate import generate
-    from mole_trainer.infer.stacked import expert_adapter
+def build(root: Path, rank: int, size: tuple[int, int], max_new: int):
+    """Tiny model around the real processor, and a deployment of 4 random experts + a router."""
+    from tests.helpers import build_tiny_deployment
 
-    out = []
-    for s in requests:
-        probs = model.route([s], batch_size=1)
-        name = model.names[int(probs[0].argmax())]
-        model.model.set_adapter(expert_adapter(name))
-        out.append((name, generate(model.model, model.expert_processor[name], [s], max_new_tokens, 1)[0]))
-    return out
+    from mole_trainer.model.tiny import TinySpec, build_tiny_model
+
+    model = build_tiny_model(root / "model", TinySpec(), processor_dir=PROCESSOR)
+    budget = {"min_pixels": 64 * 64, "max_pixels": size[0] * size[1]}
+    lora = {"rank": rank, "alpha": 2 * rank, "targets": TARGETS}
+    experts = {name: (lora, budget, max_new) for name in EXPERTS}
+    return model, build_tiny_deployment(model, root, experts=experts, router=(lora, budget))
+
+
+def peft_model(engine, adapters: dict):
+    """A second copy of the base with the router and the experts as named PEFT adapters."""
+    from peft import PeftModel
+
+    from mole_trainer.model.loading import load_base
+
+    base = load_base(engine.base_model, "auto", str(engine.device))
+    model = PeftModel.from_pretrained(base, adapters["router"], adapter_name="router")
+    for name in EXPERTS:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+def peft_generate(model, processor, samples, max_new: int, **kwargs) -> list[str]:
+    """Greedy answers of one left-padded batch with PEFT (kwargs: adapter_names=...)."""
+    import torch
+
+    from mole_trainer.data.preprocess import collate, encode_prompt, load_images
+
+    rows = []
+    for s in samples:
+        enc = encode_prompt(processor, s.messages(with_answer=False), load_images(s))
+        rows.append({k: (v if k in ("pixel_values", "image_grid_thw") else v[0]) for k, v in enc.items()})
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(rows, processor.tokenizer.pad_token_id, "left").items()}
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new, do_sample=False, **kwargs)
+    new = out[:, batch["input_ids"].shape[1] :]
+    return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def run_paths(engine, model, samples, max_new: int) -> tuple[dict, dict]:
+    """Seconds and outputs of every path, once."""
+    import torch
+
+    from mole_trainer.infer.engine import Request
+
+    experts = [EXPERTS[i % len(EXPERTS)] for i in range(len(samples))]
+    processor = engine._processors[engine.router_budget]
+    n = len(samples)
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    tokens = {}
+
+    def answers(path, requests):
+        results = engine.run(requests, n)
+        tokens[path] = statistics.mean(r.completion_tokens for r in results)
+        return [r.output for r in results]
+
+    def mixed():
+        return answers("mixed", [Request(s, e, max_new) for s, e in zip(samples, experts, strict=True)])
+
+    def single():
+        return answers("single", [Request(s, EXPERTS[0], max_new) for s in samples])
+
+    def routed():
+        return answers("routed", [Request(s, None, max_new) for s in samples])
+
+    def peft_mixed():
+        return peft_generate(model, processor, samples, max_new, adapter_names=experts)
+
+    def peft_grouped():
+        out = [""] * n
+        for name in EXPERTS:
+            idx = [i for i, e in enumerate(experts) if e == name]
+            model.set_adapter(name)
+            for i, text in zip(
+                idx, peft_generate(model, processor, [samples[i] for i in idx], max_new), strict=True
+            ):
+                out[i] = text
+        return out
+
+    def peft_swap():
+        out = []
+        for s, e in zip(samples, experts, strict=True):
+            model.set_adapter(e)
+            out.extend(peft_generate(model, processor, [s], max_new))
+        return out
+
+    seconds, outputs = {}, {}
+    for name, fn in zip(PATHS, (mixed, single, routed, peft_mixed, peft_grouped, peft_swap), strict=True):
+        sync()
+        t = time.perf_counter()
+        outputs[name] = fn()
+        sync()
+        seconds[name] = time.perf_counter() - t
+    outputs["tokens"] = tokens
+    return seconds, outputs
 
 
 def main() -> None:
-    """Run both paths `repeats` times and print per-run times and the JSON summary."""
+    """Build, run every path --repeats times, print per-repeat times and the JSON summary."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--image", default="448x280", help="screenshot size WxH")
+    ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    size = tuple(int(x) for x in args.image.lower().split("x"))
 
     import torch
 
-    from mole_trainer.infer.stacked import StackedModel
+    from mole_trainer.data.formats import Sample
+    from mole_trainer.infer.engine import Engine
 
     with tempfile.TemporaryDirectory() as tmp:
-        deployment, requests = build_deployment(Path(tmp))
-        requests = (requests * (args.requests // len(requests) + 1))[: args.requests]
-        model = StackedModel(deployment, device="auto")
-        stacked_s, naive_s = [], []
-        with torch.inference_mode():
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                grouped = model(requests, args.batch_size, args.max_new_tokens)
-                stacked_s.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                one_by_one = naive(model, requests, args.max_new_tokens)
-                naive_s.append(time.perf_counter() - t)
-                print(f"stacked {stacked_s[-1]:.2f} s   naive {naive_s[-1]:.2f} s", flush=True)
-        same_routes = sum(g["expert"] == n for g, (n, _) in zip(grouped, one_by_one, strict=True))
-    stacked, slow = statistics.median(stacked_s), statistics.median(naive_s)
-    print(
-        json.dumps(
-            {
-                "device": "cuda" if torch.cuda.is_available() else "cpu",
-                "threads": torch.get_num_threads(),
-                "requests": args.requests,
-                "max_new_tokens": args.max_new_tokens,
-                "repeats": args.repeats,
-                "stacked_requests_per_s": round(args.requests / stacked, 2),
-                "naive_requests_per_s": round(args.requests / slow, 2),
-                "speedup": round(slow / stacked, 2),
-                "same_routes": f"{same_routes}/{args.requests}",
-            }
-        )
-    )
+        t = time.perf_counter()
+        _, dep = build(Path(tmp), args.rank, size, args.max_new_tokens)
+        engine = Engine(dep["deployment"], device=args.device)
+        model = peft_model(engine, dep["adapters"])
+        samples = [
+            Sample(
+                id=f"r{i}",
+                images=[screenshot(size, i)],
+                instruction=INSTRUCTIONS[i % len(INSTRUCTIONS)],
+                answer="",
+            )
+            for i in range(args.requests)
+        ]
+        print(f"built in {time.perf_counter() - t:.1f} s", flush=True)
+        from mole_trainer.infer.engine import Request
+
+        probe = engine.run([Request(samples[0], EXPERTS[0], 1)])[0]
+        prompt_tokens = probe.prompt_tokens
+        run_paths(engine, model, samples[:4], 2)  # warm-up (lazy init, allocator)
+        times: dict[str, list[float]] = {p: [] for p in PATHS}
+        for rep in range(args.repeats):
+            seconds, outputs = run_paths(engine, model, samples, args.max_new_tokens)
+            for p in PATHS:
+                times[p].append(seconds[p])
+            print(f"repeat {rep}: " + "  ".join(f"{p} {seconds[p]:.2f}s" for p in PATHS), flush=True)
+    med = {p: statistics.median(v) for p, v in times.items()}
+    same = {
+        p: f"{sum(a == b for a, b in zip(outputs['mixed'], outputs[p], strict=True))}/{args.requests}"
+        for p in ("peft_mixed", "peft_grouped", "peft_swap")
+    }
+    summary = {
+        "device": str(engine.device),
+        "threads": torch.get_num_threads(),
+        "requests": args.requests,
+        "max_new_tokens": args.max_new_tokens,
+        "rank": args.rank,
+        "image": args.image,
+        "vocab": engine.model.config.text_config.vocab_size,
+        "repeats": args.repeats,
+        **{f"{p}_s": round(med[p], 4) for p in PATHS},
+        **{f"{p}_requests_per_s": round(args.requests / med[p], 2) for p in PATHS},
+        "mixed_over_single": round(med["single"] / med["mixed"], 3),
+        "mixed_over_peft_mixed": round(med["peft_mixed"] / med["mixed"], 3),
+        "mixed_over_peft_grouped": round(med["peft_grouped"] / med["mixed"], 3),
+        "mixed_over_peft_swap": round(med["peft_swap"] / med["mixed"], 3),
+        "routing_share": round((med["routed"] - med["mixed"]) / med["routed"], 3),
+        "same_outputs": same,
+        "mean_completion_tokens": {p: round(v, 2) for p, v in outputs["tokens"].items()},
+        "prompt_tokens": prompt_tokens,
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

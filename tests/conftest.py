@@ -41,3 +41,12 @@ def synth_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
     synthesize(root, counts=SMALL_COUNTS, seed=0, image_size=SMALL_SIZE)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_deployment(tiny_model, tmp_path_factory):
+    """A deployment of the tiny model: a router and 4 experts with random non-zero LoRA weights
+    (tests/helpers.py DEPLOY_*). {"deployment": folder, "names": experts in label order, "adapters"}."""
+    from tests.helpers import build_tiny_deployment
+
+    return build_tiny_deployment(tiny_model, tmp_path_factory.mktemp("tiny-deployment"))

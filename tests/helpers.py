@@ -41,3 +41,82 @@ def png_has_drawing(png: bytes) -> bool:
         return False
     image = Image.open(io.BytesIO(png)).convert("RGB")
     return image.width >= 300 and len(image.getcolors(1 << 20) or []) > 20
+
+
+# A deployment of random adapters for engine and server tests: (LoRA spec, pixel budget, max_new_tokens).
+# Ranks, targets and budgets differ on purpose: the stacked layer must pad ranks, skip modules an
+# adapter leaves alone, and process the images again for an expert with its own pixel budget.
+DEPLOY_ROUTER = ({"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}, SMALL_IMAGE)
+DEPLOY_EXPERTS = {
+    "calendar": ({"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}, SMALL_IMAGE, 6),
+    "chart-screen": ({"rank": 8, "alpha": 8, "targets": ["q_proj", "k_proj", "o_proj"]}, SMALL_IMAGE, 6),
+    "login-window": (
+        {"rank": 2, "alpha": 4, "targets": ["gate_proj", "up_proj", "down_proj"]},
+        SMALL_IMAGE,
+        5,
+    ),
+    "ocr": (
+        {"rank": 4, "alpha": 8, "targets": ["v_proj", "down_proj"]},
+        {"min_pixels": 4096, "max_pixels": 40000},
+        8,
+    ),
+}
+DEPLOY_B_STD = 0.5  # PEFT initialises B to zero: random B makes every adapter change the outputs
+
+
+def build_tiny_deployment(model_dir, root, experts: dict | None = None, router: tuple | None = None) -> dict:
+    """Router + expert adapters with random non-zero LoRA weights on `model_dir`, saved as training
+    saves them (PEFT folder + mole_adapter.json) and deployed into root/deploy. `experts` ({name:
+    (lora, image budget, max_new_tokens)}) and `router` ((lora, image budget)) default to DEPLOY_*.
+
+    Returns {"deployment": path, "names": expert names in label order, "adapters": {name: folder}}.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from mole_trainer.adapter_info import write_adapter_info
+    from mole_trainer.config import LoraSpec
+    from mole_trainer.deploy import deploy
+    from mole_trainer.model.loading import load_base
+    from mole_trainer.model.multi_lora import expert_weights_from_spec, save_peft_adapter
+    from mole_trainer.router_prompt import ROUTER_PROMPT_VERSION
+
+    root = Path(root)
+    experts_spec = experts or DEPLOY_EXPERTS
+    base = load_base(str(model_dir), device="cpu")
+    names = sorted(experts_spec)
+    label_map = {n: i for i, n in enumerate(names)}
+
+    def adapter(folder, lora, seed, info):
+        spec = LoraSpec(**lora)
+        weights = expert_weights_from_spec(base, spec, seed)
+        gen = torch.Generator().manual_seed(seed)
+        for w in weights.values():
+            w.B = torch.randn(w.B.shape, generator=gen) * DEPLOY_B_STD
+        save_peft_adapter(folder, spec, weights, str(model_dir))
+        write_adapter_info(folder, {"base_model": str(model_dir), **info})
+        return str(folder)
+
+    lora, image = router or DEPLOY_ROUTER
+    router_dir = adapter(
+        root / "router/adapter",
+        lora,
+        100,
+        {"role": "router", "prompt_version": ROUTER_PROMPT_VERSION, "label_map": label_map, **image},
+    )
+    expert_dirs = {}
+    for i, name in enumerate(names):
+        lora, image, max_new = experts_spec[name]
+        expert_dirs[name] = adapter(
+            root / f"experts/{name}/adapter",
+            lora,
+            i,
+            {"role": "expert", "expert": name, "max_new_tokens": max_new, **image},
+        )
+    deploy(router_dir, expert_dirs, label_map, str(root / "deploy"))
+    return {
+        "deployment": str(root / "deploy"),
+        "names": names,
+        "adapters": {"router": router_dir, **expert_dirs},
+    }

@@ -328,17 +328,77 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--deployment", required=True)
     inf.add_argument("--image", default=None)
     inf.add_argument("--prompt", default=None)
-    inf.add_argument("--input", default=None, help="requests JSONL ({image, prompt} lines)")
-    inf.add_argument("--output", default=None, help="write results as JSONL here")
+    inf.add_argument(
+        "--input",
+        default=None,
+        help="requests JSONL ({image, prompt} lines, or messages/ShareGPT records); image paths absolute "
+        "or relative to the file",
+    )
+    inf.add_argument("--output", default=None, help="write results as JSONL here, each batch as it finishes")
     inf.add_argument("--expert", default=None, help="skip routing and use this expert")
     inf.add_argument("--batch-size", type=_at_least_one, default=8)
     inf.add_argument("--max-new-tokens", type=_at_least_one, default=None)
+    inf.add_argument(
+        "--min-probability",
+        type=_fraction,
+        default=None,
+        help="below this routing probability the --fallback answers",
+    )
+    inf.add_argument("--fallback", default=None, help="expert name, or 'base' (the base model, no adapter)")
     inf.add_argument(
         "--base-model",
         default=None,
         help="base to load instead of the recorded one (a deployment moved to another machine)",
     )
     device_opts(inf)
+
+    from .serve import defaults as sd
+
+    srv = sub.add_parser(
+        "serve", help="serve the routed stack over HTTP (OpenAI-compatible chat completions, batched)"
+    )
+    srv.add_argument("--deployment", default=None, help="deployment folder or fsspec URL (or in --config)")
+    srv.add_argument("--config", default=None, help="serve settings file (YAML/JSON); options override it")
+    srv.add_argument("--host", default=None, help=f"address to bind (default {sd.DEFAULT_HOST})")
+    srv.add_argument("--port", type=_positive, default=None, help=f"port (default {sd.DEFAULT_PORT})")
+    srv.add_argument(
+        "--max-batch", type=_at_least_one, default=None, help=f"requests per engine batch ({sd.MAX_BATCH})"
+    )
+    srv.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=None,
+        help=f"how long a batch waits to fill up ({sd.MAX_WAIT_MS:g} ms)",
+    )
+    srv.add_argument("--allow-files", default=None, help="accept local image paths inside this folder only")
+    srv.add_argument(
+        "--max-image-pixels",
+        type=_at_least_one,
+        default=None,
+        help=f"width x height per image ({sd.MAX_IMAGE_PIXELS})",
+    )
+    srv.add_argument(
+        "--max-images", type=_at_least_one, default=None, help=f"images per request ({sd.MAX_IMAGES})"
+    )
+    srv.add_argument(
+        "--max-body-bytes", type=_at_least_one, default=None, help=f"request body size ({sd.MAX_BODY_BYTES})"
+    )
+    srv.add_argument(
+        "--max-tokens",
+        type=_at_least_one,
+        default=None,
+        help=f"largest max_tokens accepted ({sd.MAX_TOKENS})",
+    )
+    srv.add_argument(
+        "--min-probability",
+        type=_fraction,
+        default=None,
+        help="below this routing probability the --fallback answers",
+    )
+    srv.add_argument("--fallback", default=None, help="an expert's name, or 'base' (no adapter)")
+    srv.add_argument("--base-model", default=None, help="base to load instead of the recorded one")
+    srv.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
+    srv.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
 
     hist = sub.add_parser("history", help="run history").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -537,6 +597,8 @@ def run(args: argparse.Namespace) -> int:
         )
     elif cmd[0] == "infer":
         _infer(args, stages, wd)
+    elif cmd[0] == "serve":
+        _serve(args, stages, wd)
     elif cmd[0] == "history":
         return _history(args, stages, wd)
     return 0
@@ -707,7 +769,7 @@ def _report_rejects(records: dict, output) -> None:
 
 
 def _infer(args, stages, wd) -> None:
-    from .infer.stacked import request_sample, requests_from_jsonl, write_results
+    from .infer.stacked import request_sample, requests_from_jsonl
 
     if args.input and (args.image or args.prompt):
         raise UserError("give either --input FILE or --image with --prompt, not both")
@@ -721,7 +783,14 @@ def _infer(args, stages, wd) -> None:
         from pathlib import Path
 
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    results = stages.infer(
+
+    def show(r: dict) -> None:
+        prob = "forced" if r["probability"] is None else f"p={r['probability']:.3f}"
+        if r["fallback"] is not None:
+            prob += f" fallback (routed {r['routed']})"
+        print(f"{r['id']}\t{r['expert']}\t{prob}\t{r['output']!r}", flush=True)
+
+    stages.infer(
         args.deployment,
         samples,
         wd,
@@ -731,12 +800,28 @@ def _infer(args, stages, wd) -> None:
         args.dtype,
         args.max_new_tokens,
         args.base_model,
+        output=args.output,
+        min_probability=args.min_probability,
+        fallback=args.fallback,
+        on_result=show,
     )
-    for r in results:
-        prob = "forced" if r["probability"] is None else f"p={r['probability']:.3f}"
-        print(f"{r['id']}\t{r['expert']}\t{prob}\t{r['output']!r}")
-    if args.output:
-        write_results(results, args.output)
+
+
+def _serve(args, stages, wd) -> None:
+    from .serve.defaults import DEFAULT_HOST, DEFAULT_PORT
+    from .serve.settings import SERVE_OPTIONS, serve_settings
+
+    settings = serve_settings(args.config, **{k: getattr(args, k) for k in SERVE_OPTIONS})
+    if not settings.deployment:
+        raise UserError("serve needs --deployment URL (or a --config file naming one)")
+    host = args.host or DEFAULT_HOST
+    port = DEFAULT_PORT if args.port is None else args.port
+    answered = stages.serve(settings, host, port, wd)
+    print(
+        f"stopped: {answered['requests']} requests answered ({answered['ok']} ok, "
+        f"{answered['refused']} refused, {answered['failed']} failed)",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -637,9 +637,19 @@ def infer(
     dtype: str = "auto",
     max_new_tokens: int | None = None,
     base_model: str | None = None,
+    output: str | Path | None = None,
+    min_probability: float | None = None,
+    fallback: str | None = None,
+    on_result=None,
 ) -> list[dict]:
-    """Route and generate for request samples with a deployment (`base_model` overrides the recorded one)."""
-    from .infer.stacked import StackedModel
+    """Route and answer request samples with a deployment through the engine (infer/engine.py).
+
+    `base_model` overrides the recorded base; below `min_probability` the `fallback` answers. Each
+    batch's results are written to `output` (JSONL, flushed) and passed to `on_result` as soon as
+    that batch is answered; all results are returned in request order.
+    """
+    from .infer.engine import Engine, Request
+    from .infer.stacked import ResultWriter
     from .storage import redact
 
     config = {
@@ -647,11 +657,35 @@ def infer(
         "requests": len(samples),
         "expert": expert,
         "base_model": base_model,
+        "min_probability": min_probability,
+        "fallback": fallback,
     }
     with record_run(_db(workdir), "infer", config) as run:
-        model = StackedModel(deployment, device, dtype, base_model=base_model)
-        results = model(samples, batch_size, max_new_tokens, expert)
+        engine = Engine(
+            deployment,
+            device,
+            dtype,
+            base_model=base_model,
+            min_probability=min_probability,
+            fallback=fallback,
+        )
+        requests = [Request(s, expert=expert, max_new_tokens=max_new_tokens) for s in samples]
+        writer = ResultWriter(output) if output is not None else None
+        results = []
+        try:
+            for res in engine.iter_run(requests, batch_size):
+                results.append(res.to_dict())
+                if writer is not None:
+                    writer.write(results[-1])
+                if on_result is not None:
+                    on_result(results[-1])
+        finally:
+            if writer is not None:
+                writer.close()
         run.metrics["requests"] = len(results)
+        run.metrics["fallbacks"] = sum(r["fallback"] is not None for r in results)
+        if output is not None:
+            run.artifacts["output"] = str(output)
     return results
 
 
@@ -687,3 +721,66 @@ def history_plot(workdir: str | Path, output_dir: str | Path, run_id: str | None
     from .history_report import write_plots
 
     return write_plots(workdir, output_dir, run_id)
+
+
+def serve_app(settings, cache_dir: str | None = None):
+    """The server's ASGI app (serve.settings.ServeConfig): the deployment loaded once into the engine."""
+    from .infer.engine import Engine
+    from .serve.app import ServedStack, build_app
+
+    limits = settings.limits()
+    if limits.allow_files is not None and not limits.allow_files.is_dir():
+        raise UserError(f"--allow-files {limits.allow_files}: not a folder")
+    engine = Engine(
+        settings.deployment,
+        settings.device,
+        settings.dtype,
+        settings.base_model,
+        cache_dir,
+        settings.min_probability,
+        settings.fallback,
+    )
+    stack = ServedStack(engine, engine.names, engine.base_model)
+    return build_app(stack, limits, settings.max_batch, settings.max_wait_ms)
+
+
+def serve(settings, host: str, port: int, workdir: str | Path = ".") -> dict:
+    """Run `mole serve` until SIGTERM / Ctrl-C (in-flight requests finish first); recorded as one run."""
+    import uvicorn
+
+    from .serve.defaults import SHUTDOWN_GRACE_S
+    from .storage import redact
+
+    config = {**to_dict(settings), "host": host, "port": port}
+    config["deployment"] = redact(config["deployment"])
+    with record_run(_db(workdir), "serve", config) as run:
+        app = serve_app(settings)
+        with _stop_quietly_on_sigterm():
+            uvicorn.run(
+                app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
+            )
+        answered = app.state.metrics.answered()
+        run.metrics.update(answered)
+    return answered
+
+
+class _Stopped(Exception):
+    pass
+
+
+@contextmanager
+def _stop_quietly_on_sigterm():
+    """uvicorn shuts down gracefully on SIGTERM, then raises the signal again: end normally instead
+    (the run is recorded as finished and the exit status is 0)."""
+    import signal
+
+    def stop(signum, frame):
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except _Stopped:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

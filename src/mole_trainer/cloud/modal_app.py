@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 import tomllib
@@ -516,6 +517,69 @@ def deploy(
             force,
             report,
         )
+
+
+# The web endpoint's settings (serve.settings.ServeConfig): read from the serve config file named by
+# MOLE_SERVE_CONFIG when the app is deployed (GPU type, concurrency and replica range go into the
+# function's definition), and handed to the containers in the image's environment as JSON, so a
+# container serves exactly what was deployed.
+SERVE_CONFIG_ENV = "MOLE_SERVE_CONFIG"
+SERVE_SETTINGS_ENV = "MOLE_SERVE_SETTINGS"
+SERVE_TIMEOUT = 10 * MINUTE  # the longest one request may take
+SERVE_SCALEDOWN_S = 5 * MINUTE  # an idle replica stays warm this long (loading the stack takes a while)
+
+
+def serve_config():
+    """The endpoint's ServeConfig: the deployed one inside a container, else MOLE_SERVE_CONFIG or the defaults.
+
+    `deployment` (default: the deploy stage's DEPLOY_DIR), `base_model` and `allow_files` are relative to
+    the checkpoints, models and data Volumes.
+    """
+    from mole_trainer.config import from_dict
+    from mole_trainer.serve.settings import ServeConfig, serve_settings
+
+    deployed = os.environ.get(SERVE_SETTINGS_ENV)
+    if deployed:
+        return from_dict(ServeConfig, json.loads(deployed), SERVE_SETTINGS_ENV)
+    return serve_settings(os.environ.get(SERVE_CONFIG_ENV) or None, resolve=False)
+
+
+def serve_function_options(settings) -> dict:
+    """The Modal function options of the endpoint that come from its settings."""
+    return {
+        "gpu": settings.gpu,
+        "min_containers": settings.min_containers,
+        "max_containers": settings.max_containers,
+    }
+
+
+SERVE = serve_config()
+serve_image = image.env({SERVE_SETTINGS_ENV: json.dumps(dataclasses.asdict(SERVE))})
+
+
+@app.function(
+    image=serve_image,
+    volumes=MOUNTS,
+    timeout=SERVE_TIMEOUT,
+    scaledown_window=SERVE_SCALEDOWN_S,
+    **serve_function_options(SERVE),
+)
+@modal.concurrent(max_inputs=SERVE.concurrency)
+@modal.asgi_app()
+def web():
+    """The `mole serve` app (OpenAI-compatible, micro-batched) over a deployment on the checkpoints Volume.
+
+    Each replica loads the deployment once and batches the requests it takes (up to the config's
+    `concurrency` at once); Modal adds replicas, up to `max_containers`, as the load grows.
+    """
+    with synced(reads=(MODELS, CHECKPOINTS)):
+        settings = dataclasses.replace(
+            SERVE,
+            deployment=str(volume_path(CHECKPOINTS, SERVE.deployment or DEPLOY_DIR)),
+            base_model=_model_ref(SERVE.base_model) if SERVE.base_model else None,
+            allow_files=str(volume_path(DATA, SERVE.allow_files)) if SERVE.allow_files else None,
+        )
+        return stages.serve_app(settings)
 
 
 @app.local_entrypoint()

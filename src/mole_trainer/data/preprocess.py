@@ -34,11 +34,14 @@ TASKS = ("sft", "router")
 
 
 def load_images(sample: Sample):
-    """Open a sample's images as RGB PIL images."""
+    """Open a sample's images as RGB PIL images (images already decoded, e.g. a server's, are used as they are)."""
     from PIL import Image
 
     out = []
     for p in sample.images:
+        if isinstance(p, Image.Image):
+            out.append(p if p.mode == "RGB" else p.convert("RGB"))
+            continue
         try:
             with Image.open(p) as im:
                 out.append(im.convert("RGB"))

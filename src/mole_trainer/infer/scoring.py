@@ -66,8 +66,18 @@ def _packed_labels(label_ids: list[list[int]]):
     return ids, owner, offset, target
 
 
-def score_encoded(model, prompts: list[dict], label_ids: list[list[int]], pad_id: int):
-    """Log-probability matrix [n, K] of each label after each encoded prompt (one prefill per prompt)."""
+def score_encoded(
+    model,
+    prompts: list[dict],
+    label_ids: list[list[int]],
+    pad_id: int,
+    mm_encoder_outputs: dict | None = None,
+):
+    """Log-probability matrix [n, K] of each label after each encoded prompt (one prefill per prompt).
+
+    `mm_encoder_outputs` ({"image": vision tower output for the prompts' images, in order}) reuses
+    image features computed beforehand (the prompts' pixel values are then not run again).
+    """
     import torch
 
     if not prompts:
@@ -79,6 +89,9 @@ def score_encoded(model, prompts: list[dict], label_ids: list[list[int]], pad_id
         raise ValueError(f"router scoring needs {' or '.join(MASKABLE_ATTENTION)} attention, not {attn!r}")
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(prompts, pad_id, padding_side="left").items()}
+    if mm_encoder_outputs is not None:
+        batch.pop("pixel_values", None)
+        batch["mm_encoder_outputs"] = mm_encoder_outputs
     mask = batch["attention_mask"]
     if "mm_token_type_ids" not in batch:
         batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])

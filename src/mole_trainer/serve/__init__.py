@@ -1,0 +1,1 @@
+"""`mole serve`: the routed stack behind an OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
