@@ -5,6 +5,11 @@ N optimiser steps, early stopping (patience, min delta) and keep-best on a chose
 trainable (LoRA) parameters are optimised; the best ones are kept in memory and restored at the end.
 With a checkpoint folder it also writes resumable checkpoints (train/checkpoint.py) and resumes
 exactly from the newest one; under torchrun it trains data-parallel (train/distributed.py).
+
+Built to keep a GPU busy: the loss is the answer-only one (train/loss.py), AdamW is the fused
+kernel on CUDA, batches are padded ahead by loading processes (train/loader.py) and copied from
+pinned memory, and the host reads the loss back only when it logs (evaluations, every `log_every`
+steps); token counts for the normalisation are taken on the host, before the batch goes to the GPU.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from .distributed import barrier, current
 from .loader import BatchLoader, worker_count
 from .loss import answer_loss_sum, loss_module, supervised_count
 
-# TrainSpec keys that change how batches are loaded, never what is trained: a run may resume with others
-LOADING_ONLY = ("data_workers", "prefetch_batches")
+# TrainSpec keys that never change the trained weights: a run may resume with other values
+OUTSIDE_RESUME_IDENTITY = ("data_workers", "prefetch_batches", "log_every")
 
 
 @dataclass
@@ -239,13 +244,15 @@ def train_loop(
         # no device_ids: DDP would copy the inputs to the GPU, labels too, which stay on the host
         net = DistributedDataParallel(net)
     settings = {
-        **{k: v for k, v in to_dict(spec).items() if k not in LOADING_ONLY},
+        **{k: v for k, v in to_dict(spec).items() if k not in OUTSIDE_RESUME_IDENTITY},
         "examples": len(examples),
         "data": data_id,
         "weighted": sample_weights is not None,
         "parameters": {n: list(p.shape) for n, p in named.items()},
         **(identity or {}),
     }
+    if not spec.length_grouping:
+        del settings["length_grouping"]  # so checkpoints written before the option existed still resume
     root = Path(checkpoint_dir) if checkpoint_dir else None
     save_every = spec.save_every or spec.eval_every
 
@@ -327,7 +334,7 @@ def train_loop(
             return max(float(count), 1.0)
         import torch.distributed as tdist
 
-        t = torch.tensor([float(count)], dtype=torch.float64).to(device, non_blocking=True)
+        t = torch.tensor(float(count), dtype=torch.float64).to(device, non_blocking=True)
         tdist.all_reduce(t)
         return t.clamp(min=1.0)
 
@@ -355,15 +362,16 @@ def train_loop(
         sched.step()
         evaluating = step % spec.eval_every == 0 or step == spec.steps
         if evaluating or (spec.log_every and step % spec.log_every == 0):
+            if evaluating:
+                model.eval()
+                metrics = evaluate()
+                model.train()
             if dist.world > 1:
                 import torch.distributed as tdist
 
                 tdist.all_reduce(total)
             entry = {"step": step, "train_loss": total.item(), "lr": sched.get_last_lr()[0]}
             if evaluating:
-                model.eval()
-                metrics = evaluate()
-                model.train()
                 writer.record({**entry, **metrics})
                 if better(metrics, best_metrics):
                     best_metrics, best_state, best_step, bad_evals = metrics, snapshot(), step, 0
