@@ -36,8 +36,13 @@ sys.path.insert(0, str(HERE.parent / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BATCH = {"tiny": 4, "2b": 8, "8b": 4}  # rows per step of the single-adapter paths
-EXPERT_BATCH = {"tiny": 2, "2b": 4, "8b": 1}  # rows per expert per step of the multi-expert paths
+BATCH = {"tiny": 4, "tiny151k": 4, "2b": 8, "8b": 4}  # rows per step of the single-adapter paths
+EXPERT_BATCH = {
+    "tiny": 2,
+    "tiny151k": 2,
+    "2b": 4,
+    "8b": 1,
+}  # rows per expert per step of the multi-expert paths
 LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.0}  # on the 7 language-model projections
 
 
@@ -231,7 +236,7 @@ def table(report: dict) -> str:
 def main() -> None:
     """Measure every shape, write OUT_DIR/gpu_train.json after each, print the table last."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="2b,8b", help="comma-separated: tiny, 2b, 8b")
+    ap.add_argument("--shapes", default="2b,8b", help="comma-separated: 2b, 8b; tiny, tiny151k on a CPU")
     ap.add_argument("--steps", type=int, default=10, help="timed optimiser steps per run (per expert)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each path")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per path (median)")

@@ -3,7 +3,8 @@
 The reference that bench/gpu_train.py measures the package against: get_peft_model, Hugging Face's
 own loss (`labels=` in the forward: logits over the whole vocabulary at every position), torch's
 default AdamW, one step after another. The shapes are those of the published Qwen3-VL-2B and -8B
-configs (8B: tests/fixtures/qwen3-vl-8b-processor/config.json); `tiny` is for a CPU smoke run.
+configs (8B: tests/fixtures/qwen3-vl-8b-processor/config.json); `tiny` and `tiny151k` (the same
+with Qwen's 151,936-token vocabulary) are for the CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ SHAPES = {
     "tiny": {
         "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=16, vocab_size=1024),
+        "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, deepstack_visual_indexes=[0, 1]),
+        "tie": True,
+        "image_px": 128,
+    },
+    "tiny151k": {  # tiny, with Qwen's real vocabulary: what the output head costs, measurable on a CPU
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, vocab_size=151936),
         "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, deepstack_visual_indexes=[0, 1]),
         "tie": True,
         "image_px": 128,

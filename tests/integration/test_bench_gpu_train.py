@@ -37,3 +37,19 @@ def test_gpu_train_bench_smoke_run_on_the_cpu(tmp_path):
         "sequential",
         "PEFT",
     ]
+
+
+def test_the_8b_shape_is_qwen3_vl_8b_parameter_for_parameter():
+    """Built on the meta device (no memory): the names and sizes of the published checkpoint's weights."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from peft_reference import build
+
+    index = json.loads(
+        (REPO / "tests/fixtures/qwen3-vl-8b-processor/model.safetensors.index.json").read_text()
+    )
+    model, _ = build("8b", "meta", torch.bfloat16)
+    names = {n for n, _ in model.named_parameters()}
+    assert names == set(index["weight_map"])
+    assert 2 * sum(p.numel() for p in model.parameters()) == index["metadata"]["total_size"]  # bf16: 2 bytes
