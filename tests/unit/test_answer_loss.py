@@ -68,7 +68,7 @@ def test_answer_loss_and_gradients_equal_hf_full_logits_loss(model, batch, chunk
     n = supervised_count(labels)
     assert 7 < n < labels[:, 1:].numel()  # answers only, and more than one chunk at chunk=7
     want, want_grads = _hf(model, batch)
-    losses, rows = supervised_token_losses(model, inputs, labels, chunk=loss_mod.LOSS_CHUNK_TOKENS)
+    losses, rows = supervised_token_losses(model, inputs, labels)
     assert losses.dtype == torch.float32 and len(losses) == n
     got = answer_loss_sum(model, inputs, labels) / n
     got_grads = _grads(model, got)

@@ -39,7 +39,7 @@ def _chunk_ce(head, hidden, target):
     return F.cross_entropy(head(hidden).float(), target, reduction="none")
 
 
-def supervised_token_losses(model, batch: dict, labels, chunk: int = LOSS_CHUNK_TOKENS):
+def supervised_token_losses(model, batch: dict, labels, chunk: int | None = None):
     """Next-token cross-entropy (fp32) at every supervised position: (losses [n], rows [n]).
 
     `labels[b, t]` is the token expected at position t (IGNORE_INDEX where not supervised), as in
@@ -50,6 +50,7 @@ def supervised_token_losses(model, batch: dict, labels, chunk: int = LOSS_CHUNK_
     import torch
     from torch.utils.checkpoint import checkpoint
 
+    chunk = chunk or LOSS_CHUNK_TOKENS
     backbone, head = backbone_and_head(model)
     target = labels[:, 1:]
     rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
