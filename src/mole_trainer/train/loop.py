@@ -340,55 +340,58 @@ def train_loop(
 
     t0, step = time.perf_counter(), start
     model.train()
-    for step in range(start + 1, spec.steps + 1 if not finished else start + 1):
-        optim.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
-        for micro in range(spec.grad_accum):
-            batch = loader.next()
-            seen += batch.pop("rows")
-            denom = global_tokens(batch.pop("supervised")) * spec.grad_accum
-            labels = batch.pop("labels")  # stays on the host: the loss finds the answer positions there
-            batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
-            sync = dist.world == 1 or micro == spec.grad_accum - 1
-            with net.no_sync() if not sync else nullcontext():
-                # DDP averages gradients over ranks; scaling by world keeps the global token mean
-                scale = dist.world / denom
-                loss = net(batch, labels) * (scale if dist.world == 1 else scale.float())
-                loss.backward()
-            total += loss.detach().double() / dist.world
-        if spec.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-        optim.step()
-        sched.step()
-        evaluating = step % spec.eval_every == 0 or step == spec.steps
-        if evaluating or (spec.log_every and step % spec.log_every == 0):
-            if evaluating:
-                model.eval()
-                metrics = evaluate()
-                model.train()
-            if dist.world > 1:
-                import torch.distributed as tdist
+    try:
+        for step in range(start + 1, spec.steps + 1 if not finished else start + 1):
+            optim.zero_grad(set_to_none=True)
+            # the step's loss is summed on the device: reading it back would wait for the GPU
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(spec.grad_accum):
+                batch = loader.next()
+                seen += batch.pop("rows")
+                denom = global_tokens(batch.pop("supervised")) * spec.grad_accum
+                labels = batch.pop("labels")  # stays on the host: the loss finds the answer positions there
+                batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
+                sync = dist.world == 1 or micro == spec.grad_accum - 1
+                with net.no_sync() if not sync else nullcontext():
+                    # DDP averages gradients over ranks; scaling by world keeps the global token mean
+                    scale = dist.world / denom
+                    loss = net(batch, labels) * (scale if dist.world == 1 else scale.float())
+                    loss.backward()
+                total += loss.detach().double() / dist.world
+            if spec.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optim.step()
+            sched.step()
+            evaluating = step % spec.eval_every == 0 or step == spec.steps
+            if evaluating or (spec.log_every and step % spec.log_every == 0):
+                if evaluating:
+                    model.eval()
+                    metrics = evaluate()
+                    model.train()
+                if dist.world > 1:
+                    import torch.distributed as tdist
 
-                tdist.all_reduce(total)
-            entry = {"step": step, "train_loss": total.item(), "lr": sched.get_last_lr()[0]}
-            if evaluating:
-                writer.record({**entry, **metrics})
-                if better(metrics, best_metrics):
-                    best_metrics, best_state, best_step, bad_evals = metrics, snapshot(), step, 0
-                    if root and dist.main:
-                        save_best(model.save_pretrained, root, step, metrics)
+                    tdist.all_reduce(total)
+                entry = {"step": step, "train_loss": total.item(), "lr": sched.get_last_lr()[0]}
+                if evaluating:
+                    writer.record({**entry, **metrics})
+                    if better(metrics, best_metrics):
+                        best_metrics, best_state, best_step, bad_evals = metrics, snapshot(), step, 0
+                        if root and dist.main:
+                            save_best(model.save_pretrained, root, step, metrics)
+                    else:
+                        bad_evals += 1
+                        stopped = bool(spec.patience and bad_evals >= spec.patience)
                 else:
-                    bad_evals += 1
-                    stopped = bool(spec.patience and bad_evals >= spec.patience)
-            else:
-                writer.record(entry)
-        done = stopped or step == spec.steps
-        if root and (done or step % save_every == 0):
-            save(step, done)
-        if stopped:
-            break
-    if loader:
-        loader.close()
+                    writer.record(entry)
+            done = stopped or step == spec.steps
+            if root and (done or step % save_every == 0):
+                save(step, done)
+            if stopped:
+                break
+    finally:
+        if loader:  # stops the loading processes, also when training is interrupted
+            loader.close()
     model.eval()
     writer.close()
     with torch.no_grad():
