@@ -210,11 +210,11 @@ def table(report: dict) -> str:
         f"MFU vs {report['peak_tflops']} TFLOPS, attention {report['attn']}"
         + (", liger" if report["liger"] else "")
         + (", compiled layers (ours)" if report["compile"] else ""),
-        f"{'shape':6} {'path':24} {'batch':>6} {'seq':>5} {'samples/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs PEFT':>8}",
+        f"{'shape':8} {'path':24} {'batch':>6} {'seq':>5} {'samples/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs PEFT':>8}",
     ]
     for r in report["shapes"]:
         if "error" in r:
-            lines.append(f"{r['shape']:6} error: {r['error'][:90]}")
+            lines.append(f"{r['shape']:8} error: {r['error'][:90]}")
             continue
         paths = [("ours", "ours (answer-only loss)", r["batch"], r.get("ours_over_peft"))]
         paths.append(("peft", "plain PEFT (HF loss)", r["batch"], None))
@@ -227,7 +227,7 @@ def table(report: dict) -> str:
             m = r[key]
             mem = "-" if m["peak_mem_gib"] is None else m["peak_mem_gib"]
             lines.append(
-                f"{r['shape']:6} {label:24} {batch!s:>6} {r['seq_len']:>5} {m['samples_per_s']:>10}"
+                f"{r['shape']:8} {label:24} {batch!s:>6} {r['seq_len']:>5} {m['samples_per_s']:>10}"
                 f" {m['mfu']:>6.1%} {mem!s:>9} {'' if ratio is None else f'{ratio}x':>8}"
             )
     return "\n".join(lines)

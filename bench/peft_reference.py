@@ -100,6 +100,7 @@ def build(shape: str, device: str, dtype, attn: str = "sdpa"):
         **special_ids(text["vocab_size"]),
     )
     cfg._attn_implementation = attn
+    torch.manual_seed(0)  # the same random weights in every run
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
