@@ -1,208 +1,301 @@
-"""GPU benchmark (one rented H100/H200): concurrent expert training against sequential plain PEFT
-on 2B- and 8B-shaped random-weight Qwen3-VL models in bf16, plus shared/bench/peft_baseline.py
-(`--shape 2b`) in the same call so the numbers compare on one machine.
+"""GPU training benchmark (issue 11): the package's loop against plain PEFT on 2B- and 8B-shaped Qwen3-VL.
 
-Installs nothing: torch, transformers and peft must be there; run from the repository root with
+One call measures, per shape, in bf16 on one CUDA GPU (fp32 on the CPU for `--shapes tiny`):
+  ours        the package's train_loop on one LoRA: answer-only loss, fused AdamW, batch loader
+  peft        plain PEFT on the same rows: get_peft_model, Hugging Face's loss, default AdamW
+  concurrent  `--experts` experts trained together (train/concurrent.py), per-expert batch
+  seq. PEFT   the same experts one after another with plain PEFT (set_adapter)
+samples/s (median of `--repeats` after a warm-up), MFU and peak GPU memory; the table is printed last
+and everything goes to OUT_DIR/gpu_train.json. Self-contained: the models are random-weight
+Qwen3-VL shapes built here (bench/peft_reference.py), nothing is downloaded or read outside the
+repository. Rows: one image (448 px at 2B, 896 px at 8B), a prompt, an answer; only the answer is
+supervised, as in SFT data.
+
+MFU = 4 x N x tokens / seconds / peak, N = language-model parameters outside the embedding (frozen
+base: 2 N forward + 2 N backward through the activations; vision tower, output head and attention's
+quadratic term not counted), peak = --peak-tflops (default 790, the convention of the figures in
+issue 11; an H100/H200 SXM's dense bf16 datasheet peak is 989).
+
     PYTHONPATH=src python bench/gpu_train.py [--shapes 2b,8b] [--out-dir $OUT]
-The model shapes and the synthetic batches (one image + text per row, the image tokens masked
-from the loss) are peft_baseline.py's own (found at ../shared/bench or shared/bench). Each expert
-gets its own random rows; both paths train every expert `--steps` steps at the same per-expert batch
-(`--batch-2b`, `--batch-8b`). The concurrent path is the package's (MultiLora + train_concurrent),
-the sequential path get_peft_model + add_adapter + set_adapter in a standard loop (bench/train_concurrent.py).
-Then, on CUDA, bench/route_cost.py (router scoring: one prefill vs K rows, `--route-cost-ks`) in a
-subprocess, its JSON under "route_cost".
-Writes OUT_DIR/gpu_train.json and OUT_DIR/peft_baseline_2b.json; prints a short table last.
-On a machine without CUDA it runs the same code in fp32 on the CPU (check with --shapes tiny).
+    PYTHONPATH=src python bench/gpu_train.py --shapes tiny --steps 2 --repeats 1   # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import importlib.util
 import json
 import os
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE.parent / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BATCH = {"tiny": 4, "tiny151k": 4, "2b": 8, "8b": 4}  # rows per step of the single-adapter paths
+EXPERT_BATCH = {
+    "tiny": 2,
+    "tiny151k": 2,
+    "2b": 4,
+    "8b": 1,
+}  # rows per expert per step of the multi-expert paths
+LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.0}  # on the 7 language-model projections
 
 
-def find_baseline() -> Path:
-    """shared/bench/peft_baseline.py beside the repository (../shared) or inside it (shared/)."""
-    for root in (REPO.parent / "shared", REPO / "shared"):
-        path = root / "bench" / "peft_baseline.py"
-        if path.is_file():
-            return path
-    raise SystemExit(f"peft_baseline.py not found under {REPO.parent / 'shared'} or {REPO / 'shared'}")
+def silent(*_) -> None:
+    """A report callback that prints nothing."""
 
 
-def load_baseline(path: Path):
-    """Import peft_baseline.py as a module (for its SHAPES, build() and batch())."""
-    spec = importlib.util.spec_from_file_location("peft_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def expert_rows(pb, cfg, n: int, img: int, text: int, dtype, seed: int) -> list[dict]:
-    """n single-row examples in the package's example format, from peft_baseline.batch() (CPU tensors)."""
+def peak_gib(device: str) -> float | None:
+    """Peak GPU memory allocated since the last reset, in GiB (None on the CPU)."""
     import torch
 
-    torch.manual_seed(seed)
-    inputs, labels = pb.batch(cfg, n, img, text, "cpu", dtype)
-    per = (img // 16) ** 2  # patches per image
-    rows = []
-    for i in range(n):
-        ex = {k: inputs[k][i] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
-        ex["labels"] = labels[i]
-        ex["pixel_values"] = inputs["pixel_values"][i * per : (i + 1) * per]
-        ex["image_grid_thw"] = inputs["image_grid_thw"][i : i + 1]
-        rows.append(ex)
-    return rows
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
 
 
-def run_shape(pb, shape: str, a, device: str, dtype) -> dict:
-    """Build one shape, measure both paths, free the GPU; the result row."""
+def reset_peak(device: str) -> None:
+    """Start a new peak-memory measurement."""
+    import gc as _gc
+
     import torch
 
-    from mole_trainer.config import LoraSpec, TrainSpec
-    from train_concurrent import measure
-
-    batch = {"2b": a.batch_2b, "8b": a.batch_8b}.get(shape, a.batch_2b)
-    img = {"2b": 448, "8b": 896}.get(shape, 224)
-    t0 = time.time()
-    model, cfg = pb.build(shape, device, dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    build_s = time.time() - t0
-    n_rows = batch * (a.steps + 1)  # one full epoch of distinct rows per expert, warm-up included
-    train_sets = [expert_rows(pb, cfg, n_rows, img, a.text, dtype, 100 + e) for e in range(a.experts)]
-    val_sets = [expert_rows(pb, cfg, batch, img, a.text, dtype, 200 + e) for e in range(a.experts)]
-    lora = LoraSpec(rank=16, alpha=32, dropout=0.0)
-    spec = TrainSpec(lr=1e-4, steps=a.steps, batch_size=batch, warmup_ratio=0.0, eval_every=a.steps)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    res = measure(model, lora, spec, train_sets, val_sets, 0, a.repeats, lambda m: print(f"[{shape}] {m}"))
-    res.update(
-        shape=shape,
-        per_expert_batch=batch,
-        experts=a.experts,
-        steps=a.steps,
-        seq_len=int(train_sets[0][0]["input_ids"].shape[0]),
-        image_px=img,
-        build_s=round(build_s, 1),
-        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None,
-    )
-    del model, train_sets, val_sets
-    gc.collect()
+    _gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def ours_seconds(model, lora, train_rows, batch: int, steps: int, compile_layers: bool) -> float:
+    """Seconds of `steps` steps of the package's train_loop on a fresh LoRA (the model is left bare)."""
+    from mole_trainer.config import TrainSpec
+    from mole_trainer.model.kernels import compile_language_model
+    from mole_trainer.model.lora import attach_lora, detach_lora
+    from mole_trainer.train.loop import train_loop
+
+    pm = attach_lora(model, lora, seed=0)
+    try:
+        if compile_layers:
+            compile_language_model(pm)
+        spec = TrainSpec(lr=1e-4, steps=steps, batch_size=batch, warmup_ratio=0.0, eval_every=steps)
+        result = train_loop(
+            pm, train_rows, spec, 0, lambda: {"val_loss": 0.0}, lambda new, best: False, report=silent
+        )
+        return result.seconds  # the steps only; ends with the logged loss read back (a device sync)
+    finally:
+        detach_lora(pm)
+
+
+def timed(run, warmup, repeats: int) -> list[float]:
+    """`warmup()` once, then `run()` `repeats` times; each run returns (seconds, samples): samples/s."""
+    warmup()
+    out = []
+    for _ in range(repeats):
+        seconds, samples = run()
+        out.append(samples / seconds)
+    return out
+
+
+def summary(rates: list[float], tokens_per_sample: int, n_params: int, peak_tflops: float, mem) -> dict:
+    """Median samples/s of the runs, tokens/s, MFU and peak memory."""
+    med = statistics.median(rates)
+    return {
+        "samples_per_s": round(med, 3),
+        "tokens_per_s": round(med * tokens_per_sample, 1),
+        "mfu": float(f"{4 * n_params * tokens_per_sample * med / (peak_tflops * 1e12):.4g}"),
+        "peak_mem_gib": mem,
+        "runs": [round(r, 3) for r in rates],
+    }
+
+
+def loss_check(model, train_rows, batch: int) -> dict:
+    """The answer-only loss against HF's full-logits loss on one batch of the bare base (no training)."""
+    import torch
+
+    from mole_trainer.data.preprocess import collate
+    from mole_trainer.train.loss import answer_loss_sum, supervised_count
+
+    device = next(model.parameters()).device
+    inputs = collate(train_rows[:batch], 0)
+    labels = inputs.pop("labels")
+    on_device = {k: v.to(device) for k, v in inputs.items()}
+    with torch.no_grad():
+        ours = float(answer_loss_sum(model, on_device, labels)) / supervised_count(labels)
+        hf = float(model(**on_device, labels=labels.to(device)).loss)
+    return {"answer_loss": round(ours, 6), "hf_loss": round(hf, 6), "abs_diff": abs(ours - hf)}
+
+
+def run_shape(shape: str, a, device: str, dtype) -> dict:
+    """Build one shape, measure the four paths, free the GPU; the shape's result."""
+    from mole_trainer.config import LoraSpec, TrainSpec
+    from mole_trainer.model.kernels import apply_liger
+    from mole_trainer.model.lora import peft_config
+    from peft_reference import SHAPES, build, lm_params, plain_peft_seconds, rows
+    from train_concurrent import run_concurrent, run_sequential_peft
+
+    def say(msg: str) -> None:
+        print(f"[{shape}] {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    model, cfg = build(shape, device, dtype, a.attn)
+    build_s = time.perf_counter() - t0
+    batch, expert_batch, px = BATCH[shape], EXPERT_BATCH[shape], SHAPES[shape]["image_px"]
+    train_rows = rows(cfg, max(3 * batch, 8), px, a.prompt, a.answer, dtype, seed=1)
+    seq_len = len(train_rows[0]["input_ids"])
+    n_params = lm_params(model)
+    lora = LoraSpec(**LORA)
+    res = {
+        "shape": shape,
+        "seq_len": seq_len,
+        "image_px": px,
+        "supervised_per_row": a.answer,
+        "lm_params": n_params,
+        "batch": batch,
+        "build_s": round(build_s, 1),
+        "loss_check": loss_check(model, train_rows, batch),
+    }
+    say(f"built in {build_s:.0f} s, {seq_len} tokens per row, loss check {res['loss_check']}")
+
+    def single(name, seconds_of):
+        reset_peak(device)
+        rates = timed(
+            lambda: (seconds_of(a.steps), a.steps * batch),
+            lambda: seconds_of(a.warmup),
+            a.repeats,
+        )
+        res[name] = summary(rates, seq_len, n_params, a.peak_tflops, peak_gib(device))
+        say(f"{name}: {res[name]['samples_per_s']} samples/s, MFU {res[name]['mfu']}")
+
+    single("peft", lambda steps: plain_peft_seconds(model, peft_config(lora), train_rows, batch, steps))
+    if a.experts:
+        sets = [
+            rows(cfg, max(3 * expert_batch, 4), px, a.prompt, a.answer, dtype, 100 + e)
+            for e in range(a.experts)
+        ]
+        vals = [rows(cfg, expert_batch, px, a.prompt, a.answer, dtype, 200 + e) for e in range(a.experts)]
+
+        def spec(steps):
+            return TrainSpec(
+                lr=1e-4, steps=steps, batch_size=expert_batch, warmup_ratio=0.0, eval_every=steps
+            )
+
+        def multi(name, go):
+            reset_peak(device)
+            rates = timed(lambda: go(spec(a.steps)), lambda: go(spec(a.warmup)), a.repeats)
+            res[name] = summary(rates, seq_len, n_params, a.peak_tflops, peak_gib(device))
+            say(f"{name}: {res[name]['samples_per_s']} samples/s, MFU {res[name]['mfu']}")
+
+        multi("sequential_peft", lambda s: run_sequential_peft(model, lora, s, sets, 0))
+        if a.liger:
+            apply_liger(model)
+        multi("concurrent", lambda s: run_concurrent(model, lora, s, sets, vals, 0))
+        res["expert_batch"] = expert_batch
+        res["concurrent_over_sequential_peft"] = round(
+            res["concurrent"]["samples_per_s"] / res["sequential_peft"]["samples_per_s"], 3
+        )
+    elif a.liger:
+        apply_liger(model)
+    single("ours", lambda steps: ours_seconds(model, lora, train_rows, batch, steps, a.compile))
+    res["ours_over_peft"] = round(res["ours"]["samples_per_s"] / res["peft"]["samples_per_s"], 3)
     return res
 
 
-def route_cost(ks: str, repeats: int) -> dict | None:
-    """bench/route_cost.py in a subprocess (the K-row method at every K: a GPU has the memory)."""
-    cmd = [sys.executable, str(HERE / "route_cost.py"), "--ks", ks, "--repeats", str(repeats)]
-    cmd += ["--old-max-k", str(max(int(k) for k in ks.split(",")))]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out after 300 s"}
-    if done.returncode:
-        print(done.stderr[-2000:], file=sys.stderr)
-        return {"error": done.stderr[-500:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def table(report: dict) -> str:
+    """The summary table (printed last)."""
+    lines = [
+        f"{report['device']} {report['dtype']}, LoRA r={LORA['rank']} on 7 projections, "
+        f"MFU vs {report['peak_tflops']} TFLOPS, attention {report['attn']}"
+        + (", liger" if report["liger"] else "")
+        + (", compiled layers (ours)" if report["compile"] else ""),
+        f"{'shape':8} {'path':24} {'batch':>6} {'seq':>5} {'samples/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs PEFT':>8}",
+    ]
+    for r in report["shapes"]:
+        if "error" in r:
+            lines.append(f"{r['shape']:8} error: {r['error'][:90]}")
+            continue
+        paths = [("ours", "ours (answer-only loss)", r["batch"], r.get("ours_over_peft"))]
+        paths.append(("peft", "plain PEFT (HF loss)", r["batch"], None))
+        if "concurrent" in r:
+            n = report["experts"]
+            paths.append(("concurrent", f"concurrent {n} experts", f"{n}x{r['expert_batch']}",
+                          r["concurrent_over_sequential_peft"]))  # fmt: skip
+            paths.append(("sequential_peft", f"sequential PEFT x{n}", r["expert_batch"], None))
+        for key, label, batch, ratio in paths:
+            m = r[key]
+            mem = "-" if m["peak_mem_gib"] is None else m["peak_mem_gib"]
+            lines.append(
+                f"{r['shape']:8} {label:24} {batch!s:>6} {r['seq_len']:>5} {m['samples_per_s']:>10}"
+                f" {m['mfu']:>6.1%} {mem!s:>9} {'' if ratio is None else f'{ratio}x':>8}"
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
-    """Measure every shape, run the PEFT reference, write the JSON files and print the table."""
+    """Measure every shape, write OUT_DIR/gpu_train.json after each, print the table last."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="2b,8b", help="comma-separated: 2b, 8b; tiny, tiny151k on a CPU")
+    ap.add_argument("--steps", type=int, default=10, help="timed optimiser steps per run (per expert)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each path")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per path (median)")
     ap.add_argument(
-        "--shapes", default="2b,8b", help="comma-separated peft_baseline shapes (tiny for a CPU check)"
+        "--experts", type=int, default=4, help="experts of the concurrent comparison (0: skip it)"
     )
-    ap.add_argument("--experts", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4, help="timed optimiser steps per expert")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-2b", type=int, default=4, help="per-expert batch at 2B (and tiny)")
-    ap.add_argument("--batch-8b", type=int, default=1, help="per-expert batch at 8B")
-    ap.add_argument("--text", type=int, default=128, help="text tokens per row")
-    ap.add_argument("--baseline-shape", default="2b", help="shape for peft_baseline.py ('' to skip)")
-    ap.add_argument("--route-cost-ks", default="4,16", help="experts for bench/route_cost.py ('' to skip)")
+    ap.add_argument("--prompt", type=int, default=96, help="prompt text tokens per row (after the image)")
+    ap.add_argument("--answer", type=int, default=32, help="supervised answer tokens per row")
+    ap.add_argument("--peak-tflops", type=float, default=790.0)
+    ap.add_argument("--attn", default="sdpa", help="attention implementation of every path")
+    ap.add_argument("--liger", action="store_true", help="liger-kernel on the package's paths (CUDA)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (ours)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
+    import peft
     import torch
+    import transformers
 
+    from mole_trainer.config import KernelSpec
+    from mole_trainer.errors import UserError
+    from mole_trainer.model.kernels import check_kernels
+
+    unknown = [s for s in a.shapes.split(",") if s and s not in BATCH]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown {unknown}; choose from {list(BATCH)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        check_kernels(KernelSpec(attn_implementation=a.attn, liger=a.liger), device)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    baseline = find_baseline()
-    pb = load_baseline(baseline)
-    import peft
-    import transformers
-
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "peak_tflops": a.peak_tflops,
+        "attn": a.attn,
+        "liger": a.liger,
+        "compile": a.compile,
+        "experts": a.experts,
+        "steps": a.steps,
+        "repeats": a.repeats,
         "shapes": [],
     }
+    started = time.perf_counter()
     for shape in [s for s in a.shapes.split(",") if s]:
         try:
-            report["shapes"].append(run_shape(pb, shape, a, device, dtype))
-        except Exception as exc:  # keep the other shapes' numbers; the error is reported, not hidden
+            report["shapes"].append(run_shape(shape, a, device, dtype))
+        except Exception as exc:  # keep the other shapes' figures; the error is reported, not hidden
             report["shapes"].append({"shape": shape, "error": repr(exc)[:500]})
             print(f"[{shape}] failed: {exc!r}", file=sys.stderr)
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        reset_peak(device)  # the shape's model is gone: free its memory before the next one
+        report["seconds"] = round(time.perf_counter() - started, 1)
         (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
-    if a.baseline_shape:
-        target = out / f"peft_baseline_{a.baseline_shape}.json"
-        target.unlink(missing_ok=True)
-        cmd = [sys.executable, str(baseline), "--shape", a.baseline_shape, "--out", str(target)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode:
-            print(done.stderr[-2000:], file=sys.stderr)
-        report["peft_baseline"] = (
-            json.loads(target.read_text().splitlines()[-1]) if target.is_file() else None
-        )
-        (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
-    if a.route_cost_ks and device == "cuda":  # on the CPU: bench/route_cost.py itself (minutes, 2 cores)
-        report["route_cost"] = route_cost(a.route_cost_ks, a.repeats)
-        (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\n{report['device']} {report['dtype']}, {a.experts} experts, LoRA r=16 on 7 projections")
-    print(
-        f"{'shape':6} {'batch/expert':>12} {'seq':>5} {'concurrent s/s':>15} {'seq. PEFT s/s':>14}"
-        f" {'speedup':>8} {'1 expert/pass':>14}"
-    )
-    for r in report["shapes"]:
-        if "error" in r:
-            print(f"{r['shape']:6} error: {r['error'][:80]}")
-            continue
-        print(
-            f"{r['shape']:6} {r['per_expert_batch']:>12} {r['seq_len']:>5} {r['concurrent_samples_per_s']:>15}"
-            f" {r['sequential_peft_samples_per_s']:>14} {r['speedup']:>8} {r['speedup_one_expert_per_pass']:>14}"
-        )
-    b = report.get("peft_baseline")
-    if b:
-        print(
-            f"peft_baseline.py --shape {b['shape']}: {b['train_samples_per_s']} samples/s at batch {b['batch']}"
-        )
-    for k, r in ((report.get("route_cost") or {}).get("by_k") or {}).items():
-        old_figures = f"K-row {r.get('old_route_over_prefill')} / {r.get('old_mem_over_prefill')}"
-        print(
-            f"route_cost K={k}: one-prefill {r['route_over_prefill']} x time / {r['mem_over_prefill']} x memory"
-            f" of a plain prompt forward; {old_figures}"
-        )
+    print(table(report))
 
 
 if __name__ == "__main__":

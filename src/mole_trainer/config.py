@@ -64,14 +64,31 @@ class TrainSpec:
     save_every: int = 0  # optimiser steps between resumable checkpoints; 0 = at every evaluation
     keep_checkpoints: int = 2  # newest resumable checkpoints kept (the best adapter is kept apart)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+    log_every: int = 0  # steps between train-loss log entries besides the evaluations; 0 = evaluations only
+    data_workers: int | None = None  # batch-loading processes; None = 4 on CUDA, 0 (in process) on the CPU
+    prefetch_batches: int = 2  # batches each loading process prepares ahead
+    length_grouping: int = 0  # k >= 2: batches cut from runs of k batches sorted by length; 0 = off
 
     def problems(self) -> dict[str, str]:
         """Invalid values, by key."""
         out = {
             k: "must be >= 1"
-            for k in ("steps", "batch_size", "grad_accum", "eval_every", "keep_checkpoints")
+            for k in (
+                "steps",
+                "batch_size",
+                "grad_accum",
+                "eval_every",
+                "keep_checkpoints",
+                "prefetch_batches",
+            )
             if getattr(self, k) < 1
         }
+        if self.log_every < 0:
+            out["log_every"] = "must be >= 0 (0 = log at evaluations only)"
+        if self.data_workers is not None and self.data_workers < 0:
+            out["data_workers"] = "must be >= 0 (0 = load batches in the training process), or null for auto"
+        if self.length_grouping < 0 or self.length_grouping == 1:
+            out["length_grouping"] = "must be 0 (off) or >= 2 (batches per length-sorted run)"
         if self.lr <= 0:
             out["lr"] = "must be > 0"
         if not 0 <= self.warmup_ratio < 1:
@@ -83,6 +100,28 @@ class TrainSpec:
         if self.save_every < 0:
             out["save_every"] = "must be >= 0 (0 = at every evaluation)"
         return out
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass
+class KernelSpec:
+    """How the base model computes (speed only): attention kernel, liger-kernel, torch.compile.
+
+    The defaults are the reference path; the others change results only by float rounding.
+    """
+
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn and CUDA)
+    liger: bool = False  # liger-kernel's RMSNorm, SwiGLU and RoPE for Qwen3-VL (CUDA; the gpu extra)
+    compile: bool = False  # torch.compile each language-model decoder layer (first steps pay the compile)
+
+    def problems(self) -> dict[str, str]:
+        """Invalid values, by key."""
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            choices = ", ".join(ATTN_IMPLEMENTATIONS)
+            return {"attn_implementation": f"must be one of {choices}, got {self.attn_implementation!r}"}
+        return {}
 
 
 @dataclass
@@ -120,6 +159,7 @@ class LorasConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     experts: dict[str, ExpertEntry] = field(default_factory=dict)
     eval_records: int = 32  # test records per expert for the task metric (0 = all)
+    kernels: KernelSpec = field(default_factory=KernelSpec)  # one base for all experts: one setting
 
     @staticmethod
     def inherit(raw: dict) -> dict:
@@ -155,6 +195,7 @@ class RouterConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     eval_max_records: int = 0  # validation records scored at each evaluation (0 = all)
     class_balanced: bool = False  # sample training records in inverse proportion to their expert's count
+    kernels: KernelSpec = field(default_factory=KernelSpec)
 
 
 ROUTING_STRATEGIES = ("balanced", "proportional")

@@ -266,7 +266,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(wd, tiny_model):
     from mole_trainer.data.preprocess import collate, load_preprocessed
     from mole_trainer.model.loading import load_base
     from mole_trainer.model.lora import attach_lora
-    from mole_trainer.train.loop import enable_gradient_checkpointing, token_loss_sum
+    from mole_trainer.train.loop import enable_gradient_checkpointing
+    from mole_trainer.train.loss import answer_loss_sum
 
     _, train = load_preprocessed(wd / "prep", "train")
     batch = collate([train["examples"][i] for i in range(4)], 0)
@@ -278,7 +279,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(wd, tiny_model):
             enable_gradient_checkpointing(model)
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         model.train()
-        token_loss_sum(model(**batch).logits, labels).backward()
+        answer_loss_sum(model, batch, labels).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain, saved = grads(False), grads(True)

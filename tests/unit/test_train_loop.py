@@ -15,19 +15,32 @@ from mole_trainer.train.router import class_weights
 VOCAB = 11
 
 
+class ToyBackbone(torch.nn.Module):
+    """Embedding and dropout (uses the RNG): the hidden states a causal LM's backbone returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 8)
+        self.emb.weight.requires_grad_(False)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return SimpleNamespace(last_hidden_state=self.drop(self.emb(input_ids)))
+
+
 class Toy(torch.nn.Module):
-    """A causal-LM-shaped model: embedding, dropout (uses the RNG) and a trainable head."""
+    """A causal-LM-shaped model: a backbone (`model`) and a trainable output head."""
+
+    base_model_prefix = "model"
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(VOCAB, 8)
-        self.emb.weight.requires_grad_(False)
-        self.drop = torch.nn.Dropout(0.3)
+        self.model = ToyBackbone()
         self.head = torch.nn.Linear(8, VOCAB)
 
-    def forward(self, input_ids, attention_mask=None, **_):
-        return SimpleNamespace(logits=self.head(self.drop(self.emb(input_ids))))
+    def get_output_embeddings(self):
+        return self.head
 
     def save_pretrained(self, path):
         path.mkdir(parents=True, exist_ok=True)

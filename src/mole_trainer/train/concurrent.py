@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import LorasConfig, TrainSpec, to_dict
-from ..data.preprocess import IGNORE_INDEX, collate
+from ..data.preprocess import collate
 from ..errors import UserError
 from ..layout import CHECKPOINTS_DIR, TENSORBOARD_DIR, TRAIN_LOG_FILE
 from . import checkpoint as ckpt
+from .loss import expert_token_means
 
 # experts share a forward pass while padding to the longest row costs at most 25 % more tokens than
 # separate passes (measured on 2 CPU cores, tiny model: a 4-expert batch padded from 118 to 175
@@ -75,29 +76,6 @@ class ConcurrentResult:
     step_seconds: float
     steps: int
     resumed_from: int = 0
-
-
-def expert_token_means(model, batch: dict, labels, sizes: list[int]):
-    """Token-mean next-token cross-entropy of each row group (an expert's rows), in fp32: [groups].
-
-    The output head runs only at the supervised positions (the answers), not over every token of
-    every row: the same loss as full logits followed by cross-entropy, with far less work and
-    memory when the vocabulary is large (Qwen3-VL: 151,936 entries) and the prompts are long.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    hidden = model.model(**batch).last_hidden_state[:, :-1]
-    target = labels[:, 1:]
-    keep = target != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[keep]).float()
-    ce = F.cross_entropy(logits, target[keep], reduction="none")
-    groups = torch.arange(len(sizes), device=ce.device)
-    owner = torch.repeat_interleave(groups, torch.tensor(sizes, device=ce.device))
-    owner = owner.unsqueeze(1).expand_as(target)[keep]
-    sums = torch.zeros(len(sizes), device=ce.device).index_add(0, owner, ce)
-    counts = torch.bincount(owner, minlength=len(sizes)).to(sums.dtype)
-    return sums / counts.clamp(min=1.0)
 
 
 def length_groups(lengths: dict[int, list[int]], slack: float) -> list[list[int]]:
@@ -401,12 +379,12 @@ def train_experts_concurrent(
     (train/experts.py); each expert ends as an ordinary PEFT adapter with the same metadata.
     Checkpoints go to `concurrent_checkpoints(output_dir, names)`; `resume` continues from them.
     """
-    from ..model.loading import load_base
+    from ..model.kernels import compile_language_model, load_training_base
     from ..model.lora import attach_lora, detach_lora
     from ..model.multi_lora import MultiLora, copy_into_peft, expert_weights_from_spec
     from .experts import prepare_expert, score_and_save, score_base, train_stats
 
-    base = load_base(cfg.base_model, dtype, device)
+    base = load_training_base(cfg.base_model, dtype, device, cfg.kernels)
     jobs = [prepare_expert(cfg, name) for name in names]
     pads = {job.pad_id for job in jobs}
     if len(pads) != 1:
@@ -416,6 +394,8 @@ def train_experts_concurrent(
     # each expert starts from exactly the weights the sequential path would give it
     init = [expert_weights_from_spec(base, job.lora, job.spec.seed) for job in jobs]
     multi = MultiLora(base, init)
+    if cfg.kernels.compile:
+        compile_language_model(base)
     runs = []
     for j in jobs:
         writer = best_checkpoint_writer(j.out / CHECKPOINTS_DIR, j.lora, cfg.base_model)

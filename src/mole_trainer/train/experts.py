@@ -236,7 +236,8 @@ def train_experts(
     With `concurrent`, all experts train together in one pass over one base (train/concurrent.py);
     `resume` then continues from the joint checkpoint of that set of experts.
     """
-    from ..model.loading import load_base, resolve_device
+    from ..model.kernels import compile_language_model, load_training_base
+    from ..model.loading import resolve_device
     from ..model.lora import attach_lora, detach_lora
     from .checkpoint import data_identity
     from .loop import eval_loss, lower_is_better, train_loop
@@ -250,7 +251,7 @@ def train_experts(
 
         return train_experts_concurrent(cfg, names, device, dtype, report, resume)
 
-    base = load_base(cfg.base_model, dtype, device)
+    base = load_training_base(cfg.base_model, dtype, device, cfg.kernels)
     results = {}
     for name in names:
         job = prepare_expert(cfg, name)
@@ -258,6 +259,8 @@ def train_experts(
             score_base(base, job, report)
         spec = job.spec
         model = attach_lora(base, job.lora, spec.seed)
+        if cfg.kernels.compile:
+            compile_language_model(model)
 
         def evaluate(model=model, job=job):
             return {"val_loss": eval_loss(model, job.val_examples, job.pad_id, job.spec.batch_size)}

@@ -5,6 +5,11 @@ N optimiser steps, early stopping (patience, min delta) and keep-best on a chose
 trainable (LoRA) parameters are optimised; the best ones are kept in memory and restored at the end.
 With a checkpoint folder it also writes resumable checkpoints (train/checkpoint.py) and resumes
 exactly from the newest one; under torchrun it trains data-parallel (train/distributed.py).
+
+Built to keep a GPU busy: the loss is the answer-only one (train/loss.py), AdamW is the fused
+kernel on CUDA, batches are padded ahead by loading processes (train/loader.py) and copied from
+pinned memory, and the host reads the loss back only when it logs (evaluations, every `log_every`
+steps); token counts for the normalisation are taken on the host, before the batch goes to the GPU.
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import TrainSpec, to_dict
-from ..data.preprocess import IGNORE_INDEX, collate
+from ..data.preprocess import collate
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .distributed import all_sum, barrier, current
+from .distributed import barrier, current
+from .loader import BatchLoader, worker_count
+from .loss import answer_loss_sum, loss_module, supervised_count
+
+# TrainSpec keys that never change the trained weights: a run may resume with other values
+OUTSIDE_RESUME_IDENTITY = ("data_workers", "prefetch_batches", "log_every")
 
 
 @dataclass
@@ -59,29 +69,49 @@ class BatchStream:
 
     Without weights: a fresh permutation per epoch, cut into full batches (the tail of an epoch
     that does not fill a batch is skipped). With per-example weights: each batch is drawn with
-    replacement in proportion to them (class-balanced sampling).
+    replacement in proportion to them (class-balanced sampling). With `lengths` and `group` k >= 2
+    (length grouping), each run of k batches' worth of indices is sorted by length, longest first,
+    before it is cut into batches, so rows of similar length share a batch and pad less; every
+    epoch still covers each index once (with weights, k batches are drawn at once and sorted).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, weights=None):
+    def __init__(self, n: int, batch_size: int, seed: int, weights=None, lengths=None, group: int = 0):
         import torch
 
         self.n, self.batch_size = n, batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.lengths = list(lengths) if lengths is not None and group >= 2 else None
+        self.group = group if self.lengths is not None else 0
         self.order: list[int] = []
         self.pos = 0
 
     def __iter__(self):
         return self
 
+    def _by_length(self, order: list[int]) -> list[int]:
+        run = self.group * self.batch_size
+        out = []
+        for i in range(0, len(order), run):
+            out += sorted(order[i : i + run], key=lambda j: -self.lengths[j])  # stable: ties keep their order
+        return out
+
     def __next__(self) -> list[int]:
         import torch
 
         if self.weights is not None:
-            return torch.multinomial(self.weights, self.batch_size, True, generator=self.gen).tolist()
-        stop = self.n - self.batch_size + 1 if self.n >= self.batch_size else 1
-        if not self.order or self.pos >= stop:
-            self.order, self.pos = torch.randperm(self.n, generator=self.gen).tolist(), 0
+            if not self.group:
+                return torch.multinomial(self.weights, self.batch_size, True, generator=self.gen).tolist()
+            if self.pos >= len(self.order):
+                drawn = torch.multinomial(
+                    self.weights, self.group * self.batch_size, True, generator=self.gen
+                )
+                self.order, self.pos = self._by_length(drawn.tolist()), 0
+        else:
+            stop = self.n - self.batch_size + 1 if self.n >= self.batch_size else 1
+            if not self.order or self.pos >= stop:
+                order = torch.randperm(self.n, generator=self.gen).tolist()
+                self.order, self.pos = self._by_length(order) if self.group else order, 0
         out = self.order[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
         return out
@@ -101,22 +131,22 @@ def batches(n: int, batch_size: int, seed: int) -> BatchStream:
     return BatchStream(n, batch_size, seed)
 
 
-def token_loss_sum(logits, labels):
-    """Summed next-token cross-entropy over the supervised (non-ignored) positions, in fp32."""
-    import torch.nn.functional as F
+def make_optimizer(params, spec: TrainSpec, device):
+    """AdamW: the fused kernel on CUDA (one launch per step), the multi-tensor one elsewhere.
 
-    logits = logits[:, :-1].float()
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    On the CPU the multi-tensor AdamW gives bit-identical weights to torch's default loop (checked in
+    tests); the fused CPU kernel would not.
+    """
+    import torch
+
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, **kind)
 
 
-def supervised_tokens(labels) -> int:
-    """Number of positions the loss is computed on."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+def example_lengths(examples) -> list[int]:
+    """Token count of every example (its own `lengths()` when the container has one: no pixels read)."""
+    own = getattr(examples, "lengths", None)
+    return list(own()) if callable(own) else [len(examples[i]["input_ids"]) for i in range(len(examples))]
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -201,22 +231,28 @@ def train_loop(
     params = list(named.values())
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optim = make_optimizer(params, spec, device)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(spec, spec.steps))
-    stream = BatchStream(len(examples), spec.batch_size, spec.seed, sample_weights)
-    net = model
+    lengths = example_lengths(examples) if spec.length_grouping else None
+    stream = BatchStream(
+        len(examples), spec.batch_size, spec.seed, sample_weights, lengths, spec.length_grouping
+    )
+    net = loss_module(model)
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # no device_ids: DDP would copy the inputs to the GPU, labels too, which stay on the host
+        net = DistributedDataParallel(net)
     settings = {
-        **to_dict(spec),
+        **{k: v for k, v in to_dict(spec).items() if k not in OUTSIDE_RESUME_IDENTITY},
         "examples": len(examples),
         "data": data_id,
         "weighted": sample_weights is not None,
         "parameters": {n: list(p.shape) for n, p in named.items()},
         **(identity or {}),
     }
+    if not spec.length_grouping:
+        del settings["length_grouping"]  # so checkpoints written before the option existed still resume
     root = Path(checkpoint_dir) if checkpoint_dir else None
     save_every = spec.save_every or spec.eval_every
 
@@ -259,6 +295,14 @@ def train_loop(
         )
         writer.record({"step": 0, **best_metrics})
 
+    cuda = device.type == "cuda"
+    loader = None
+    if not finished and start < spec.steps:
+        workers = worker_count(spec.data_workers, device.type)
+        loader = BatchLoader(
+            examples, stream, pad_id, dist.rank, dist.world, workers, spec.prefetch_batches, pin=cuda
+        )
+
     def save(step: int, done: bool) -> None:
         if dist.main:
             state = {
@@ -266,7 +310,7 @@ def train_loop(
                 "best": best_state,
                 "optimizer": optim.state_dict(),
                 "scheduler": sched.state_dict(),
-                "stream": stream.state_dict(),
+                "stream": loader.state_dict() if loader else stream.state_dict(),
                 "rng": ckpt.rng_states(),
             }
             meta = {
@@ -283,47 +327,71 @@ def train_loop(
             ckpt.save_checkpoint(root, step, state, meta, spec.keep_checkpoints)
         barrier(dist)
 
+    def global_tokens(count: int):
+        """Supervised positions of the whole global batch: a number, or a device tensor under torchrun
+        (summed on the device, so the host never waits for it)."""
+        if dist.world == 1:
+            return max(float(count), 1.0)
+        import torch.distributed as tdist
+
+        t = torch.tensor(float(count), dtype=torch.float64).to(device, non_blocking=True)
+        tdist.all_reduce(t)
+        return t.clamp(min=1.0)
+
     t0, step = time.perf_counter(), start
     model.train()
-    for step in range(start + 1, spec.steps + 1 if not finished else start + 1):
-        optim.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(spec.grad_accum):
-            idx = next(stream)
-            batch = {
-                k: v.to(device) for k, v in collate([examples[i] for i in dist.shard(idx)], pad_id).items()
-            }
-            labels = batch.pop("labels")
-            denom = max(all_sum(supervised_tokens(labels), dist, device), 1.0) * spec.grad_accum
-            sync = dist.world == 1 or micro == spec.grad_accum - 1
-            with net.no_sync() if not sync else nullcontext():
-                # DDP averages gradients over ranks; scaling by world keeps the global token mean
-                loss = token_loss_sum(net(**batch).logits, labels) * (dist.world / denom)
-                loss.backward()
-            total += loss.item() / dist.world
-            seen += len(idx)
-        if spec.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-        optim.step()
-        sched.step()
-        if step % spec.eval_every == 0 or step == spec.steps:
-            model.eval()
-            metrics = evaluate()
-            model.train()
-            train_loss = all_sum(total, dist, device)
-            writer.record({"step": step, "train_loss": train_loss, "lr": sched.get_last_lr()[0], **metrics})
-            if better(metrics, best_metrics):
-                best_metrics, best_state, best_step, bad_evals = metrics, snapshot(), step, 0
-                if root and dist.main:
-                    save_best(model.save_pretrained, root, step, metrics)
-            else:
-                bad_evals += 1
-                stopped = bool(spec.patience and bad_evals >= spec.patience)
-        done = stopped or step == spec.steps
-        if root and (done or step % save_every == 0):
-            save(step, done)
-        if stopped:
-            break
+    try:
+        for step in range(start + 1, spec.steps + 1 if not finished else start + 1):
+            optim.zero_grad(set_to_none=True)
+            # the step's loss is summed on the device: reading it back would wait for the GPU
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(spec.grad_accum):
+                batch = loader.next()
+                seen += batch.pop("rows")
+                denom = global_tokens(batch.pop("supervised")) * spec.grad_accum
+                labels = batch.pop("labels")  # stays on the host: the loss finds the answer positions there
+                batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
+                sync = dist.world == 1 or micro == spec.grad_accum - 1
+                with net.no_sync() if not sync else nullcontext():
+                    # DDP averages gradients over ranks; scaling by world keeps the global token mean
+                    scale = dist.world / denom
+                    loss = net(batch, labels) * (scale if dist.world == 1 else scale.float())
+                    loss.backward()
+                total += loss.detach().double() / dist.world
+            if spec.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optim.step()
+            sched.step()
+            evaluating = step % spec.eval_every == 0 or step == spec.steps
+            if evaluating or (spec.log_every and step % spec.log_every == 0):
+                if evaluating:
+                    model.eval()
+                    metrics = evaluate()
+                    model.train()
+                if dist.world > 1:
+                    import torch.distributed as tdist
+
+                    tdist.all_reduce(total)
+                entry = {"step": step, "train_loss": total.item(), "lr": sched.get_last_lr()[0]}
+                if evaluating:
+                    writer.record({**entry, **metrics})
+                    if better(metrics, best_metrics):
+                        best_metrics, best_state, best_step, bad_evals = metrics, snapshot(), step, 0
+                        if root and dist.main:
+                            save_best(model.save_pretrained, root, step, metrics)
+                    else:
+                        bad_evals += 1
+                        stopped = bool(spec.patience and bad_evals >= spec.patience)
+                else:
+                    writer.record(entry)
+            done = stopped or step == spec.steps
+            if root and (done or step % save_every == 0):
+                save(step, done)
+            if stopped:
+                break
+    finally:
+        if loader:  # stops the loading processes, also when training is interrupted
+            loader.close()
     model.eval()
     writer.close()
     with torch.no_grad():
@@ -369,16 +437,16 @@ def higher_is_better(key: str, min_delta: float, tie_key: str | None = None) -> 
     return f
 
 
-def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
-    """Mean per-token loss over examples (no gradients)."""
+def eval_loss(model, examples, pad_id: int, batch_size: int) -> float:
+    """Mean per-token answer loss over examples (no gradients)."""
     import torch
 
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+            batch = collate(examples[i : i + batch_size], pad_id)
             labels = batch.pop("labels")
-            total += token_loss_sum(model(**batch).logits, labels).item()
-            tokens += supervised_tokens(labels)
+            total += answer_loss_sum(model, {k: v.to(device) for k, v in batch.items()}, labels).item()
+            tokens += supervised_count(labels)
     return total / max(tokens, 1)

@@ -44,7 +44,8 @@ def train_router(
     """
     from ..eval.metrics import accuracy
     from ..infer.scoring import encode_router_prompts, encoded_scores, label_loss, label_token_ids
-    from ..model.loading import load_base, load_processor, resolve_device
+    from ..model.kernels import compile_language_model, load_training_base
+    from ..model.loading import load_processor, resolve_device
     from ..model.lora import attach_lora
     from .checkpoint import data_identity
     from .distributed import init_distributed
@@ -61,7 +62,9 @@ def train_router(
     processor = load_processor(cfg.base_model, meta["min_pixels"], meta["max_pixels"])
     pad_id = processor.tokenizer.pad_token_id
     dist, device = init_distributed(resolve_device(device))
-    model = attach_lora(load_base(cfg.base_model, dtype, device), cfg.lora, spec.seed)
+    model = attach_lora(load_training_base(cfg.base_model, dtype, device, cfg.kernels), cfg.lora, spec.seed)
+    if cfg.kernels.compile:
+        compile_language_model(model)
     val_samples = [sample_from_dict(d) for d in val["samples"]]
     if cfg.eval_max_records:
         val_samples = val_samples[: cfg.eval_max_records]
