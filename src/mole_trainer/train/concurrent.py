@@ -130,7 +130,14 @@ def train_concurrent(
 
     pad_slack = PAD_SLACK if pad_slack is None else pad_slack
 
-    from .loop import batches, enable_gradient_checkpointing, eval_loss, lower_is_better, lr_lambda
+    from .loop import (
+        batches,
+        enable_gradient_checkpointing,
+        eval_loss,
+        lower_is_better,
+        lr_lambda,
+        make_optimizer,
+    )
 
     E = len(runs)
     if multi.n != E:
@@ -141,10 +148,7 @@ def train_concurrent(
     if any(r.spec.gradient_checkpointing for r in runs):
         enable_gradient_checkpointing(model)
     params = [multi.parameters(e) for e in range(E)]
-    optims = [
-        torch.optim.AdamW(params[e], lr=r.spec.lr, weight_decay=r.spec.weight_decay)
-        for e, r in enumerate(runs)
-    ]
+    optims = [make_optimizer(params[e], r.spec, device) for e, r in enumerate(runs)]
     scheds = [
         torch.optim.lr_scheduler.LambdaLR(optims[e], lr_lambda(r.spec, r.spec.steps))
         for e, r in enumerate(runs)
@@ -229,10 +233,10 @@ def train_concurrent(
             for part in length_groups(
                 {e: [len(x["input_ids"]) for x in rows[e]] for e in members}, pad_slack
             ):
-                batch = {
-                    k: v.to(device) for k, v in collate([x for e in part for x in rows[e]], pad_id).items()
-                }
+                batch = collate([x for e in part for x in rows[e]], pad_id)
+                # labels stay on the host: the loss finds the supervised positions there (no GPU sync)
                 labels = batch.pop("labels")
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 sizes = [len(rows[e]) for e in part]
                 multi.set_groups(list(zip(part, sizes, strict=True)))
                 means = expert_token_means(model, batch, labels, sizes)
