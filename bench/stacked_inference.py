@@ -17,8 +17,10 @@ vocabulary and image processor), so the LM head, prompt lengths and image tokens
 `8b` (a GPU): random weights at Qwen3-VL-2B / -8B shapes (the 8B config.json of the fixture),
 bf16 on CUDA, with the same real processor. Adapters: rank --rank on every projection of the
 language model, random non-zero weights. The PEFT paths run on a copy of the same base. Requests: one GUI-like screenshot each (--image
-WxH), instructions of different lengths. Timings are medians over --repeats, each path run once
-per repeat, interleaved.
+WxH), instructions of different lengths. Timings are medians: every path runs --repeats times,
+interleaved; mixed and single (the bar) --pair-repeats times, alternating which goes first. On a
+shared CPU the wall-clock figures swing with other load: `mixed_over_single_cpu` is the same
+ratio in process CPU seconds.
 
 Figures (last line, one JSON object): seconds per path and requests/s; `mixed_over_single` =
 single_s / mixed_s (target >= 0.9: mixing experts costs at most 10 % of a single-adapter batch);
@@ -26,7 +28,7 @@ single_s / mixed_s (target >= 0.9: mixing experts costs at most 10 % of a single
 / mixed_s (speed-ups); `same_outputs`: requests whose greedy output is identical on the mixed path
 and on each PEFT path (it must be N/N).
 
-Usage: python bench/stacked_inference.py [--requests 16] [--max-new-tokens 8] [--repeats 3]
+Usage: python bench/stacked_inference.py [--requests 16] [--max-new-tokens 8] [--repeats 3] [--pair-repeats 9]
        [--rank 16] [--image 448x280] [--device auto] [--dtype auto] [--shape tiny|2b|8b] [--layers N]
 GPU (the next session with a device), e.g.:
        python bench/stacked_inference.py --shape 8b --device cuda --requests 32 --max-new-tokens 32
@@ -185,8 +187,8 @@ def peft_generate(model, processor, samples, max_new: int, **kwargs) -> list[str
     return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def run_paths(engine, model, samples, max_new: int) -> tuple[dict, dict]:
-    """Seconds and outputs of every path, once."""
+def run_paths(engine, model, samples, max_new: int, paths=PATHS) -> tuple[dict, dict, dict]:
+    """Wall seconds, process CPU seconds and outputs of each of `paths`, once, in that order."""
     import torch
 
     from mole_trainer.infer.engine import Request
@@ -236,15 +238,16 @@ def run_paths(engine, model, samples, max_new: int) -> tuple[dict, dict]:
             out.extend(peft_generate(model, processor, [s], max_new))
         return out
 
-    seconds, outputs = {}, {}
-    for name, fn in zip(PATHS, (mixed, single, routed, peft_mixed, peft_grouped, peft_swap), strict=True):
+    fns = dict(zip(PATHS, (mixed, single, routed, peft_mixed, peft_grouped, peft_swap), strict=True))
+    seconds, cpu, outputs = {}, {}, {}
+    for name in paths:
         sync()
-        t = time.perf_counter()
-        outputs[name] = fn()
+        t, c = time.perf_counter(), time.process_time()
+        outputs[name] = fns[name]()
         sync()
-        seconds[name] = time.perf_counter() - t
+        seconds[name], cpu[name] = time.perf_counter() - t, time.process_time() - c
     outputs["tokens"] = tokens
-    return seconds, outputs
+    return seconds, cpu, outputs
 
 
 def main() -> None:
@@ -252,7 +255,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every path")
+    ap.add_argument("--pair-repeats", type=int, default=9, help="runs of mixed and single (the bar)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--image", default="448x280", help="screenshot size WxH")
     ap.add_argument("--device", default="auto")
@@ -288,12 +292,19 @@ def main() -> None:
         prompt_tokens = probe.prompt_tokens
         run_paths(engine, model, samples[:4], 2)  # warm-up (lazy init, allocator)
         times: dict[str, list[float]] = {p: [] for p in PATHS}
-        for rep in range(args.repeats):
-            seconds, outputs = run_paths(engine, model, samples, args.max_new_tokens)
-            for p in PATHS:
+        cpu: dict[str, list[float]] = {p: [] for p in PATHS}
+        for rep in range(max(args.repeats, args.pair_repeats)):
+            # every path --repeats times; mixed and single (the bar) --pair-repeats times, order alternating
+            paths = PATHS if rep < args.repeats else ("mixed", "single")[:: 1 if rep % 2 else -1]
+            seconds, used, run_outputs = run_paths(engine, model, samples, args.max_new_tokens, paths)
+            if rep == 0:
+                outputs = run_outputs
+            for p in paths:
                 times[p].append(seconds[p])
-            print(f"repeat {rep}: " + "  ".join(f"{p} {seconds[p]:.2f}s" for p in PATHS), flush=True)
+                cpu[p].append(used[p])
+            print(f"repeat {rep}: " + "  ".join(f"{p} {seconds[p]:.2f}s" for p in paths), flush=True)
     med = {p: statistics.median(v) for p, v in times.items()}
+    med_cpu = {p: statistics.median(v) for p, v in cpu.items()}
     same = {
         p: f"{sum(a == b for a, b in zip(outputs['mixed'], outputs[p], strict=True))}/{args.requests}"
         for p in ("peft_mixed", "peft_grouped", "peft_swap")
@@ -312,6 +323,8 @@ def main() -> None:
         **{f"{p}_s": round(med[p], 4) for p in PATHS},
         **{f"{p}_requests_per_s": round(args.requests / med[p], 2) for p in PATHS},
         "mixed_over_single": round(med["single"] / med["mixed"], 3),
+        "mixed_over_single_cpu": round(med_cpu["single"] / med_cpu["mixed"], 3),
+        "pair_repeats": max(args.repeats, args.pair_repeats),
         "mixed_over_peft_mixed": round(med["peft_mixed"] / med["mixed"], 3),
         "mixed_over_peft_grouped": round(med["peft_grouped"] / med["mixed"], 3),
         "mixed_over_peft_swap": round(med["peft_swap"] / med["mixed"], 3),
