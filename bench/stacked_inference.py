@@ -20,7 +20,7 @@ language model, random non-zero weights. The PEFT paths run on a copy of the sam
 WxH), instructions of different lengths. Timings are medians: every path runs --repeats times,
 interleaved; mixed and single (the bar) --pair-repeats times, alternating which goes first. On a
 shared CPU the wall-clock figures swing with other load: `mixed_over_single_cpu` is the same
-ratio in process CPU seconds.
+ratio in process CPU seconds, and --threads defaults to 1.
 
 Figures (last line, one JSON object): seconds per path and requests/s; `mixed_over_single` =
 single_s / mixed_s (target >= 0.9: mixing experts costs at most 10 % of a single-adapter batch);
@@ -29,7 +29,7 @@ single_s / mixed_s (target >= 0.9: mixing experts costs at most 10 % of a single
 and on each PEFT path (it must be N/N).
 
 Usage: python bench/stacked_inference.py [--requests 16] [--max-new-tokens 8] [--repeats 3] [--pair-repeats 9]
-       [--rank 16] [--image 448x280] [--device auto] [--dtype auto] [--shape tiny|2b|8b] [--layers N]
+       [--rank 16] [--image 448x280] [--device auto] [--dtype auto] [--shape tiny|2b|8b] [--layers N] [--threads 1]
 GPU (the next session with a device), e.g.:
        python bench/stacked_inference.py --shape 8b --device cuda --requests 32 --max-new-tokens 32
            --image 1280x800
@@ -263,11 +263,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, else fp32")
     ap.add_argument("--shape", choices=("tiny", "2b", "8b"), default="tiny", help="2b/8b: random weights")
     ap.add_argument("--layers", type=int, default=None, help="cut a 2b/8b shape to N layers (smoke runs)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared CPU, 2 threads spin-wait on each other and one "
+        "16-request run swung 1.5-6.3 s against a steady 0.75-1.0 s on 1 thread)",
+    )
     args = ap.parse_args()
     size = tuple(int(x) for x in args.image.lower().split("x"))
 
     import torch
 
+    torch.set_num_threads(args.threads)
     from mole_trainer.data.formats import Sample
     from mole_trainer.infer.engine import Engine
 
