@@ -11,12 +11,16 @@ Paths (every one generates greedily, the same max_new_tokens, for the same N req
   `mole infer`).
 - `peft_swap`: PEFT, one request at a time: `set_adapter` to its expert, generate it alone.
 
-Model: the tiny Qwen3-VL (model/tiny.py sizes) built around the real Qwen3-VL-8B processor of
-tests/fixtures (its tokenizer, chat template, 151,936-token vocabulary and image processor), so
-the LM head, prompt lengths and image tokens are real; adapters: rank --rank on every projection
-of the language model, random non-zero weights. Requests: one GUI-like screenshot each (--image
-WxH), instructions of different lengths. Timings are medians over --repeats, each path run once
-per repeat, interleaved.
+Model (--shape): `tiny` (default, CPU): the tiny Qwen3-VL (model/tiny.py sizes) built around the
+real Qwen3-VL-8B processor of tests/fixtures (its tokenizer, chat template, 151,936-token
+vocabulary and image processor), so the LM head, prompt lengths and image tokens are real; `2b` /
+`8b` (a GPU): random weights at Qwen3-VL-2B / -8B shapes (the 8B config.json of the fixture),
+bf16 on CUDA, with the same real processor. Adapters: rank --rank on every projection of the
+language model, random non-zero weights. The PEFT paths run on a copy of the same base. Requests: one GUI-like screenshot each (--image
+WxH), instructions of different lengths. Timings are medians: every path runs --repeats times,
+interleaved; mixed and single (the bar) --pair-repeats times, alternating which goes first. On a
+shared CPU the wall-clock figures swing with other load: `mixed_over_single_cpu` is the same
+ratio in process CPU seconds, and --threads defaults to 1.
 
 Figures (last line, one JSON object): seconds per path and requests/s; `mixed_over_single` =
 single_s / mixed_s (target >= 0.9: mixing experts costs at most 10 % of a single-adapter batch);
@@ -24,13 +28,17 @@ single_s / mixed_s (target >= 0.9: mixing experts costs at most 10 % of a single
 / mixed_s (speed-ups); `same_outputs`: requests whose greedy output is identical on the mixed path
 and on each PEFT path (it must be N/N).
 
-Usage: python bench/stacked_inference.py [--requests 16] [--max-new-tokens 8] [--repeats 3]
-       [--rank 16] [--image 448x280] [--device auto]
+Usage: python bench/stacked_inference.py [--requests 16] [--max-new-tokens 8] [--repeats 3] [--pair-repeats 9]
+       [--rank 16] [--image 448x280] [--device auto] [--dtype auto] [--shape tiny|2b|8b] [--layers N] [--threads 1]
+GPU (the next session with a device), e.g.:
+       python bench/stacked_inference.py --shape 8b --device cuda --requests 32 --max-new-tokens 32
+           --image 1280x800
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -61,6 +69,26 @@ INSTRUCTIONS = [
     "Add two bottles of milk to the cart, then go to the checkout page and apply the coupon.",
 ]
 PATHS = ("mixed", "single", "routed", "peft_mixed", "peft_grouped", "peft_swap")
+# Qwen3-VL-2B's sizes (the 8B shape is the fixture's real config.json)
+SHAPE_2B = {
+    "text": {
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": True,
+    },
+    "vision": {
+        "depth": 24,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "deepstack_visual_indexes": [5, 11, 17],
+    },
+}
 
 
 def screenshot(size: tuple[int, int], seed: int):
@@ -81,26 +109,60 @@ def screenshot(size: tuple[int, int], seed: int):
     return im
 
 
-def build(root: Path, rank: int, size: tuple[int, int], max_new: int):
-    """Tiny model around the real processor, and a deployment of 4 random experts + a router."""
+def shaped_model(shape: str, device: str, dtype: str, layers: int | None):
+    """A random-weight Qwen3-VL at a real shape, on `device`: "8b" is the fixture's real Qwen3-VL-8B
+    config.json; "2b" the same with Qwen3-VL-2B's sizes. `layers` cuts the text and vision depth
+    (a smoke run of the code path on a small machine)."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from mole_trainer.model.loading import resolve_device, resolve_dtype
+
+    config = Qwen3VLConfig.from_pretrained(PROCESSOR)
+    if shape == "2b":
+        config.text_config.update(SHAPE_2B["text"])
+        config.vision_config.update(SHAPE_2B["vision"])
+        config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+    if layers is not None:
+        config.text_config.num_hidden_layers = layers
+        config.vision_config.depth = layers
+        config.vision_config.deepstack_visual_indexes = list(range(layers))
+    config._attn_implementation = "sdpa"
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def build(root: Path, args, size: tuple[int, int]):
+    """The base model (loaded), its folder (processor) and a deployment of 4 random experts + a router."""
     from tests.helpers import build_tiny_deployment
 
+    from mole_trainer.model.loading import load_base
     from mole_trainer.model.tiny import TinySpec, build_tiny_model
 
-    model = build_tiny_model(root / "model", TinySpec(), processor_dir=PROCESSOR)
+    if args.shape == "tiny":
+        folder = build_tiny_model(root / "model", TinySpec(), processor_dir=PROCESSOR)
+        model = load_base(str(folder), args.dtype, args.device)
+    else:
+        folder, model = PROCESSOR, shaped_model(args.shape, args.device, args.dtype, args.layers)
     budget = {"min_pixels": 64 * 64, "max_pixels": size[0] * size[1]}
-    lora = {"rank": rank, "alpha": 2 * rank, "targets": TARGETS}
-    experts = {name: (lora, budget, max_new) for name in EXPERTS}
-    return model, build_tiny_deployment(model, root, experts=experts, router=(lora, budget))
+    lora = {"rank": args.rank, "alpha": 2 * args.rank, "targets": TARGETS}
+    experts = {name: (lora, budget, args.max_new_tokens) for name in EXPERTS}
+    dep = build_tiny_deployment(folder, root, experts=experts, router=(lora, budget), base=model)
+    return model, dep
 
 
-def peft_model(engine, adapters: dict):
-    """A second copy of the base with the router and the experts as named PEFT adapters."""
+def peft_model(base, adapters: dict):
+    """The base (a copy) with the router and the experts as named PEFT adapters."""
     from peft import PeftModel
 
-    from mole_trainer.model.loading import load_base
-
-    base = load_base(engine.base_model, "auto", str(engine.device))
     model = PeftModel.from_pretrained(base, adapters["router"], adapter_name="router")
     for name in EXPERTS:
         model.load_adapter(adapters[name], adapter_name=name)
@@ -125,8 +187,8 @@ def peft_generate(model, processor, samples, max_new: int, **kwargs) -> list[str
     return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def run_paths(engine, model, samples, max_new: int) -> tuple[dict, dict]:
-    """Seconds and outputs of every path, once."""
+def run_paths(engine, model, samples, max_new: int, paths=PATHS) -> tuple[dict, dict, dict]:
+    """Wall seconds, process CPU seconds and outputs of each of `paths`, once, in that order."""
     import torch
 
     from mole_trainer.infer.engine import Request
@@ -176,15 +238,16 @@ def run_paths(engine, model, samples, max_new: int) -> tuple[dict, dict]:
             out.extend(peft_generate(model, processor, [s], max_new))
         return out
 
-    seconds, outputs = {}, {}
-    for name, fn in zip(PATHS, (mixed, single, routed, peft_mixed, peft_grouped, peft_swap), strict=True):
+    fns = dict(zip(PATHS, (mixed, single, routed, peft_mixed, peft_grouped, peft_swap), strict=True))
+    seconds, cpu, outputs = {}, {}, {}
+    for name in paths:
         sync()
-        t = time.perf_counter()
-        outputs[name] = fn()
+        t, c = time.perf_counter(), time.process_time()
+        outputs[name] = fns[name]()
         sync()
-        seconds[name] = time.perf_counter() - t
+        seconds[name], cpu[name] = time.perf_counter() - t, time.process_time() - c
     outputs["tokens"] = tokens
-    return seconds, outputs
+    return seconds, cpu, outputs
 
 
 def main() -> None:
@@ -192,23 +255,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every path")
+    ap.add_argument("--pair-repeats", type=int, default=9, help="runs of mixed and single (the bar)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--image", default="448x280", help="screenshot size WxH")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, else fp32")
+    ap.add_argument("--shape", choices=("tiny", "2b", "8b"), default="tiny", help="2b/8b: random weights")
+    ap.add_argument("--layers", type=int, default=None, help="cut a 2b/8b shape to N layers (smoke runs)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared CPU, 2 threads spin-wait on each other and one "
+        "16-request run swung 1.5-6.3 s against a steady 0.75-1.0 s on 1 thread)",
+    )
     args = ap.parse_args()
     size = tuple(int(x) for x in args.image.lower().split("x"))
 
     import torch
 
+    torch.set_num_threads(args.threads)
     from mole_trainer.data.formats import Sample
     from mole_trainer.infer.engine import Engine
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        _, dep = build(Path(tmp), args.rank, size, args.max_new_tokens)
-        engine = Engine(dep["deployment"], device=args.device)
-        model = peft_model(engine, dep["adapters"])
+        base, dep = build(Path(tmp), args, size)
+        model = peft_model(copy.deepcopy(base), dep["adapters"])
+        engine = Engine(dep["deployment"], model=base)
         samples = [
             Sample(
                 id=f"r{i}",
@@ -225,12 +300,19 @@ def main() -> None:
         prompt_tokens = probe.prompt_tokens
         run_paths(engine, model, samples[:4], 2)  # warm-up (lazy init, allocator)
         times: dict[str, list[float]] = {p: [] for p in PATHS}
-        for rep in range(args.repeats):
-            seconds, outputs = run_paths(engine, model, samples, args.max_new_tokens)
-            for p in PATHS:
+        cpu: dict[str, list[float]] = {p: [] for p in PATHS}
+        for rep in range(max(args.repeats, args.pair_repeats)):
+            # every path --repeats times; mixed and single (the bar) --pair-repeats times, order alternating
+            paths = PATHS if rep < args.repeats else ("mixed", "single")[:: 1 if rep % 2 else -1]
+            seconds, used, run_outputs = run_paths(engine, model, samples, args.max_new_tokens, paths)
+            if rep == 0:
+                outputs = run_outputs
+            for p in paths:
                 times[p].append(seconds[p])
-            print(f"repeat {rep}: " + "  ".join(f"{p} {seconds[p]:.2f}s" for p in PATHS), flush=True)
+                cpu[p].append(used[p])
+            print(f"repeat {rep}: " + "  ".join(f"{p} {seconds[p]:.2f}s" for p in paths), flush=True)
     med = {p: statistics.median(v) for p, v in times.items()}
+    med_cpu = {p: statistics.median(v) for p, v in cpu.items()}
     same = {
         p: f"{sum(a == b for a, b in zip(outputs['mixed'], outputs[p], strict=True))}/{args.requests}"
         for p in ("peft_mixed", "peft_grouped", "peft_swap")
@@ -242,11 +324,15 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "rank": args.rank,
         "image": args.image,
+        "shape": args.shape if args.layers is None else f"{args.shape} cut to {args.layers} layers",
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
         "vocab": engine.model.config.text_config.vocab_size,
         "repeats": args.repeats,
         **{f"{p}_s": round(med[p], 4) for p in PATHS},
         **{f"{p}_requests_per_s": round(args.requests / med[p], 2) for p in PATHS},
         "mixed_over_single": round(med["single"] / med["mixed"], 3),
+        "mixed_over_single_cpu": round(med_cpu["single"] / med_cpu["mixed"], 3),
+        "pair_repeats": max(args.repeats, args.pair_repeats),
         "mixed_over_peft_mixed": round(med["peft_mixed"] / med["mixed"], 3),
         "mixed_over_peft_grouped": round(med["peft_grouped"] / med["mixed"], 3),
         "mixed_over_peft_swap": round(med["peft_swap"] / med["mixed"], 3),

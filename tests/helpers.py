@@ -64,10 +64,13 @@ DEPLOY_EXPERTS = {
 DEPLOY_B_STD = 0.5  # PEFT initialises B to zero: random B makes every adapter change the outputs
 
 
-def build_tiny_deployment(model_dir, root, experts: dict | None = None, router: tuple | None = None) -> dict:
+def build_tiny_deployment(
+    model_dir, root, experts: dict | None = None, router: tuple | None = None, base=None
+) -> dict:
     """Router + expert adapters with random non-zero LoRA weights on `model_dir`, saved as training
     saves them (PEFT folder + mole_adapter.json) and deployed into root/deploy. `experts` ({name:
-    (lora, image budget, max_new_tokens)}) and `router` ((lora, image budget)) default to DEPLOY_*.
+    (lora, image budget, max_new_tokens)}) and `router` ((lora, image budget)) default to DEPLOY_*;
+    `base`: the model of `model_dir` already loaded (left as it was).
 
     Returns {"deployment": path, "names": expert names in label order, "adapters": {name: folder}}.
     """
@@ -84,7 +87,7 @@ def build_tiny_deployment(model_dir, root, experts: dict | None = None, router: 
 
     root = Path(root)
     experts_spec = experts or DEPLOY_EXPERTS
-    base = load_base(str(model_dir), device="cpu")
+    base = load_base(str(model_dir), device="cpu") if base is None else base
     names = sorted(experts_spec)
     label_map = {n: i for i, n in enumerate(names)}
 
@@ -93,7 +96,7 @@ def build_tiny_deployment(model_dir, root, experts: dict | None = None, router: 
         weights = expert_weights_from_spec(base, spec, seed)
         gen = torch.Generator().manual_seed(seed)
         for w in weights.values():
-            w.B = torch.randn(w.B.shape, generator=gen) * DEPLOY_B_STD
+            w.B = (torch.randn(w.B.shape, generator=gen) * DEPLOY_B_STD).to(w.B.device, w.B.dtype)
         save_peft_adapter(folder, spec, weights, str(model_dir))
         write_adapter_info(folder, {"base_model": str(model_dir), **info})
         return str(folder)

@@ -124,8 +124,10 @@ def test_forced_unknown_and_bad_requests(engine, tiny_deployment):
     from mole_trainer.infer.engine import Engine, Request
 
     s = _samples(1)[0]
-    res = engine.run([Request(s, expert="ocr")])[0]
+    text = Sample(id="t", images=[], instruction="What day is it?", answer="")  # no image, beside image rows
+    res, routed, _ = engine.run([Request(s, expert="ocr"), Request(text), Request(_samples(2)[1])])
     assert res.forced and res.expert == "ocr" and res.probability is None and res.top_k == []
+    assert routed.output == engine.run([Request(text, expert=routed.expert)])[0].output
     for bad, fragment in [
         (Request(s, expert="weather"), "unknown expert 'weather' (deployed: calendar, chart-screen"),
         (Request(s, max_new_tokens=0), "max_new_tokens must be a positive integer"),

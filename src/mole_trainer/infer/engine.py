@@ -180,10 +180,12 @@ class Engine:
         cache_dir: str | None = None,
         min_probability: float | None = None,
         fallback: str | None = None,
+        model=None,
     ):
         """Load a deployment (folder or fsspec URL). `base_model` replaces the recorded base (a
         deployment moved to another machine); below `min_probability` the `fallback` answers (an
-        expert name, or "base" for the base model with no adapter)."""
+        expert name, or "base" for the base model with no adapter). `model`: the base already
+        loaded (benchmarks at shapes with no weights on disk); it is modified in place."""
         from ..deploy import load_deployment
         from ..model.loading import load_base, load_processor
         from ..model.multi_lora import load_peft_adapter
@@ -201,7 +203,7 @@ class Engine:
             info = read_adapter_info(dep["experts"][name], "expert")
             check_same_base(info, router_info, dep["experts"][name])
             infos[name] = info
-        self.model = load_base(self.base_model, dtype, device)
+        self.model = load_base(self.base_model, dtype, device) if model is None else model.eval()
         self.device = next(self.model.parameters()).device
 
         def adapter(path):

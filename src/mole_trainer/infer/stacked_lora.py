@@ -17,6 +17,10 @@ Both paths compute (x (scaling A)^T) B^T added in place into the base output; PE
 same products in another order ((x A^T) B^T, then scaled, then added), so logits agree to rounding
 and greedy tokens match (tests/unit/test_engine.py checks token equality with PEFT).
 
+Memory: a mixed batch holds its rows' gathered weights, rows x R x sum(in + out) elements over the
+stacked modules (8B shape, every projection, R = 16, 16 rows: about 1.4 GB in bf16); every row on
+one slot gathers nothing.
+
 The training-side layer (model/multi_lora.py) keeps each expert's weights as separate trainable
 Parameters and stacks them at every forward; at inference nothing trains, so the stack is built once.
 """
