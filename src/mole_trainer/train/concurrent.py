@@ -255,7 +255,12 @@ def best_checkpoint_writer(folder: Path, lora, base_model: str) -> Callable[[int
 
 
 def train_experts_concurrent(
-    cfg: LorasConfig, names: list[str], device: str = "auto", dtype: str = "auto", report=print
+    cfg: LorasConfig,
+    names: list[str],
+    device: str = "auto",
+    dtype: str = "auto",
+    report=print,
+    digests: dict[str, str] | None = None,
 ) -> dict:
     """`mole train experts --concurrent`: every named expert trained in one pass on one base.
 
@@ -268,7 +273,7 @@ def train_experts_concurrent(
     from .experts import prepare_expert, score_and_save, score_base, train_stats
 
     base = load_base(cfg.base_model, dtype, device)
-    jobs = [prepare_expert(cfg, name) for name in names]
+    jobs = [prepare_expert(cfg, name, (digests or {}).get(name)) for name in names]
     pads = {job.pad_id for job in jobs}
     if len(pads) != 1:
         raise UserError(f"experts {names} were preprocessed with different pad tokens {sorted(pads)}")
