@@ -78,7 +78,7 @@ def test_patchify_is_the_inverse_of_unpatchify():
     from mole_trainer.data.pixels import PixelSpec, patchify, unpatchify
 
     spec = PixelSpec(4, 2, 3, False, 1.0, False, (0.0,) * 3, (1.0,) * 3)
-    image = torch.randint(0, 256, (3, 24, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = torch.randint(0, 256, (24, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     patches = patchify(image, spec)
     assert patches.shape == (6 * 4, 3 * 3 * 4 * 4)
     assert torch.equal(unpatchify(patches, (6, 4), spec), image)

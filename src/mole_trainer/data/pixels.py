@@ -5,8 +5,8 @@ Qwen3-VL) resizes every image in uint8 (smart_resize, bicubic with antialias), c
 float32 with one fused rescale-and-normalise, `(x - mean / r) / (std / r)` with `r` the rescale
 factor, cuts it into patches and repeats every patch `temporal_patch_size` times. Everything after
 the resize is a fixed function of the resized uint8 image, so the cache keeps that image (losslessly
-compressed as PNG) and `unpack_example` repeats the same float32 operations in the same order:
-the result is bit-equal to the processor's `pixel_values`. The cache writer checks this against the
+compressed as PNG) and `unpack_example` repeats the same float32 operations (cutting the patches
+first, which moves values without changing them): the result is bit-equal to the processor's `pixel_values`. The cache writer checks this against the
 processor once per process and falls back to the exact float storage where it does not hold.
 
 Token tensors are stored in the narrowest integer type that holds them (int32 ids and labels,
@@ -67,7 +67,7 @@ class PixelSpec:
 
 
 def unpatchify(patches, grid_hw: tuple[int, int], spec: PixelSpec):
-    """(channels, height, width) image of one image's patch rows (inverse of the processor's layout).
+    """(height, width, channels) image of one image's patch rows (inverse of the processor's layout).
 
     Rows are (merge block row, merge block column, row in block, column in block); each row holds
     (channel, temporal copy, pixel row, pixel column). The temporal copies must be equal (a still image).
@@ -80,51 +80,57 @@ def unpatchify(patches, grid_hw: tuple[int, int], spec: PixelSpec):
     if not all(torch.equal(x[..., 0, :, :], x[..., k, :, :]) for k in range(1, t)):
         raise ValueError("the temporal copies of an image's patches differ (not a still image)")
     c = x.shape[4]
-    # (block row, block col, row, col, channel, py, px) -> (channel, block row, row, py, block col, col, px)
-    return x[..., 0, :, :].permute(4, 0, 2, 5, 1, 3, 6).reshape(c, gh * p, gw * p).contiguous()
+    # (block row, block col, row, col, channel, py, px) -> (block row, row, py, block col, col, px, channel)
+    return x[..., 0, :, :].permute(0, 2, 5, 1, 3, 6, 4).reshape(gh * p, gw * p, c).contiguous()
 
 
 def patchify(image, spec: PixelSpec):
-    """Patch rows of a (channels, height, width) image, each repeated temporally (the processor's layout)."""
-    c, h, w = image.shape
+    """Patch rows of a (height, width, channels) image, each repeated temporally (the processor's layout)."""
+    h, w, c = image.shape
     p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
     gh, gw = h // p, w // p
-    x = image.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    # (block row, row, py, block col, col, px, channel) -> (block row, block col, row, col, channel, py, px)
+    x = image.reshape(gh // m, m, p, gw // m, m, p, c).permute(0, 3, 1, 4, 6, 2, 5)
     return x.unsqueeze(5).expand(*x.shape[:5], t, p, p).reshape(gh * gw, c * t * p * p)
 
 
-def normalize(image, spec: PixelSpec):
-    """The processor's rescale/normalise of a uint8 image: fused factors, float32, subtract then divide."""
+def normalize(patches, spec: PixelSpec):
+    """The processor's rescale/normalise of uint8 patch rows: fused factors, float32, subtract then divide.
+
+    The processor normalises the image before cutting it into patches; the operations are per
+    element with per-channel constants, so doing them on the patch rows gives the same bits.
+    """
     import torch
 
+    rows = patches.view(patches.shape[0], len(spec.image_mean), -1)  # (patch, channel, values)
     if spec.do_normalize:
         mean, std = torch.tensor(spec.image_mean), torch.tensor(spec.image_std)
         if spec.do_rescale:
             mean, std = mean * (1.0 / spec.rescale_factor), std * (1.0 / spec.rescale_factor)
-        return image.to(torch.float32).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
-    if spec.do_rescale:
-        return image * spec.rescale_factor
-    return image
+        rows = rows.to(torch.float32).sub_(mean.view(1, -1, 1)).div_(std.view(1, -1, 1))
+    elif spec.do_rescale:
+        rows = rows * spec.rescale_factor
+    return rows.reshape(patches.shape)
 
 
 def png_encode(image):
-    """PNG bytes (as a uint8 tensor) of a (3, height, width) uint8 image."""
+    """PNG bytes (as a uint8 tensor) of a (height, width, 3) uint8 image."""
     import torch
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, "PNG", compress_level=PNG_LEVEL)
+    Image.fromarray(image.numpy()).save(buf, "PNG", compress_level=PNG_LEVEL)
     return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8).clone()
 
 
 def png_decode(data):
-    """(3, height, width) uint8 image of png_encode's bytes."""
+    """(height, width, 3) uint8 image of png_encode's bytes."""
     import numpy as np
     import torch
     from PIL import Image
 
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
-        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    with Image.open(io.BytesIO(data.numpy())) as im:
+        return torch.from_numpy(np.array(im if im.mode == "RGB" else im.convert("RGB")))
 
 
 def _per_image(pixel_values, grid_thw) -> list:
@@ -172,9 +178,9 @@ def unpack_example(stored: dict, spec: PixelSpec) -> dict[str, Any]:
 
     out = dict(stored)
     if PNG_KEY in out:  # compact, with or without images
-        images = [png_decode(b) for b in out.pop(PNG_KEY)]
-        if images:
-            out["pixel_values"] = torch.cat([patchify(normalize(im, spec), spec) for im in images])
+        parts = [normalize(patchify(png_decode(b), spec), spec) for b in out.pop(PNG_KEY)]
+        if parts:
+            out["pixel_values"] = parts[0] if len(parts) == 1 else torch.cat(parts)
         for key in NARROW:
             if key in out:
                 out[key] = out[key].to(torch.int64)
