@@ -1,11 +1,11 @@
-"""Benchmark: the compact cache storage (resized image as PNG) against the float32 storage it replaced.
+"""Benchmark: the compact cache storage (resized uint8 pixels, zlib) against the float32 storage it replaced.
 
 Synthesises RECORDS GUI screens (the four synthetic experts, SIZE pixels), encodes each as a router
 example with the tiny offline Qwen3-VL's processor (or --processor DIR, e.g. the real Qwen3-VL-8B
 processor folder in tests/fixtures), and stores it both ways in the same process:
 - float32 (the baseline, cache format v2): the processor's pixel_values with the temporal copies
   taken out, int64 token tensors;
-- png (format v3): the resized uint8 image as PNG, narrow token types.
+- compact (format v3): the resized uint8 pixels, one temporal copy, zlib; narrow token types.
 It reports the stored bytes per record (torch.save of the stored example), the seconds to encode +
 store a record and to read one back (what CachedExamples does per access), medians over records,
 and checks every compact record reads back bit-equal to the baseline.
@@ -123,16 +123,16 @@ def main() -> None:
         "processor": "tiny" if args.processor is None else Path(args.processor).name,
         "bit_equal": f"{equal}/{len(samples)}",
         "bytes_per_record_float32": int(med(PLAIN, 0)),
-        "bytes_per_record_png": int(med(COMPACT, 0)),
+        "bytes_per_record_compact": int(med(COMPACT, 0)),
         "size_ratio": round(med(PLAIN, 0) / med(COMPACT, 0), 1),
         "encode_ms_float32": round(med(PLAIN, 1) * 1e3, 2),
-        "encode_ms_png": round(med(COMPACT, 1) * 1e3, 2),
+        "encode_ms_compact": round(med(COMPACT, 1) * 1e3, 2),
         "read_ms_float32": round(med(PLAIN, 2) * 1e3, 3),
-        "read_ms_png": round(med(COMPACT, 2) * 1e3, 3),
+        "read_ms_compact": round(med(COMPACT, 2) * 1e3, 3),
     }
     print(
         f"{result['records']} records {size[0]}x{size[1]}, max_pixels {max_pixels}: "
-        f"{result['bytes_per_record_float32']} -> {result['bytes_per_record_png']} bytes per record "
+        f"{result['bytes_per_record_float32']} -> {result['bytes_per_record_compact']} bytes per record "
         f"({result['size_ratio']}x smaller), bit-equal {result['bit_equal']}"
     )
     print(json.dumps(result))

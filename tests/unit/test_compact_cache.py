@@ -47,7 +47,7 @@ def test_cached_pixels_are_bit_equal_to_a_live_processor_call(which, task, tiny_
 
     model = str(tiny_model if which == "tiny" else REAL_PROCESSOR)
     meta = preprocess_splits({"test": samples}, tmp_path, model, task, LABELS, 4096, 20000)
-    assert meta["pixels"]["storage"] == ["png"]
+    assert meta["pixels"]["storage"] == ["uint8-zlib"]
     processor = load_processor(model, 4096, 20000)
     _, payload = load_preprocessed(tmp_path, "test")
     assert len(payload["examples"]) == len(samples)
@@ -67,25 +67,26 @@ def test_a_rebuild_that_differs_falls_back_to_exact_float_storage(tiny_model, sa
     meta = preprocess_splits({"test": samples[:3]}, tmp_path, str(tiny_model), "router", LABELS, 4096, 20000)
     assert meta["pixels"]["storage"] == ["float32"]
     stored = torch.load(tmp_path / "test-00000.pt", weights_only=True)["examples"]
-    assert all(pixels.FRAMES_KEY in e and pixels.PNG_KEY not in e for e in stored)
+    assert all(pixels.FRAMES_KEY in e and pixels.ZLIB_KEY not in e for e in stored)
     processor = load_processor(str(tiny_model), 4096, 20000)
     _, payload = load_preprocessed(tmp_path, "test")
     for s, example in zip(samples[:3], payload["examples"], strict=True):
         assert torch.equal(example["pixel_values"], live_pixels(processor, s, "router"))
 
 
-def test_patchify_is_the_inverse_of_unpatchify():
-    from mole_trainer.data.pixels import PixelSpec, patchify, unpatchify
+def test_only_still_images_are_stored_compact(tiny_model, samples, monkeypatch):
+    """One temporal copy is stored: patches whose copies differ are refused, not silently cut."""
+    from mole_trainer.data.pixels import COMPACT, PixelSpec, pack_example
+    from mole_trainer.data.preprocess import encode_sample
+    from mole_trainer.model.loading import load_processor
 
-    spec = PixelSpec(4, 2, 3, False, 1.0, False, (0.0,) * 3, (1.0,) * 3)
-    image = torch.randint(0, 256, (24, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    patches = patchify(image, spec)
-    assert patches.shape == (6 * 4, 3 * 3 * 4 * 4)
-    assert torch.equal(unpatchify(patches, (6, 4), spec), image)
-    moved = patches.clone()
-    moved[0, 16] += 1  # one temporal copy no longer equals the others
+    processor = load_processor(str(tiny_model), 4096, 20000)
+    raw = encode_sample(processor, samples[0], "router", NAMES, raw_pixels=True)
+    spec = PixelSpec.of(processor.image_processor)
+    rows = raw["pixel_values"].view(raw["pixel_values"].shape[0], 3, spec.temporal_patch_size, -1)
+    rows[5, 1, 1, 7] ^= 1  # one value of the second temporal copy
     with pytest.raises(ValueError, match="temporal copies"):
-        unpatchify(moved, (6, 4), spec)
+        pack_example(raw, spec, COMPACT)
 
 
 def test_an_older_cache_is_refused_with_what_to_run(tiny_model, samples, tmp_path):
