@@ -1,9 +1,9 @@
 """Preprocessing for Qwen3-VL: chat template, pixel budget, label masks, cached on disk.
 
 An example is a dict of tensors (input_ids, attention_mask, mm_token_type_ids, labels,
-pixel_values, image_grid_thw); the cache stores each image as the processor's resized uint8 image
-(PNG) and rebuilds bit-equal pixel_values when an example is read (data/pixels.py). Expert examples supervise every assistant turn of the conversation
-(its content and end-of-turn token, found from the chat template's own rendering); the system
+pixel_values, image_grid_thw); the cache stores the processor's resized uint8 pixels (compressed)
+and rebuilds bit-equal pixel_values when an example is read (data/pixels.py). Expert examples
+supervise every assistant turn of the conversation (its content and end-of-turn token, found from the chat template's own rendering); the system
 prompt, user turns, role headers and images are masked with -100. Router examples supervise the
 expert name after the router prompt. The cache folder holds each split as shards
 of SHARD_RECORDS input records (`<split>-00000.pt`, ...), `meta.json` describing what made it
@@ -32,7 +32,7 @@ from .formats import Reject, Sample, write_jsonl
 from .pixels import COMPACT, PLAIN, RAW_PIXEL_KWARGS, PixelSpec, pack_example, same_example, unpack_example
 
 IGNORE_INDEX = -100
-# v2: splits in shards, image paths relative to the cache; v3: images as resized uint8 PNG, narrow ints
+# v2: splits in shards, image paths relative to the cache; v3: resized uint8 pixels (zlib), narrow ints
 CACHE_FORMAT = "mole-preprocessed-v3"
 FORMAT_PREFIX = "mole-preprocessed-"  # every version's format starts so: an older cache is recognised
 TASKS = ("sft", "router")
@@ -465,7 +465,7 @@ def preprocess_splits(
     if PLAIN in storage:
         print(
             f"warning: {out}: the processor's pixels cannot be rebuilt from the resized image "
-            "(another image-processor backend?); the cache stores float32 patches, about 30x larger",
+            "(another image-processor backend?); the cache stores float32 patches, tens of times larger",
             file=sys.stderr,
         )
     meta = {
