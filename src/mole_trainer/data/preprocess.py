@@ -5,12 +5,13 @@ pixel_values, image_grid_thw); the cache stores the processor's resized uint8 pi
 and rebuilds bit-equal pixel_values when an example is read (data/pixels.py). Expert examples
 supervise every assistant turn of the conversation (its content and end-of-turn token, found from
 the chat template's own rendering); the system prompt, user turns, role headers and images are
-masked with -100. Router examples supervise the expert name after the router prompt. The cache folder holds each split as shards
-of SHARD_RECORDS input records (`<split>-00000.pt`, ...), `meta.json` describing what made it
-(task, base, processor digest, pixel budget, counts) and `rejects.jsonl` (records left out, and
-why), so training steps never re-run the processor; only generation-based scoring (validation
-routing accuracy, expert task metrics) re-encodes the prompts of the records it scores. Shards are
-encoded in parallel worker processes when asked; the files do not depend on the number of workers.
+masked with -100. Router examples supervise the expert name after the router prompt. The cache
+folder holds each split as shards of SHARD_RECORDS input records (`<split>-00000.pt`, ...),
+`meta.json` describing what made it (task, base, processor digest, pixel budget, counts) and
+`rejects.jsonl` (records left out, and why), so training steps never re-run the processor; only
+generation-based scoring (validation routing accuracy, expert task metrics) re-encodes the prompts
+of the records it scores. Shards are encoded in parallel worker processes when asked; the files do
+not depend on the number of workers.
 """
 
 from __future__ import annotations
