@@ -77,21 +77,34 @@ def _curves(run, logs: dict[str, Path]):
                 run.add_metric_rows(log_rows(path, prefix))
 
 
-def data_hash(*paths: str | Path) -> str:
-    """sha256 over the given inputs (files by bytes, folders by every file's name and bytes)."""
+def input_digest(path: str | Path) -> str:
+    """Digest of one data input, every file streamed: a preprocessed cache by its identity (its
+    meta.json, which records its input's digest, and each file's name and size: the shards are not
+    read), a folder or DIR#NAME by every file's name and bytes, a file by its bytes.
+
+    Computed once per run: a stage passes it on to what it runs instead of hashing again.
+    """
+    from .data.preprocess import dataset_digest, is_preprocessed
+    from .hashing import sha256_file
+    from .train.checkpoint import data_identity
+
+    p = Path(path)
+    if is_preprocessed(p):
+        return data_identity(p)
+    if p.is_dir() or dataset_exists(p):  # a folder, or DIR#NAME (a LLaMA-Factory dataset)
+        return dataset_digest(p)
+    if p.is_file():
+        return sha256_file(p)
+    raise UserError(f"{p}: not found")
+
+
+def data_hash(*paths: str | Path, digests: list[str] | None = None) -> str:
+    """sha256 over the inputs' digests (input_digest of each path, or `digests` already computed)."""
     import hashlib
 
-    from .data.preprocess import dataset_digest
-    from .hashing import sha256_file
-
     h = hashlib.sha256()
-    for p in map(Path, paths):
-        if p.is_dir() or dataset_exists(p):  # a folder, or DIR#NAME (a LLaMA-Factory dataset)
-            h.update(dataset_digest(p).encode())
-        elif p.is_file():
-            h.update(sha256_file(p).encode())
-        else:
-            raise UserError(f"{p}: not found")
+    for d in digests if digests is not None else map(input_digest, paths):
+        h.update(d.encode())
     return h.hexdigest()
 
 
@@ -284,7 +297,8 @@ def data_preprocess(
         "min_pixels": min_pixels,
         "max_pixels": max_pixels,
     }
-    with _writer_run(workdir, "data.preprocess", config, data_hash(input), output) as run:
+    digest = data_hash(input)
+    with _writer_run(workdir, "data.preprocess", config, digest, output) as run:
         meta = preprocess_splits(
             splits,
             output,
@@ -294,6 +308,7 @@ def data_preprocess(
             min_pixels,
             max_pixels,
             progress=progress,
+            source=digest,  # in meta.json: the cache's identity names the data it was made from
             workers=workers,
             strict=strict,
             rejects=rejects,
@@ -346,13 +361,16 @@ def train_experts(
         if entry is not None and (not entry.data or not dataset_exists(entry.data)):
             raise UserError(f"{config}: experts.{name}.data: folder {entry.data or '(empty)'} not found")
     names = [n for n in only or cfg.experts if n in cfg.experts]
-    digest = data_hash(*(cfg.experts[n].data for n in names))
+    digests = {n: input_digest(cfg.experts[n].data) for n in names}  # once: passed on to preprocessing
+    digest = data_hash(digests=list(digests.values()))
     record = {**to_dict(cfg), "concurrent": concurrent}
     folders = [Path(cfg.output_dir) / n for n in names]  # per expert: `--only` runs on others may go on
     with _writer_run(workdir, "train.experts", record, digest, cfg.output_dir, folders, resume) as run:
         logs = {f"{n}/": Path(cfg.output_dir) / n / TRAIN_LOG_FILE for n in names}
         with _curves(run, logs):
-            results = run_experts(cfg, only, device, dtype, report, resume=resume, concurrent=concurrent)
+            results = run_experts(
+                cfg, only, device, dtype, report, resume=resume, concurrent=concurrent, digests=digests
+            )
         for name, r in results.items():
             run.metrics[f"{name}.{r['metric']}"] = r["value"]
             run.metrics[f"{name}.base_{r['metric']}"] = r["base_value"]
@@ -377,10 +395,11 @@ def train_router(
     if not Path(dataset_path).is_dir():
         raise UserError(f"{dataset_path}: preprocessed router dataset not found")
     config_record = {**to_dict(cfg), "dataset": str(dataset_path)}
-    digest = data_hash(dataset_path)
+    identity = input_digest(dataset_path)  # once: also the checkpoints' data identity
+    digest = data_hash(digests=[identity])
     with _writer_run(workdir, "train.router", config_record, digest, cfg.output_dir, resume=resume) as run:
         with _curves(run, {"": Path(cfg.output_dir) / TRAIN_LOG_FILE}):
-            info = run_router(dataset_path, cfg, device, dtype, report, resume=resume)
+            info = run_router(dataset_path, cfg, device, dtype, report, resume=resume, data_id=identity)
         run.metrics.update(info["best"])
         run.artifacts["adapter"] = info["adapter"]
     return info

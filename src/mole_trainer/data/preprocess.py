@@ -1,15 +1,17 @@
 """Preprocessing for Qwen3-VL: chat template, pixel budget, label masks, cached on disk.
 
 An example is a dict of tensors (input_ids, attention_mask, mm_token_type_ids, labels,
-pixel_values, image_grid_thw). Expert examples supervise every assistant turn of the conversation
-(its content and end-of-turn token, found from the chat template's own rendering); the system
-prompt, user turns, role headers and images are masked with -100. Router examples supervise the
-expert name after the router prompt. The cache folder holds each split as shards
-of SHARD_RECORDS input records (`<split>-00000.pt`, ...), `meta.json` describing what made it
-(task, base, processor digest, pixel budget, counts) and `rejects.jsonl` (records left out, and
-why), so training steps never re-run the processor; only generation-based scoring (validation
-routing accuracy, expert task metrics) re-encodes the prompts of the records it scores. Shards are
-encoded in parallel worker processes when asked; the files do not depend on the number of workers.
+pixel_values, image_grid_thw); the cache stores the processor's resized uint8 pixels (compressed)
+and rebuilds bit-equal pixel_values when an example is read (data/pixels.py). Expert examples
+supervise every assistant turn of the conversation (its content and end-of-turn token, found from
+the chat template's own rendering); the system prompt, user turns, role headers and images are
+masked with -100. Router examples supervise the expert name after the router prompt. The cache
+folder holds each split as shards of SHARD_RECORDS input records (`<split>-00000.pt`, ...),
+`meta.json` describing what made it (task, base, processor digest, pixel budget, counts) and
+`rejects.jsonl` (records left out, and why), so training steps never re-run the processor; only
+generation-based scoring (validation routing accuracy, expert task metrics) re-encodes the prompts
+of the records it scores. Shards are encoded in parallel worker processes when asked; the files do
+not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -17,19 +19,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..hashing import update_from_file
 from ..layout import LABEL_MAP_FILE, PREPROCESS_META_FILE, PREPROCESS_SHARD_FILE, REJECTS_FILE, SPLITS
 from ..model.chat import end_of_turn
 from ..router_prompt import label_names, router_messages
 from .formats import Reject, Sample, write_jsonl
+from .pixels import COMPACT, PLAIN, RAW_PIXEL_KWARGS, PixelSpec, pack_example, same_example, unpack_example
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = "mole-preprocessed-v2"  # v2: splits in shards, image paths relative to the cache
-READABLE_FORMATS = ("mole-preprocessed-v1", CACHE_FORMAT)
+# v2: splits in shards, image paths relative to the cache; v3: resized uint8 pixels (zlib), narrow ints
+CACHE_FORMAT = "mole-preprocessed-v3"
+FORMAT_PREFIX = "mole-preprocessed-"  # every version's format starts so: an older cache is recognised
 TASKS = ("sft", "router")
 
 
@@ -110,11 +116,15 @@ def supervised_text(processor, messages: list[dict]) -> tuple[str, list[tuple[in
     return full[: spans[-1][1]], spans
 
 
-def encode_conversation(processor, messages: list[dict], images) -> dict[str, Any]:
+def encode_conversation(processor, messages: list[dict], images, raw_pixels: bool = False) -> dict[str, Any]:
     """Tokenise a conversation; labels are the tokens of every assistant turn (content and end of
-    turn), -100 everywhere else (system prompt, user turns, role headers, images)."""
+    turn), -100 everywhere else (system prompt, user turns, role headers, images).
+
+    `raw_pixels`: pixel_values are the resized uint8 patches, before rescale and normalise.
+    """
     text, spans = supervised_text(processor, messages)
-    enc = processor(text=[text], images=images or None, return_tensors="pt")
+    kwargs = RAW_PIXEL_KWARGS if raw_pixels and images else {}
+    enc = processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
     ids = enc["input_ids"][0]
     # the processor repeats each image's pad token once per visual token; collapse those runs to
     # line the ids up with the tokenizer's ids of the same text, where character spans are found
@@ -143,25 +153,31 @@ def encode_conversation(processor, messages: list[dict], images) -> dict[str, An
     return example
 
 
-def encode_example(processor, messages: list[dict], answer: str, images) -> dict[str, Any]:
+def encode_example(
+    processor, messages: list[dict], answer: str, images, raw_pixels: bool = False
+) -> dict[str, Any]:
     """Tokenise a prompt and its answer; only the answer and its end-of-turn token are supervised."""
     answer_turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
-    return encode_conversation(processor, [*messages, answer_turn], images)
+    return encode_conversation(processor, [*messages, answer_turn], images, raw_pixels)
 
 
-def encode_sample(processor, sample: Sample, task: str, names: list[str] | None = None) -> dict[str, Any]:
+def encode_sample(
+    processor, sample: Sample, task: str, names: list[str] | None = None, raw_pixels: bool = False
+) -> dict[str, Any]:
     """One training example for a sample (task 'sft' for experts, 'router' for the router).
 
     Experts train on the whole conversation (system prompt kept, every assistant turn supervised);
     the router on its prompt (router_messages of the router view) and the expert name.
+    `raw_pixels`: uint8 pixel patches before rescale/normalise (what the cache stores).
     """
     try:
         if task == "router":
             msgs = prompt_messages(sample, task, names)
-            return encode_example(processor, msgs, target_text(sample, task), load_images(sample))
+            return encode_example(processor, msgs, target_text(sample, task), load_images(sample), raw_pixels)
         if sample.conversation()[-1]["role"] != "assistant":
             raise ValueError("the conversation does not end with an assistant turn")
-        return encode_conversation(processor, sample.messages(with_answer=True), load_images(sample))
+        messages = sample.messages(with_answer=True)
+        return encode_conversation(processor, messages, load_images(sample), raw_pixels)
     except TemplateError:
         raise
     except ValueError as exc:
@@ -189,34 +205,6 @@ def collate(examples: list[dict], pad_id: int, padding_side: str = "right") -> d
         batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
     return batch
-
-
-def compact_frames(example: dict, temporal: int) -> dict:
-    """Store an image's pixel patches once instead of `temporal` identical copies (exact, lossless).
-
-    Qwen's processor repeats a still image along the temporal axis of every patch vector, laid out
-    (channel, temporal, patch_h * patch_w); the copies are identical, so the cache keeps one.
-    """
-    import torch
-
-    pv = example.get("pixel_values")
-    if pv is None or temporal == 1:
-        return example
-    frames = pv.view(pv.shape[0], 3, temporal, -1)
-    if not all(torch.equal(frames[:, :, 0], frames[:, :, t]) for t in range(1, temporal)):
-        return example
-    out = {k: v for k, v in example.items() if k != "pixel_values"}
-    out["pixel_frames"] = frames[:, :, 0].contiguous()
-    return out
-
-
-def expand_frames(example: dict, temporal: int) -> dict:
-    """Inverse of compact_frames: the exact pixel_values the processor produced."""
-    if "pixel_frames" not in example:
-        return example
-    f = example.pop("pixel_frames")
-    example["pixel_values"] = f.unsqueeze(2).expand(-1, -1, temporal, -1).reshape(f.shape[0], -1)
-    return example
 
 
 def sample_to_dict(s: Sample, base: Path | None = None) -> dict:
@@ -290,9 +278,7 @@ def _start_method() -> str:
     return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
-def _init_worker(
-    model: str, min_pixels: int | None, max_pixels: int | None, task: str, names, temporal
-) -> None:
+def _init_worker(model: str, min_pixels: int | None, max_pixels: int | None, task: str, names) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -301,19 +287,47 @@ def _init_worker(
 
         _WORKER["processor"] = load_processor(model, min_pixels, max_pixels)
         _WORKER["key"] = (model, min_pixels, max_pixels)
-    _WORKER.update(task=task, names=names, temporal=temporal)
+    _WORKER.update(task=task, names=names, spec=PixelSpec.of(_WORKER["processor"].image_processor))
 
 
-def _encode_shard(job: tuple[str, Path, list[Sample]], progress=None) -> tuple[int, list[dict]]:
-    """Encode one shard and save it; return (examples written, rejects as dicts)."""
+def _encode_stored(processor, sample: Sample, task: str, names) -> tuple[dict, str]:
+    """(stored example, storage mode) of a sample: compact where it rebuilds the processor's output.
+
+    Until one example with an image has rebuilt bit-equal to the processor's own encoding, each
+    example is checked against a second, ordinary encoding; then compact storage is trusted for the
+    rest of this process. A processor whose arithmetic the rebuild does not reproduce (another
+    image-processor backend) gets the exact float storage instead, for every later example too.
+    """
+    spec, mode = _WORKER["spec"], _WORKER.get("storage")
+    if mode == PLAIN:
+        return pack_example(encode_sample(processor, sample, task, names), spec, PLAIN), PLAIN
+    raw = encode_sample(processor, sample, task, names, raw_pixels=True)
+    try:
+        stored = pack_example(raw, spec, COMPACT)
+    except ValueError:
+        stored = None
+    if mode != COMPACT or stored is None:
+        fresh = encode_sample(processor, sample, task, names)
+        if stored is None or not same_example(unpack_example(stored, spec), fresh):
+            _WORKER["storage"] = PLAIN
+            return pack_example(fresh, spec, PLAIN), PLAIN
+        if "pixel_values" in fresh:
+            _WORKER["storage"] = COMPACT
+    return stored, COMPACT
+
+
+def _encode_shard(job: tuple[str, Path, list[Sample]], progress=None) -> tuple[int, list[dict], list[str]]:
+    """Encode one shard and save it; return (examples written, rejects as dicts, storage modes used)."""
     import torch
 
     split, dest, samples = job
     processor, task, names = _WORKER["processor"], _WORKER["task"], _WORKER["names"]
-    examples, kept, rejects = [], [], []
+    examples, kept, rejects, modes = [], [], [], set()
     for s in samples:
         try:
-            examples.append(compact_frames(encode_sample(processor, s, task, names), _WORKER["temporal"]))
+            example, mode = _encode_stored(processor, s, task, names)
+            examples.append(example)
+            modes.add(mode)
             kept.append(sample_to_dict(s, dest.parent))
         except TemplateError:
             raise  # the template's fault, not the record's: every record would fail the same way
@@ -325,7 +339,7 @@ def _encode_shard(job: tuple[str, Path, list[Sample]], progress=None) -> tuple[i
     tmp = dest.with_name(f".{dest.name}.tmp")
     torch.save({"examples": examples, "samples": kept}, tmp)
     os.replace(tmp, dest)
-    return len(examples), rejects
+    return len(examples), rejects, sorted(modes)
 
 
 def _run_jobs(jobs, workers: int, init: tuple, take, progress, start_method: str | None) -> None:
@@ -409,7 +423,7 @@ def preprocess_splits(
     if strict and loader_rejects:
         raise UserError(Reject(**loader_rejects[0]).message())
     processor = load_processor(model, min_pixels, max_pixels)
-    temporal = processor.image_processor.temporal_patch_size
+    spec = PixelSpec.of(processor.image_processor)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("*.pt"), out / PREPROCESS_META_FILE, out / REJECTS_FILE]:
@@ -423,14 +437,16 @@ def preprocess_splits(
             shards[split].append(name)
             jobs.append((split, out / name, samples[start : start + SHARD_RECORDS]))
 
-    init = (model, min_pixels, max_pixels, task, names, temporal)
+    init = (model, min_pixels, max_pixels, task, names)
     _WORKER.update(processor=processor, key=(model, min_pixels, max_pixels))
     counts = dict.fromkeys(SPLITS, 0)
     encode_rejects: list[dict] = []
+    storage: set[str] = set()
 
     def take(job, result) -> None:
-        n, bad = result
+        n, bad, modes = result
         counts[job[0]] += n
+        storage.update(modes)
         if strict and bad:
             raise UserError(Reject(**bad[0]).message())
         encode_rejects.extend(bad)
@@ -450,8 +466,15 @@ def preprocess_splits(
     all_rejects = sorted(loader_rejects + encode_rejects, key=lambda r: (r["file"], r["line"] or 0))
     write_jsonl(out / REJECTS_FILE, all_rejects)
     size = processor.image_processor.size
+    if PLAIN in storage:
+        print(
+            f"warning: {out}: the processor's pixels cannot be rebuilt from the resized image "
+            "(another image-processor backend?); the cache stores float32 patches, tens of times larger",
+            file=sys.stderr,
+        )
     meta = {
-        "temporal_patch_size": temporal,
+        "temporal_patch_size": spec.temporal_patch_size,
+        "pixels": {**spec.to_dict(), "storage": sorted(storage)},
         "format": CACHE_FORMAT,
         "task": task,
         "model": model,
@@ -487,27 +510,24 @@ def code_digest() -> str:
     root = Path(__file__).parent.parent
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        update_from_file(h, f)
     return h.hexdigest()
 
 
 def dataset_digest(root: str | Path) -> str:
-    """sha256 over every file below a dataset folder (names and bytes), for cache invalidation.
+    """sha256 over every file below a dataset folder (names and bytes, streamed), for cache invalidation.
 
     For `DIR#NAME` (a LLaMA-Factory dataset by name), the folder's files and the selection.
     """
+    from ..hashing import folder_digest
     from ..layout import LOCK_FILE
     from .formats import split_dataset_path
 
     root, selection = split_dataset_path(root)
-    h = hashlib.sha256()
-    if selection is not None:
-        h.update(f"#{selection}\0".encode())
     # an output lock (and its temporary files) is not data: a run writing the folder must not change it
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(LOCK_FILE)):
-        h.update(str(f.relative_to(root)).encode() + b"\0")
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
+    salt = b"" if selection is None else f"#{selection}\0".encode()
+    return folder_digest(root, salt, skip_prefix=LOCK_FILE)
 
 
 def check_compatible(meta: dict, task: str, base_model: str, image, where: str | Path) -> None:
@@ -538,12 +558,12 @@ def check_pixels(meta: dict, image, where: str | Path) -> None:
 
 
 def is_preprocessed(path: str | Path) -> bool:
-    """True when `path` is a cache folder written by preprocess_splits."""
+    """True when `path` is a cache folder written by preprocess_splits (of any version)."""
     meta = Path(path) / PREPROCESS_META_FILE
     if not meta.is_file():
         return False
     try:
-        return json.loads(meta.read_text()).get("format") in READABLE_FORMATS
+        return str(json.loads(meta.read_text()).get("format", "")).startswith(FORMAT_PREFIX)
     except json.JSONDecodeError:
         return False
 
@@ -558,7 +578,12 @@ def load_preprocessed(path: str | Path, split: str) -> tuple[dict, dict]:
             f"{path}: not a preprocessed dataset (no {PREPROCESS_META_FILE}; run 'mole data preprocess')"
         )
     meta = json.loads((path / PREPROCESS_META_FILE).read_text())
-    files = meta["shards"][split] if "shards" in meta else [f"{split}.pt"]  # v1: one file per split
+    if meta["format"] != CACHE_FORMAT:
+        raise UserError(
+            f"{path}: preprocessed by an older mole-trainer (format {meta['format']}, this version reads "
+            f"{CACHE_FORMAT}); run 'mole data preprocess' again on its input"
+        )
+    files = meta["shards"][split]
     stored, samples = [], []
     for name in files:
         f = path / name
@@ -569,17 +594,20 @@ def load_preprocessed(path: str | Path, split: str) -> tuple[dict, dict]:
         stored += part["examples"]
         samples += part["samples"]
     base = path.resolve()
-    for d in samples:  # relative image paths are relative to the cache folder (absolute in v1)
+    for d in samples:  # relative image paths are relative to the cache folder
         d["images"] = [str(base / p) if not os.path.isabs(p) else p for p in d["images"]]
-    payload = {"examples": CachedExamples(stored, meta["temporal_patch_size"]), "samples": samples}
+    payload = {"examples": CachedExamples(stored, PixelSpec.from_dict(meta["pixels"])), "samples": samples}
     return meta, payload
 
 
 class CachedExamples(Sequence):
-    """Examples of a cache split; each one's pixel patches are expanded when it is accessed."""
+    """Examples of a cache split; each one's pixel_values are rebuilt when it is accessed.
 
-    def __init__(self, stored: list[dict], temporal: int):
-        self.stored, self.temporal = stored, temporal
+    `__getitem__` returns what the processor gave for the record (the dict `collate` takes).
+    """
+
+    def __init__(self, stored: list[dict], spec: PixelSpec):
+        self.stored, self.spec = stored, spec
 
     def __len__(self) -> int:
         return len(self.stored)
@@ -587,4 +615,4 @@ class CachedExamples(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return expand_frames(dict(self.stored[index]), self.temporal)
+        return unpack_example(self.stored[index], self.spec)

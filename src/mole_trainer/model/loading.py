@@ -49,6 +49,8 @@ def processor_digest(path_or_hub_id: str) -> str:
     """
     import hashlib
 
+    from ..hashing import update_from_file
+
     root = Path(path_or_hub_id)
     if not root.is_dir():
         return path_or_hub_id
@@ -57,7 +59,8 @@ def processor_digest(path_or_hub_id: str) -> str:
         if f.is_file() and any(
             k in f.name for k in ("tokenizer", "processor", "chat_template", "vocab", "merges")
         ):
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
+            h.update(f.name.encode() + b"\0")
+            update_from_file(h, f)
     return h.hexdigest()
 
 

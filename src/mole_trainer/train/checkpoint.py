@@ -143,18 +143,20 @@ def load_latest(root: Path, report=print) -> tuple[dict, dict, Path] | None:
 def data_identity(folder: str | Path) -> str:
     """Cheap identity of a preprocessed data folder: its meta.json bytes plus each file's name and size.
 
-    Recorded in checkpoints so a run is never resumed onto other data. Modification times are left
-    out on purpose: a Volume or a copy may not keep them, and a retry must still resume.
+    Recorded in checkpoints so a run is never resumed onto other data; meta.json records the digest
+    of the data the cache was made from. Modification times are left out on purpose: a Volume or a
+    copy may not keep them, and a retry must still resume.
     """
     import hashlib
 
+    from ..hashing import update_from_file
     from ..layout import LOCK_FILE, PREPROCESS_META_FILE
 
     folder = Path(folder)
     h = hashlib.sha256()
     meta = folder / PREPROCESS_META_FILE
     if meta.is_file():
-        h.update(meta.read_bytes())
+        update_from_file(h, meta)
     for f in sorted(folder.iterdir()):
         if f.is_file() and not f.name.startswith(LOCK_FILE):  # a preprocess run's lock is not data
             h.update(f"{f.name}\0{f.stat().st_size}\0".encode())

@@ -376,6 +376,7 @@ def train_experts_concurrent(
     dtype: str = "auto",
     report=print,
     resume: bool = False,
+    digests: dict[str, str] | None = None,
 ) -> dict:
     """`mole train experts --concurrent`: every named expert trained in one pass on one base.
 
@@ -389,7 +390,7 @@ def train_experts_concurrent(
     from .experts import prepare_expert, score_and_save, score_base, train_stats
 
     base = load_training_base(cfg.base_model, dtype, device, cfg.kernels)
-    jobs = [prepare_expert(cfg, name) for name in names]
+    jobs = [prepare_expert(cfg, name, (digests or {}).get(name)) for name in names]
     pads = {job.pad_id for job in jobs}
     if len(pads) != 1:
         raise UserError(f"experts {names} were preprocessed with different pad tokens {sorted(pads)}")

@@ -37,8 +37,13 @@ from .distributed import barrier, current, init_distributed
 DEFAULT_TASK = "text"  # records without metadata.task are scored by character similarity
 
 
-def prepared_data(name: str, data: str, cache: Path, model: str, cfg: LorasConfig) -> Path:
-    """A preprocessed folder for the expert: `data` itself if already preprocessed, else a cache."""
+def prepared_data(
+    name: str, data: str, cache: Path, model: str, cfg: LorasConfig, digest: str | None = None
+) -> Path:
+    """A preprocessed folder for the expert: `data` itself if already preprocessed, else a cache.
+
+    `digest` is the dataset's digest when the caller has already computed it (dataset_digest).
+    """
     if is_preprocessed(data):
         return Path(data)
     if not dataset_exists(data):
@@ -51,7 +56,7 @@ def prepared_data(name: str, data: str, cache: Path, model: str, cfg: LorasConfi
             )
     # the cache is reused only for the same data, processor, pixel budget and code
     source = fingerprint(
-        dataset_digest(data),
+        dataset_digest(data) if digest is None else digest,
         processor_digest(model),
         cfg.image.min_pixels,
         cfg.image.max_pixels,
@@ -112,8 +117,11 @@ def expert_names(cfg: LorasConfig, only: list[str] | None) -> list[str]:
     return names
 
 
-def prepare_expert(cfg: LorasConfig, name: str) -> ExpertJob:
-    """Preprocess (or reuse) an expert's data, check it against the config and load its splits."""
+def prepare_expert(cfg: LorasConfig, name: str, digest: str | None = None) -> ExpertJob:
+    """Preprocess (or reuse) an expert's data, check it against the config and load its splits.
+
+    `digest`: the data's digest, when the caller has it (not hashed again).
+    """
     from ..model.loading import load_processor
 
     entry = cfg.experts[name]
@@ -122,7 +130,7 @@ def prepare_expert(cfg: LorasConfig, name: str) -> ExpertJob:
     dist = current()
     if not dist.main:
         barrier(dist)  # rank 0 builds the preprocessing cache first; the others then reuse it
-    prep = prepared_data(name, entry.data, out / "prep", cfg.base_model, cfg)
+    prep = prepared_data(name, entry.data, out / "prep", cfg.base_model, cfg, digest)
     if dist.main:
         barrier(dist)
     meta, train = load_preprocessed(prep, "train")
@@ -226,8 +234,11 @@ def train_experts(
     report=print,
     resume: bool = False,
     concurrent: bool = False,
+    digests: dict[str, str] | None = None,
 ) -> dict:
     """Train every expert of the config (or `only` those); returns {expert: result dict}.
+
+    `digests`: each expert's data digest when the caller has computed them (stages.input_digest).
 
     Under torchrun the ranks share each batch; rank 0 alone scores, saves and returns results.
 
@@ -249,12 +260,12 @@ def train_experts(
             raise UserError("--concurrent runs in one process; under torchrun train the experts without it")
         from .concurrent import train_experts_concurrent
 
-        return train_experts_concurrent(cfg, names, device, dtype, report, resume)
+        return train_experts_concurrent(cfg, names, device, dtype, report, resume, digests)
 
     base = load_training_base(cfg.base_model, dtype, device, cfg.kernels)
     results = {}
     for name in names:
-        job = prepare_expert(cfg, name)
+        job = prepare_expert(cfg, name, (digests or {}).get(name))
         if dist.main:  # generation-based scoring and saving happen once, on rank 0
             score_base(base, job, report)
         spec = job.spec

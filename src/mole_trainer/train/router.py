@@ -36,11 +36,13 @@ def train_router(
     dtype: str = "auto",
     report=print,
     resume: bool = False,
+    data_id: str | None = None,
 ) -> dict:
     """Train the router adapter on a preprocessed router dataset; returns the run summary.
 
     With `resume`, training continues from the newest checkpoint under the output folder.
-    Under torchrun the ranks share each batch and only rank 0 writes files.
+    Under torchrun the ranks share each batch and only rank 0 writes files. `data_id` is the
+    dataset's data_identity when the caller has it already (not computed again).
     """
     from ..eval.metrics import accuracy
     from ..infer.scoring import encode_router_prompts, encoded_scores, label_loss, label_token_ids
@@ -100,7 +102,7 @@ def train_router(
         resume=resume,
         tensorboard_dir=out / TENSORBOARD_DIR,
         sample_weights=weights,
-        data_id=data_identity(dataset_path),
+        data_id=data_id or data_identity(dataset_path),
         identity={"lora": to_dict(cfg.lora), "base_model": cfg.base_model},
         report=report,
     )
