@@ -583,6 +583,10 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.eval_report and args.min_accuracy is None:
             raise UserError("--eval-report is read only with --min-accuracy")
+        from .storage import unserialized_note
+
+        if unserialized_note(args.bucket):
+            print(unserialized_note(args.bucket), file=sys.stderr)
         manifest = stages.deploy(
             args.checkpoint, args.experts, args.bucket, wd, args.min_accuracy, args.force, args.eval_report
         )
@@ -680,13 +684,34 @@ def _deploy_actions(dep) -> None:
     gcp = acts.add_parser("gc", help="remove old releases; never CURRENT or its predecessor")
     gcp.add_argument("url")
     gcp.add_argument("--keep", type=_positive, required=True, help="complete releases to keep, newest first")
+    gcp.add_argument(
+        "--grace",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="object stores: remove an incomplete release (an upload that may still be running) only "
+        "once older than this (default 3600)",
+    )
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
+    return number
 
 
 def _deploy_action(args, stages, wd) -> int:
-    from .storage import redact
+    from .storage import redact, unserialized_note
 
     url = redact(args.url)
     action = args.deploy_action
+    note = unserialized_note(args.url)
+    if note and action in ("promote", "rollback", "gc"):
+        print(note, file=sys.stderr)
     if action == "list":
         listing = stages.deploy_list(args.url)
         if args.json:
@@ -719,7 +744,7 @@ def _deploy_action(args, stages, wd) -> int:
         result = stages.deploy_rollback(args.url, wd)
         print(f"{url}: CURRENT -> {result['release']} (rolled back from {result['replaced']})")
     elif action == "gc":
-        result = stages.deploy_gc(args.url, args.keep, wd)
+        result = stages.deploy_gc(args.url, args.keep, wd, args.grace)
         print(
             f"{url}: removed {len(result['removed'])} release(s) {result['removed']}; kept {result['kept']}"
             + (

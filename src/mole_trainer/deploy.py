@@ -46,6 +46,8 @@ from .release_cache import load_deployment
 from .releases import (
     PARTIAL_PREFIX,
     describe_failure,
+    fsync_dir,
+    fsync_tree,
     json_bytes,
     new_release_id,
     now_iso,
@@ -56,7 +58,7 @@ from .releases import (
     verify_files,
     write_current,
 )
-from .storage import is_local, open_fs, redact
+from .storage import is_local, open_fs, redact, storage_errors
 
 __all__ = ["deploy", "load_deployment", "sha256_file", "verify_deployment"]
 
@@ -248,7 +250,9 @@ def _publish(fs, root: str, shown: str, files: list[_File], manifest: dict, mani
         staging = str(Path(root, RELEASES_DIR, f"{PARTIAL_PREFIX}{release}-{uuid.uuid4().hex[:8]}"))
         try:
             _upload(fs, files, staging, manifest_bytes)
+            fsync_tree(staging)  # before the rename makes it a release, and before CURRENT names it
             os.rename(staging, final)
+            fsync_dir(Path(root, RELEASES_DIR))
         finally:
             if fs.exists(staging):
                 fs.rm(staging, recursive=True)
@@ -318,10 +322,8 @@ def deploy(
     fs, root = open_fs(dest)
     if is_local(fs) and Path(root).exists() and not Path(root).is_dir():
         raise UserError(f"{root}: deploy destination exists and is not a folder")
-    try:
+    with storage_errors(dest, "deploy", _CURRENT_UNCHANGED):
         _publish(fs, root, shown, files, manifest, manifest_bytes)
-    except OSError as exc:
-        raise UserError(f"{shown}: deploy failed: {redact(str(exc))}; {_CURRENT_UNCHANGED}") from exc
     return manifest
 
 

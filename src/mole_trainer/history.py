@@ -467,10 +467,12 @@ def record_run(
         yield record
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        from .storage import redact
+
         if isinstance(exc, UserError):
-            error = str(exc)
-        else:
-            error = "".join(traceback.format_exception_only(exc)).strip()
+            error = redact(str(exc))
+        else:  # a backend's message may echo a URL with credentials in it
+            error = redact("".join(traceback.format_exception_only(exc)).strip())
         try:
             finish(status, error)
         except (sqlite3.Error, OSError, UserError) as db_exc:

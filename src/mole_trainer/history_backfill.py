@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .hashing import sha256_file
 from .layout import EXPERT_INFO_FILE, ROUTER_INFO_FILE, TRAIN_LOG_FILE
 
 TRAINER_STATE_FILE = "trainer_state.json"  # what transformers' Trainer writes into each checkpoint
@@ -90,10 +91,13 @@ def eval_metrics(report: dict) -> dict:
     return metrics
 
 
-def _digest(*parts: bytes) -> str:
+def _digest(*parts: bytes, files: list[Path] = ()) -> str:
+    """Run id of an imported run: over the sha256 of each part, then of each file (streamed)."""
     h = hashlib.sha256()
     for p in parts:
         h.update(hashlib.sha256(p).digest())
+    for path in files:
+        h.update(bytes.fromhex(sha256_file(path)))
     return "bf-" + h.hexdigest()[:12]
 
 
@@ -239,7 +243,7 @@ def _tensorboard(folder: Path, files: list[Path], problems: list[str]) -> Found 
     times = [e[3] for e in events]
     last = {tag: value for (_, tag), (value, _) in sorted(latest.items())}
     run = _run(
-        _digest(b"tensorboard", *(p.read_bytes() for p in sorted(files))),
+        _digest(b"tensorboard", files=sorted(files)),  # streamed: event files grow to gigabytes
         "train",
         folder,
         max(times),

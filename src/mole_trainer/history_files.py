@@ -161,8 +161,35 @@ class FileHistory:
         return True
 
     def reconcile(self) -> list[str]:
-        """Nothing to do: runs in shared folders are judged by their output lease (see History.reconcile)."""
-        return []
+        """Mark 'interrupted' the running runs of this host whose process is gone; returns their ids.
+
+        As History.reconcile: runs of other hosts, and every run under MOLE_LOCK_SHARED=1 (Modal
+        containers may share a host name), are left to the takeover of their output lease.
+        """
+        from .locking import process_alive, shared_volume
+
+        if shared_volume():
+            return []
+        host = platform.node()
+        gone = [
+            r
+            for r in self._merged()[0].values()
+            if r["status"] == "running"
+            and r.get("host") == host
+            and r.get("pid") is not None
+            and not process_alive(r["pid"], r.get("pid_start"))
+        ]
+        self._append(
+            [
+                {
+                    "kind": "interrupt",
+                    "run_id": r["run_id"],
+                    "error": f"process {r['pid']} on {host} ended without recording a result",
+                }
+                for r in gone
+            ]
+        )
+        return [r["run_id"] for r in gone]
 
     def interrupt_holder(self, host: str, pid: int, output: str) -> list[str]:
         """Mark 'interrupted' the running runs of a lock holder whose lock was taken over as stale."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from .errors import UserError
 from .layout import DEPLOY_CACHE_DIR, MANIFEST_FILE, RELEASES_DIR, cache_root
 from .releases import PARTIAL_PREFIX, describe_failure, resolve, verify_files
-from .storage import is_local, open_fs, redact
+from .storage import is_local, open_fs, redact, storage_errors
 
 VERIFIED_FILE = ".verified.json"
 LOCKS_DIR = ".locks"
@@ -163,7 +163,7 @@ def load_deployment(dest: str, cache_dir: str | Path | None = None) -> dict:
     fs, root = open_fs(dest)
     shown = redact(dest)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    try:
+    with storage_errors(dest, f"loading the deployment (local cache {cache})"):
         target = resolve(fs, root, shown)
         where = f"{shown}/{RELEASES_DIR}/{target['release']}" if target["release"] else shown
         digest = hashlib.sha256(target["manifest_bytes"]).hexdigest()
@@ -172,8 +172,6 @@ def load_deployment(dest: str, cache_dir: str | Path | None = None) -> dict:
             _verify_in_place(local_root, target["manifest"], digest, cache, where)
         else:
             local_root = _fetch(fs, target, cache, digest, where)
-    except OSError as exc:
-        raise UserError(f"{shown}: cannot load the deployment into {cache}: {redact(str(exc))}") from exc
     manifest = target["manifest"]
     return {
         "root": str(local_root),

@@ -171,10 +171,24 @@ def write_current(fs, root: str, current: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, target)
-    _fsync_dir(Path(root))
+    fsync_dir(Path(root))
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file below a local folder, then every folder bottom-up (the folder itself last):
+    what a rename then publishes is on disk, not only in the page cache."""
+    for dirpath, _, filenames in os.walk(folder, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a local folder (its entries: a rename or new file in it survives a power cut); best effort."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -364,15 +378,17 @@ def rollback(dest: str) -> dict:
     return {**new, "replaced": current["release"]}
 
 
-def gc(dest: str, keep: int, now: float | None = None) -> dict:
+def gc(dest: str, keep: int, now: float | None = None, grace_s: float = INCOMPLETE_GRACE_S) -> dict:
     """Remove all but the newest `keep` complete releases; CURRENT and previous[0] always stay.
 
     Incomplete releases (no manifest) go too: locally always (a local deploy holds DEST's lock), remotely
-    once older than INCOMPLETE_GRACE_S (a younger one may be a deploy still uploading).
+    once older than `grace_s` seconds (a younger one may be a deploy still uploading).
     Returns {"removed", "kept", "left_incomplete"}.
     """
     if keep < 0:
         raise UserError(f"--keep {keep}: expected a number >= 0")
+    if not grace_s >= 0:
+        raise UserError(f"--grace {grace_s}: expected seconds >= 0")
     fs, root = open_fs(dest)
     shown = redact(dest)
     listing = list_releases(fs, root, shown)
@@ -387,7 +403,7 @@ def gc(dest: str, keep: int, now: float | None = None) -> dict:
             continue
         if not row["complete"] and not is_local(fs):
             born = release_time(name)
-            if born is None or now - born < INCOMPLETE_GRACE_S:
+            if born is None or now - born < grace_s:
                 young.append(name)
                 continue
         _remove_release(fs, root, name)

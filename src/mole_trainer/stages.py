@@ -63,18 +63,31 @@ def _curves(run, logs: dict[str, Path]):
     of each train_log.jsonl line (names prefixed by the dict's key), also when the training fails.
 
     A log left by an earlier run (not written since this run began) is not this run's and is ignored.
+    When the training failed, a failure to store its rows is logged: the training's error is raised.
     """
+    import logging
     import time
 
     from .history_backfill import log_rows
 
     began = time.time()
-    try:
-        yield
-    finally:
+
+    def store() -> None:
         for prefix, path in logs.items():
             if path.is_file() and path.stat().st_mtime >= began - 1:
                 run.add_metric_rows(log_rows(path, prefix))
+
+    try:
+        yield
+    except BaseException:
+        try:
+            store()
+        except Exception as exc:  # noqa: BLE001 - the training's error is the one the user needs
+            logging.getLogger(__name__).warning(
+                "could not store the training curves of run %s: %s", run.run_id, exc
+            )
+        raise
+    store()
 
 
 def input_digest(path: str | Path) -> str:
@@ -527,10 +540,17 @@ def _producing_runs(workdir: str | Path, router: Path, experts: dict[str, str]) 
     return found
 
 
-def _dest_lock_run(workdir: str | Path, stage: str, config: dict, dest: str):
-    """Record a run changing `dest`; a local DEST is locked for it (an object store cannot be)."""
+def _dest_lock_run(workdir: str | Path, stage: str, config: dict, dest: str, must_exist: bool = False):
+    """Record a run changing `dest`; a local DEST is locked for it (an object store cannot be).
+
+    With `must_exist`, a local DEST that is not there is a UserError before anything is created (the
+    lock would otherwise make the folder, and a mistyped path would read as an empty destination).
+    """
     if "://" not in dest or dest.startswith("file://"):
-        return _writer_run(workdir, stage, config, None, dest.removeprefix("file://"))
+        local = dest.removeprefix("file://")
+        if must_exist and not Path(local).exists():
+            raise UserError(f"{local}: not found (expected a deploy destination)")
+        return _writer_run(workdir, stage, config, None, local)
     return record_run(_db(workdir), stage, config)
 
 
@@ -600,26 +620,32 @@ def deploy(
 def deploy_list(dest: str) -> dict:
     """The releases at `dest` (releases.list_releases), with which one CURRENT names."""
     from .releases import list_releases
-    from .storage import open_fs, redact
+    from .storage import open_fs, redact, storage_errors
 
-    fs, root = open_fs(dest)
-    return list_releases(fs, root, redact(dest))
+    with storage_errors(dest, "listing releases"):
+        fs, root = open_fs(dest)
+        return list_releases(fs, root, redact(dest))
 
 
 def deploy_verify(dest: str, release: str | None = None) -> dict:
     """Re-hash every file of a release (default: CURRENT's) against its manifest; see deploy.verify_deployment."""
     from .deploy import verify_deployment
+    from .storage import storage_errors
 
-    return verify_deployment(dest, release)
+    with storage_errors(dest, "verify"):
+        return verify_deployment(dest, release)
 
 
 def deploy_promote(dest: str, release: str, workdir: str | Path = ".") -> dict:
     """Point `dest`'s CURRENT at `release`, after verifying it (recorded in the history)."""
     from .releases import promote
-    from .storage import redact
+    from .storage import redact, storage_errors
 
-    with _dest_lock_run(workdir, "deploy.promote", {"dest": redact(dest), "release": release}, dest) as run:
-        result = promote(dest, release)
+    with _dest_lock_run(
+        workdir, "deploy.promote", {"dest": redact(dest), "release": release}, dest, True
+    ) as run:
+        with storage_errors(dest, "promote", "CURRENT unchanged"):
+            result = promote(dest, release)
         run.artifacts.update(release=result["release"], replaced=result["replaced"])
     return result
 
@@ -627,21 +653,26 @@ def deploy_promote(dest: str, release: str, workdir: str | Path = ".") -> dict:
 def deploy_rollback(dest: str, workdir: str | Path = ".") -> dict:
     """Point `dest`'s CURRENT back at the release it named before (recorded in the history)."""
     from .releases import rollback
-    from .storage import redact
+    from .storage import redact, storage_errors
 
-    with _dest_lock_run(workdir, "deploy.rollback", {"dest": redact(dest)}, dest) as run:
-        result = rollback(dest)
+    with _dest_lock_run(workdir, "deploy.rollback", {"dest": redact(dest)}, dest, True) as run:
+        with storage_errors(dest, "rollback", "CURRENT unchanged"):
+            result = rollback(dest)
         run.artifacts.update(release=result["release"], replaced=result["replaced"])
     return result
 
 
-def deploy_gc(dest: str, keep: int, workdir: str | Path = ".") -> dict:
-    """Remove old releases at `dest`, keeping the newest `keep`, CURRENT and its predecessor."""
-    from .releases import gc
-    from .storage import redact
+def deploy_gc(dest: str, keep: int, workdir: str | Path = ".", grace_s: float | None = None) -> dict:
+    """Remove old releases at `dest`, keeping the newest `keep`, CURRENT and its predecessor; an
+    incomplete release on an object store is removed once older than `grace_s` (releases.gc)."""
+    from .releases import INCOMPLETE_GRACE_S, gc
+    from .storage import redact, storage_errors
 
-    with _dest_lock_run(workdir, "deploy.gc", {"dest": redact(dest), "keep": keep}, dest) as run:
-        result = gc(dest, keep)
+    grace_s = INCOMPLETE_GRACE_S if grace_s is None else grace_s
+    config = {"dest": redact(dest), "keep": keep, "grace_s": grace_s}
+    with _dest_lock_run(workdir, "deploy.gc", config, dest, True) as run:
+        with storage_errors(dest, "gc"):
+            result = gc(dest, keep, grace_s=grace_s)
         run.metrics.update(removed=len(result["removed"]), kept=len(result["kept"]))
     return result
 

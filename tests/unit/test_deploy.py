@@ -376,23 +376,25 @@ def test_concurrent_loaders_download_a_release_once(src: dict, tmp_path: Path, m
     fs.rm(url.removeprefix("memory://"), recursive=True)
 
 
-def test_credentials_in_a_url_are_redacted_everywhere(src: dict, tmp_path: Path):
-    from mole_trainer.storage import redact
+def test_credentials_in_a_url_are_refused_and_redacted_everywhere(src: dict, tmp_path: Path):
+    from mole_trainer.storage import inline_credentials, open_fs, redact
 
     assert redact("s3://AKIA:s3cr3t@bucket/x") == "s3://***@bucket/x"
+    # how s3fs/botocore echo the path when a URL carries credentials: no scheme left
+    assert redact('Invalid bucket name "AKIAXX:sekret@bucket": x') == 'Invalid bucket name "***@bucket": x'
+    assert redact("AKIAXX:sekret@bucket/dep") == "***@bucket/dep"
     assert redact("https://h/p?X-Amz-Signature=abc&v=1") == "https://h/p?X-Amz-Signature=***&v=1"
-    assert redact("/plain/path") == "/plain/path"
-    url = "memory://user:s3cr3t@bucket/creds"  # memory:// takes the userinfo as part of the path
-    manifest = deploy(**src, dest=url)
-    fs, root = fsspec.core.url_to_fs(url)
-    try:
-        stored = b"".join(fs.cat_file(p) for p in fs.find(root))
-        assert b"s3cr3t" not in stored and manifest["release"].encode() in stored
+    for plain in ("/plain/path", "at 10:30 mail me@example.com", "http://host:80/a@b"):
+        assert redact(plain) == plain
+    # names before @ that are addresses, not secrets
+    assert not any(map(inline_credentials, ("abfs://container@account/p", "ssh://me@host/p", "s3://b/k@v")))
+    for url in ("s3://AKIAXX:sekret@bucket/dep", "s3://TOKEN@bucket", "memory://user:sekret@b/c"):
         with pytest.raises(UserError) as err:
-            releases.promote(url, "missing-release")
-        assert "s3cr3t" not in str(err.value) and "***@bucket/creds" in str(err.value)
-    finally:
-        fs.rm(root, recursive=True)
+            open_fs(url)
+        assert "sekret" not in str(err.value) and "environment or profile" in str(err.value)
+    with pytest.raises(UserError, match="environment or profile"):
+        deploy(**src, dest="memory://user:sekret@bucket/creds")
+    assert not fsspec.filesystem("memory").exists("/user:sekret@bucket")  # nothing was uploaded
 
 
 @pytest.fixture
@@ -458,20 +460,125 @@ def test_cli_deploy_actions(checkpoints: dict, tmp_path: Path, capsys):
 
 def test_cli_never_prints_or_records_credentials(checkpoints: dict, tmp_path: Path, capsys):
     from mole_trainer.cli import main
+    from mole_trainer.history import History
 
-    url = f"memory://key:s3cr3t@bucket/{tmp_path.name}"
-    args = ["--workdir", str(tmp_path), "deploy", "--checkpoint", checkpoints["router"]]
+    url = "s3://AKIAXX:sekret@bucket/dep"
+    wd = ["--workdir", str(tmp_path)]
+    assert main([*wd, "deploy", "--checkpoint", checkpoints["router"], "--experts", checkpoints["experts"],
+                 "--bucket", url]) == 2  # fmt: skip
+    for action in (["list", url], ["verify", url], ["promote", url, "r"], ["rollback", url], ["gc", url]):
+        assert main([*wd, "deploy", *action] + (["--keep", "1"] if action[0] == "gc" else [])) == 2
+    out = capsys.readouterr()
+    assert out.err.count("error: s3://***@bucket/dep: credentials in the URL are not accepted") == 6
+    assert "sekret" not in out.out + out.err and "Traceback" not in out.err
+    runs = History(tmp_path / "history.sqlite").runs("deploy")
+    assert len(runs) == 4 and {r["status"] for r in runs} == {"failed"}  # deploy, promote, rollback, gc
+    history = b"".join(p.read_bytes() for p in tmp_path.glob("history.sqlite*"))  # WAL too
+    assert b"***@bucket" in history and b"sekret" not in history
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on leaving: nothing listens there
+
+
+def test_unreachable_object_store_is_a_user_error_naming_url_and_operation(
+    checkpoints: dict, tmp_path: Path, monkeypatch, capsys
+):
+    pytest.importorskip("s3fs")
+    from mole_trainer.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # one refused connection is enough
+    url = "s3://bucket/dep"
+    wd = ["--workdir", str(tmp_path)]
+    deploy_flags = ["--checkpoint", checkpoints["router"], "--experts", checkpoints["experts"], "--bucket"]
+    cases = {
+        "deploy": ["deploy", *deploy_flags, url],
+        "listing releases": ["deploy", "list", url],
+        "verify": ["deploy", "verify", url],
+        "promote": ["deploy", "promote", url, "20260101T000000000Z-00000000"],
+        "rollback": ["deploy", "rollback", url],
+        "gc": ["deploy", "gc", url, "--keep", "1"],
+    }
+    for operation, args in cases.items():
+        capsys.readouterr()
+        assert main([*wd, *args]) == 2, operation
+        err = capsys.readouterr().err
+        assert f"error: {url}: {operation} failed: EndpointConnectionError" in err, err
+        assert "Traceback" not in err
+    with pytest.raises(UserError, match=f"{url}: loading the deployment .* failed: EndpointConnectionError"):
+        load_deployment(url)
+
+
+def test_release_commands_on_a_missing_local_folder_create_nothing(tmp_path: Path, capsys):
+    from mole_trainer.cli import main
+
+    missing = tmp_path / "deploy-typo"
+    for action in (
+        ["gc", str(missing), "--keep", "1"],
+        ["promote", str(missing), "r"],
+        ["rollback", str(missing)],
+    ):
+        assert main(["--workdir", str(tmp_path), "deploy", *action]) == 2
+        assert f"{missing}: not found (expected a deploy destination)" in capsys.readouterr().err
+        assert not missing.exists()
+
+
+def test_local_deploy_fsyncs_every_file_and_folder_before_the_rename_and_current(
+    src: dict, tmp_path: Path, monkeypatch
+):
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))  # fmt: skip
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(b))) or real_rename(a, b))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    dest = tmp_path / "deploy"
+    release = deploy(**src, dest=str(dest))["release"]
+    final = dest / RELEASES_DIR / release
+    renamed = events.index(("rename", str(final)))
+    staged = {
+        Path(path).relative_to(dest / RELEASES_DIR).parts[1:]
+        for kind, path in events[:renamed]
+        if kind == "fsync" and path.startswith(str(dest / RELEASES_DIR / releases.PARTIAL_PREFIX))
+    }
+    wanted = {p.relative_to(final).parts for p in final.rglob("*")} | {()}  # every file, folder and itself
+    assert wanted <= staged
+    current_at = events.index(("replace", str(dest / CURRENT_FILE)))
+    assert ("fsync", str(dest / RELEASES_DIR)) in events[renamed:current_at]  # the rename is durable
+
+
+def test_gc_grace_for_incomplete_remote_releases_and_the_no_lock_note(src: dict, tmp_path: Path, capsys):
+    from mole_trainer.cli import main
+
+    url = f"memory://bucket/{tmp_path.name}"
+    fs, root = fsspec.core.url_to_fs(url)
     try:
-        assert main([*args, "--experts", checkpoints["experts"], "--bucket", url]) == 0
-        assert main(["--workdir", str(tmp_path), "deploy", "list", url]) == 0
-        assert main(["--workdir", str(tmp_path), "deploy", "promote", url, "nope"]) == 2
+        deploy(**src, dest=url)
+        born = time.time() - 120  # an upload that stopped two minutes ago, or is still running
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(born))
+        incomplete = f"{stamp}000Z-0000000a"
+        fs.pipe_file(f"{root}/{RELEASES_DIR}/{incomplete}/label_map.json", b"{}")
+        wd = ["--workdir", str(tmp_path)]
+        assert main([*wd, "deploy", "gc", url, "--keep", "1"]) == 0  # default grace: an hour
         out = capsys.readouterr()
-        assert "***@bucket" in out.out and "***@bucket" in out.err
-        assert "s3cr3t" not in out.out + out.err
-        history = b"".join(p.read_bytes() for p in tmp_path.glob("history.sqlite*"))  # WAL too
-        assert b"deploy" in history and b"s3cr3t" not in history
+        assert f"left incomplete (may be uploading): ['{incomplete}']" in out.out
+        assert out.err.count("are not serialized") == 1
+        assert main([*wd, "deploy", "gc", url, "--keep", "1", "--grace", "60"]) == 0
+        assert f"removed 1 release(s) ['{incomplete}']" in capsys.readouterr().out
+        with pytest.raises(SystemExit) as bad:
+            main([*wd, "deploy", "gc", url, "--keep", "1", "--grace", "-1"])
+        assert bad.value.code == 2 and "--grace: expected a number of seconds >= 0" in capsys.readouterr().err
+        assert main([*wd, "deploy", "gc", str(tmp_path / "x"), "--keep", "1"]) == 2
+        assert "not serialized" not in capsys.readouterr().err  # a local folder is locked
     finally:
-        fs, root = fsspec.core.url_to_fs(url)
         fs.rm(root, recursive=True)
 
 
