@@ -6,7 +6,8 @@ file a Volume keeps only the last. Here every History object writes its own file
 
     {"kind": "run", "run": {...}}                       the run as `runs()` returns it (start, then finish)
     {"kind": "metric", "run_id", "step", "name", "value"}
-    {"kind": "interrupt", "run_id", "error"}            another writer marks a run it took over
+    {"kind": "interrupt", "run_id", "error"}            a run whose output lease another writer took
+                                                        over, or whose process is gone (reconcile)
 
 Readers merge every file: a run's later line replaces its earlier one, an interrupt applies to a
 run still 'running', and a metric row's first (run, step, name) wins. No file is ever written by
@@ -31,6 +32,20 @@ from .history import RESUMABLE, _dumps, _now, check_final, estimate_cost, new_ru
 log = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
+
+
+def machine_id() -> str | None:
+    """Where this process's pids mean something: the kernel's boot id and the pid namespace.
+
+    Host names may repeat across containers sharing a Volume, so a run is judged by pid only where
+    this id matches the one it recorded. None where /proc does not tell (then nothing is judged).
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{namespace}" if boot else None
 
 
 def _safe(text: str) -> str:
@@ -104,6 +119,7 @@ class FileHistory:
             "git_dirty": dirty,
             "device": None,
             "source": None,
+            "machine": machine_id(),
         }
         self._append([{"kind": "run", "run": run}])
         self._started[run_id] = run
@@ -161,21 +177,22 @@ class FileHistory:
         return True
 
     def reconcile(self) -> list[str]:
-        """Mark 'interrupted' the running runs of this host whose process is gone; returns their ids.
+        """Mark 'interrupted' the running runs started on this machine (machine_id: same kernel boot
+        and pid namespace) whose process is gone; returns their ids.
 
-        As History.reconcile: runs of other hosts, and every run under MOLE_LOCK_SHARED=1 (Modal
-        containers may share a host name), are left to the takeover of their output lease.
+        Runs of other machines, and runs recorded without a machine id, are left 'running' until a
+        writer takes over their output lease (interrupt_holder): their pids cannot be checked here.
         """
-        from .locking import process_alive, shared_volume
+        from .locking import process_alive
 
-        if shared_volume():
+        here = machine_id()
+        if here is None:
             return []
-        host = platform.node()
         gone = [
             r
             for r in self._merged()[0].values()
             if r["status"] == "running"
-            and r.get("host") == host
+            and r.get("machine") == here
             and r.get("pid") is not None
             and not process_alive(r["pid"], r.get("pid_start"))
         ]
@@ -184,7 +201,7 @@ class FileHistory:
                 {
                     "kind": "interrupt",
                     "run_id": r["run_id"],
-                    "error": f"process {r['pid']} on {host} ended without recording a result",
+                    "error": f"process {r['pid']} on {r['host']} ended without recording a result",
                 }
                 for r in gone
             ]

@@ -40,8 +40,8 @@ class HistoryData:
 def read_history(workdir: str | Path, reconcile: bool = True) -> HistoryData:
     """Merge the work directory's SQLite history and its JSONL files (written on shared Volumes).
 
-    Nothing is created when neither exists. With `reconcile`, SQLite runs of this host whose
-    process is gone are first marked interrupted (as `history show` always did).
+    Nothing is created when neither exists. With `reconcile`, runs of this host (SQLite) or machine
+    (JSONL, history_files.machine_id) whose process is gone are first marked interrupted.
     """
     from .history import History
     from .history_files import FileHistory
@@ -56,7 +56,10 @@ def read_history(workdir: str | Path, reconcile: bool = True) -> HistoryData:
             history.reconcile()
         stores.append(history)
     if (Path(workdir) / HISTORY_DIR).is_dir():
-        stores.append(FileHistory(Path(workdir) / HISTORY_DIR))
+        files = FileHistory(Path(workdir) / HISTORY_DIR)
+        if reconcile:
+            files.reconcile()
+        stores.append(files)
     for store in stores:
         for run in store.runs():
             runs.setdefault(run["run_id"], run)

@@ -214,3 +214,41 @@ def test_database_without_the_new_columns_is_migrated(db: Path):
     new = history.start("train.router", {}, output="/o")
     assert [r["run_id"] for r in history.runs()] == [new, "old1"]
     assert history.get("old1")["pid"] is None and history.get(new)["pid"]
+
+
+def test_record_run_redacts_credentials_in_any_error(db: Path):
+    message = 'Invalid bucket name "AKIAXX:sekret@bucket": Bucket name must match the regex'
+    with pytest.raises(ValueError), record_run(db, "deploy", {}):
+        raise ValueError(message)  # what botocore says about s3://AKIAXX:sekret@bucket
+    with pytest.raises(UserError), record_run(db, "deploy", {}):
+        raise UserError("s3://KEY:sekret@bucket: deploy failed")
+    errors = [r["error"] for r in History(db).runs()]
+    assert errors == [
+        "s3://***@bucket: deploy failed",
+        'ValueError: Invalid bucket name "***@bucket": Bucket name must match the regex',
+    ]
+
+
+def test_jsonl_history_marks_dead_runs_of_this_machine_only(tmp_path: Path):
+    import json
+
+    from mole_trainer.history_files import FileHistory, machine_id
+
+    history = FileHistory(tmp_path / "runs")
+    alive = history.start("train.router", {}, output="/out")
+    assert history.get(alive)["machine"] == machine_id() is not None
+    dead = _dead_pid()
+    variants = {  # this machine; another container with the same host name; a run from before machine ids
+        "gone": {"pid": dead, "pid_start": None},
+        "elsewhere": {"pid": dead, "machine": "another-boot/pid:[4026531836]"},
+        "old": {"pid": dead, "machine": None},
+    }
+    for run_id, change in variants.items():
+        assert history.insert_run({**history.get(alive), **change, "run_id": run_id})
+    lines = [json.loads(line) for line in next((tmp_path / "runs").glob("*.jsonl")).read_text().splitlines()]
+    assert [e["run"]["pid"] == dead for e in lines] == [False, True, True, True]
+    assert FileHistory(tmp_path / "runs").reconcile() == ["gone"]
+    reader = FileHistory(tmp_path / "runs")
+    assert reader.get("gone")["status"] == "interrupted" and "ended without" in reader.get("gone")["error"]
+    assert [reader.get(r)["status"] for r in (alive, "elsewhere", "old")] == ["running"] * 3
+    assert reader.reconcile() == []  # marked once

@@ -445,3 +445,46 @@ def test_git_state_names_the_checkout_that_tracks_the_code(tmp_path, monkeypatch
     assert git_state.__wrapped__(str(tmp_path / "tracked")) == (head, True)
     monkeypatch.setenv(GIT_COMMIT_ENV, "abc123-dirty")  # a Modal image: no .git, the commit it was built from
     assert git_state.__wrapped__(str(tmp_path / "venv")) == ("abc123", True)
+
+
+def test_a_history_error_while_storing_curves_never_hides_the_training_error(tmp_path, monkeypatch, caplog):
+    import sqlite3
+
+    from mole_trainer.history import RunRecord
+    from mole_trainer.stages import _curves
+
+    log = tmp_path / TRAIN_LOG_FILE
+
+    def locked(self, rows):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(RunRecord, "add_metric_rows", locked)
+    run = RunRecord(run_id="r1")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"), _curves(run, {"": log}):
+        _log(log, [0, 2], accuracy=False)
+        raise RuntimeError("CUDA out of memory")
+    assert "could not store the training curves of run r1: database is locked" in caplog.text
+    with pytest.raises(sqlite3.OperationalError), _curves(run, {"": log}):  # a training that succeeded
+        _log(log, [0, 2], accuracy=False)
+
+
+def test_backfill_hashes_event_files_as_streams_with_the_same_run_id(past, tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    folder = tmp_path / "tb-only"
+    shutil.copytree(past["root"] / "tb-only", folder)
+    events = sorted(folder.iterdir())
+    h = hashlib.sha256(hashlib.sha256(b"tensorboard").digest())
+    for path in events:
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    expected = "bf-" + h.hexdigest()[:12]  # the id earlier versions gave: a second backfill adds nothing
+    real = Path.read_bytes
+
+    def no_whole_event_files(self):
+        assert "tfevents" not in self.name, f"{self} read whole into memory"
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", no_whole_event_files)
+    found, problems = find_runs(folder)
+    assert [f.run["run_id"] for f in found] == [expected] and problems == []
