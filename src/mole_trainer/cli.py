@@ -666,6 +666,8 @@ def _history(args, stages, wd) -> int:
 
 def _deploy_actions(dep) -> None:
     """`mole deploy ACTION URL ...`: the release commands beside the flags form that deploys."""
+    from .releases import INCOMPLETE_GRACE_S
+
     acts = dep.add_subparsers(dest="deploy_action", metavar="ACTION", parser_class=_Parser)
     acts.required = False
     lst = acts.add_parser(
@@ -690,7 +692,7 @@ def _deploy_actions(dep) -> None:
         default=None,
         metavar="SECONDS",
         help="object stores: remove an incomplete release (an upload that may still be running) only "
-        "once older than this (default 3600)",
+        f"once older than this (default {INCOMPLETE_GRACE_S:g})",
     )
 
 
