@@ -306,6 +306,8 @@ class Engine:
                 self.check(r)
             except UserError as exc:
                 errors.append(str(exc))
+        if errors and len(requests) == 1:
+            raise UserError(errors[0])
         if errors:
             listed = "\n  ".join(errors[:MAX_LISTED])
             more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
