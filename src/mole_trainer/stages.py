@@ -720,6 +720,7 @@ def infer(
             fallback=fallback,
         )
         requests = [Request(s, expert=expert, max_new_tokens=max_new_tokens) for s in samples]
+        engine.check_all(requests)  # a bad line refuses the run before any output is written
         writer = ResultWriter(output) if output is not None else None
         results = []
         try:

@@ -132,6 +132,14 @@ def test_local_files_only_inside_the_allowed_folder(tmp_path):
         (body(max_tokens=65), "max_tokens", "invalid_value", "from 1 to 64"),
         (body(max_tokens="5"), "max_tokens", "invalid_value", "whole number"),
         (body(temperature=3), "temperature", "invalid_value", "from 0 to 2"),
+        (body(temperature=0.7, seed=2**64), "seed", "invalid_value", "from -9223372036854775808 to"),
+        (body(seed=-(2**63) - 1), "seed", "invalid_value", "18446744073709551615"),
+        (
+            body(images=[data_url(png((1, 300)))]),
+            "messages[0].content[0].image_url.url",
+            "invalid_image",
+            "1x300, an aspect ratio of 300",
+        ),
         (body(top_p=0), "top_p", "invalid_value", "above 0"),
         (body(n=2), "n", None, "not supported"),
         (body(frobnicate=1), "frobnicate", "unknown_field", "unrecognized"),
@@ -187,6 +195,8 @@ def test_image_limits_are_checked_before_decoding():
     err = refused(body(images=[big]), Limits(max_image_pixels=4999))
     assert err.code == "image_too_large" and "100x50 = 5000 pixels" in err.message
     assert parse_chat_request(body(images=[big]), EXPERTS, Limits(max_image_pixels=5000)).sample.images
+    long = body(images=[data_url(png((200, 1)))], seed=2**64 - 1)  # the limits themselves pass
+    assert parse_chat_request(long, EXPERTS, Limits()).sample.images[0].size == (200, 1)
     three = [data_url(png())] * 3
     assert refused(body(images=three), Limits(max_images=2)).code == "too_many_images"
 

@@ -34,7 +34,9 @@ from ..data.formats import Sample
 from ..data.preprocess import load_images as decode_images
 from ..errors import UserError
 from ..router_prompt import label_names, router_messages
+from .limits import TEMPERATURE_RANGE, check_image_size, check_seed, check_text, special_tokens
 
+MAX_LISTED = 20  # refused requests named one by one in a batch's error (then a count)
 BASE = "base"  # the fallback (or forced) answer with no adapter
 TOP_K = 3  # routes reported per result
 
@@ -114,14 +116,26 @@ def encode_text(processor, messages: list[dict], image_inputs: dict | None) -> d
 class _Vision:
     """One pixel budget's processed images for a batch, and their vision-tower features (run once)."""
 
-    def __init__(self, processor, images: list[list], model, rows: set[int] | None = None):
-        """`images[i]`: request i's decoded images; only the requests in `rows` (default all) are processed."""
+    def __init__(
+        self,
+        processor,
+        images: list[list],
+        model,
+        rows: set[int] | None = None,
+        sources: list[str] | None = None,
+    ):
+        """`images[i]`: request i's decoded images; only the requests in `rows` (default all) are
+        processed. `sources[i]` names request i in the error of an image the processor refuses."""
         self.model = model
         self.offsets = [0]
         for i, ims in enumerate(images):
             self.offsets.append(self.offsets[-1] + (len(ims) if rows is None or i in rows else 0))
         flat = [im for i, ims in enumerate(images) if rows is None or i in rows for im in ims]
-        self.inputs = processor.image_processor(images=flat, return_tensors="pt") if flat else None
+        try:
+            self.inputs = processor.image_processor(images=flat, return_tensors="pt") if flat else None
+        except ValueError as exc:
+            picked = [(i, ims) for i, ims in enumerate(images) if rows is None or i in rows]
+            raise _refused_image(processor, picked, sources, exc) from None
         self._features = None
         if self.inputs is not None:
             self.patch_offsets = [0]
@@ -152,6 +166,20 @@ class _Vision:
 
     def image_ids(self, i: int) -> list[int]:
         return list(range(self.offsets[i], self.offsets[i + 1]))
+
+
+def _refused_image(processor, picked: list[tuple[int, list]], sources, exc: ValueError) -> Exception:
+    """The UserError naming the request and image the processor refuses (each tried alone), or `exc`."""
+    for i, ims in picked:
+        for j, im in enumerate(ims):
+            try:
+                processor.image_processor(images=[im], return_tensors="pt")
+            except ValueError as one:
+                who = sources[i] if sources else f"request {i + 1}"
+                return UserError(
+                    f"{who}: image {j + 1} ({im.size[0]}x{im.size[1]}) cannot be processed ({one})"
+                )
+    return exc
 
 
 def gather_features(picks: list[tuple[_Vision, list[int]]]):
@@ -230,6 +258,7 @@ class Engine:
         self.max_new_tokens = {name: int(info["max_new_tokens"]) for name, info in infos.items()}
         self.max_new_tokens[BASE] = max(self.max_new_tokens.values())
         self.tokenizer = self._processors[self.router_budget].tokenizer
+        self.special_tokens = special_tokens(self.tokenizer)
         self.label_ids = label_token_ids(self.tokenizer, self.names)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
 
@@ -252,10 +281,39 @@ class Engine:
             or req.max_new_tokens < 1
         ):
             raise UserError(f"{where}: max_new_tokens must be a positive integer, got {req.max_new_tokens!r}")
-        if not isinstance(req.temperature, int | float) or not 0 <= req.temperature <= 100:
-            raise UserError(f"{where}: temperature must be a number from 0 to 100, got {req.temperature!r}")
+        low, high = TEMPERATURE_RANGE
+        if (
+            isinstance(req.temperature, bool)
+            or not isinstance(req.temperature, int | float)
+            or not low <= req.temperature <= high
+        ):
+            raise UserError(
+                f"{where}: temperature must be a number from {low:g} to {high:g}, got {req.temperature!r}"
+            )
         if not isinstance(req.top_p, int | float) or not 0 < req.top_p <= 1:
             raise UserError(f"{where}: top_p must be in (0, 1], got {req.top_p!r}")
+        check_seed(req.seed, where)
+        for at, text in _texts(req.sample):
+            check_text(text, self.special_tokens, f"{where}: {at}")
+        for j, (width, height) in _image_sizes(req.sample):
+            check_image_size(width, height, f"{where}: image {j + 1}")
+
+    def check_all(self, requests: Sequence[Request]) -> None:
+        """Check every request; one UserError naming each refused one (and how many of how many)."""
+        errors = []
+        for r in requests:
+            try:
+                self.check(r)
+            except UserError as exc:
+                errors.append(str(exc))
+        if errors and len(requests) == 1:
+            raise UserError(errors[0])
+        if errors:
+            listed = "\n  ".join(errors[:MAX_LISTED])
+            more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+            raise UserError(
+                f"{len(errors)} of {len(requests)} requests refused, none answered:\n  {listed}{more}"
+            )
 
     # ------------------------------------------------------------------ routing
 
@@ -267,7 +325,8 @@ class Engine:
         for i in range(0, len(samples), batch_size):
             chunk = list(samples[i : i + batch_size])
             images = [decode_images(s) for s in chunk]
-            vision = _Vision(self._processors[self.router_budget], images, self.model)
+            sources = [s.source or s.id for s in chunk]
+            vision = _Vision(self._processors[self.router_budget], images, self.model, None, sources)
             out.append(self._route(chunk, vision, list(range(len(chunk)))))
         return torch.cat(out) if out else torch.empty(0, len(self.names))
 
@@ -300,8 +359,7 @@ class Engine:
         """Like run, yielding each batch's results (in order) as soon as that batch is answered."""
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
-        for r in requests:
-            self.check(r)
+        self.check_all(requests)
         for i in range(0, len(requests), batch_size):
             yield from self._run_batch(list(requests[i : i + batch_size]))
 
@@ -313,8 +371,11 @@ class Engine:
         at_router = {
             i for i, r in enumerate(reqs) if r.expert is None or self.budget[r.expert] == self.router_budget
         }
+        sources = [s.source or s.id for s in samples]
         visions = {
-            self.router_budget: _Vision(self._processors[self.router_budget], images, self.model, at_router)
+            self.router_budget: _Vision(
+                self._processors[self.router_budget], images, self.model, at_router, sources
+            )
         }
         t0 = time.perf_counter()
         probs = self._route(samples, visions[self.router_budget], routed_rows) if routed_rows else None
@@ -378,7 +439,8 @@ class Engine:
 
         for budget in {self.budget[n] for n in experts} - set(visions):  # experts at another pixel budget
             rows_at = {i for i, n in enumerate(experts) if self.budget[n] == budget}
-            visions[budget] = _Vision(self._processors[budget], images, self.model, rows_at)
+            sources = [r.sample.source or r.sample.id for r in reqs]
+            visions[budget] = _Vision(self._processors[budget], images, self.model, rows_at, sources)
         rows = []
         picks = []
         for i, (r, name) in enumerate(zip(reqs, experts, strict=True)):
@@ -428,6 +490,35 @@ class Engine:
                 }
             )
         return texts, stats
+
+
+def _texts(sample: Sample) -> Iterator[tuple[str, str]]:
+    """(where, text) of every text the model will read of a request: system prompt and turns."""
+    if sample.system:
+        yield "system prompt", sample.system
+    for k, turn in enumerate(sample.conversation()):
+        content = turn["content"]
+        parts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
+        for text in parts:
+            if text:
+                yield f"turn {k + 1} ({turn['role']})", text
+
+
+def _image_sizes(sample: Sample) -> Iterator[tuple[int, tuple[int, int]]]:
+    """(index, (width, height)) of a request's images, read from the headers of image files; files PIL
+    cannot open are left to decoding, which names them."""
+    from PIL import Image
+
+    for j, im in enumerate(sample.images):
+        if isinstance(im, Image.Image):
+            yield j, im.size
+            continue
+        try:
+            with Image.open(im) as f:
+                size = f.size
+        except Exception:  # noqa: BLE001 - decode_images reports it with the file's name
+            continue
+        yield j, size
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -44,7 +44,15 @@ class ServedStack:
 
     def run(self, requests: list) -> list:
         """Answer a batch of engine Requests (called on the batcher's worker thread only)."""
+        for r in requests:  # a request answered again (its batch failed) streams only what is new
+            if isinstance(r.on_text, StreamOnce):
+                r.on_text.restart()
         return self.engine.run(requests, batch_size=len(requests))
+
+    def check(self, chat: ChatRequest) -> None:
+        """Raise UserError when the engine cannot answer the request as asked (no model work: safe
+        off the worker thread)."""
+        self.engine.check(self.request(chat))
 
     def request(self, chat: ChatRequest, on_text: Callable[[str], None] | None = None):
         """The engine Request of a chat-completion request."""
@@ -57,8 +65,27 @@ class ServedStack:
             temperature=chat.temperature,
             top_p=chat.top_p,
             seed=chat.seed,
-            on_text=on_text,
+            on_text=None if on_text is None else StreamOnce(on_text),
         )
+
+
+class StreamOnce:
+    """A streaming callback that passes on only text not sent yet: a request answered twice (its
+    batch failed, then it ran alone) streams its answer once. An answer that departs from what was
+    already sent (a sampled one) streams nothing more; the final chunk carries the rest."""
+
+    def __init__(self, send: Callable[[str], None]):
+        self.send, self.sent, self.text = send, "", ""
+
+    def restart(self) -> None:
+        """A new attempt at the answer begins."""
+        self.text = ""
+
+    def __call__(self, piece: str) -> None:
+        self.text += piece
+        if len(self.text) > len(self.sent) and self.text.startswith(self.sent):
+            new, self.sent = self.text[len(self.sent) :], self.text
+            self.send(new)
 
 
 def mole_info(result, timings: dict[str, float]) -> dict:
@@ -206,6 +233,7 @@ def build_app(
             obj = parse_json_body(await read_body(request, limits.max_body_bytes))
             model = obj.get("model") if isinstance(obj.get("model"), str) else "?"
             chat = await run_in_threadpool(parse_chat_request, obj, stack.experts, limits)
+            await run_in_threadpool(checked, stack, chat)
             b = batcher()
         except ApiError as exc:
             metrics.requests.labels(_model_label(model, stack), "", str(exc.status)).inc()
@@ -235,6 +263,16 @@ def build_app(
 def _model_label(model: str, stack: ServedStack) -> str:
     """The model label of a refused request: a served name, or 'other' (no label per unknown name)."""
     return model if model == ROUTED_MODEL or model in stack.experts else "other"
+
+
+def checked(stack: ServedStack, chat: ChatRequest) -> None:
+    """The engine's own checks of a request (special tokens in its text, ...) as a 400."""
+    from ..errors import UserError
+
+    try:
+        stack.check(chat)
+    except UserError as exc:
+        raise ApiError(400, str(exc), "messages", "invalid_request") from None
 
 
 def submit(b: MicroBatcher, request):

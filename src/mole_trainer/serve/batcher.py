@@ -2,21 +2,25 @@
 
 A batch starts with the first waiting request and takes whatever else arrives within `max_wait_s`,
 up to `max_batch` requests; the engine then answers them together (one routing pass, one
-mixed-expert generation). Handlers get a concurrent.futures.Future per request. Closing drains:
+mixed-expert generation). Handlers get a concurrent.futures.Future per request. When a batch fails,
+its requests are answered again one by one, so only the culprit gets the error. A job whose future
+was cancelled (its handler gave up) is skipped; the worker survives any error. Closing drains:
 everything queued before close() is still answered.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
 _STOP = object()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,9 +107,16 @@ class MicroBatcher:
         stop = False
         while not stop:
             batch, stop = self._collect()
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception:  # a failing metrics callback, say: log it, keep serving
+                log.exception("the engine worker hit an error outside the engine")
+                for job in batch:
+                    _settle(job.future, RuntimeError("the engine worker failed on this batch"))
 
     def _run(self, batch: list[Job]) -> None:
+        # a caller that stopped waiting (its handler was cancelled) is dropped before any engine work
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
         if not batch:
             return
         self._report_depth()
@@ -115,14 +126,50 @@ class MicroBatcher:
         for job in batch:
             job.started_at = start
         try:
-            results = self.run_batch([j.request for j in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"the engine answered {len(results)} of {len(batch)} requests")
-        except (
-            BaseException
-        ) as exc:  # the worker survives an engine failure; every waiting caller hears of it
-            for job in batch:
-                job.future.set_exception(exc)
-            return
-        for job, result in zip(batch, results, strict=True):
-            job.future.set_result(result)
+            outcomes = self._answer(batch)
+        except BaseException as exc:  # noqa: BLE001 - the worker must outlive anything the engine raises
+            log.exception("the engine worker failed on a batch of %d", len(batch))
+            outcomes = [exc] * len(batch)
+        for job, outcome in zip(batch, outcomes, strict=True):
+            _settle(job.future, outcome)
+
+    def _answer(self, batch: list[Job]) -> list:
+        """A result or an exception per job: the batch at once, else (it failed) each job alone,
+        so that one bad request fails alone and the others of its batch are still answered."""
+        try:
+            return self._call([j.request for j in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                return [exc]
+            log.warning(
+                "a batch of %d failed (%s: %s); answering its requests one by one",
+                len(batch),
+                type(exc).__name__,
+                exc,
+            )
+        outcomes = []
+        for job in batch:
+            try:
+                outcomes.extend(self._call([job.request]))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _call(self, requests: list) -> list:
+        results = self.run_batch(requests)
+        if len(results) != len(requests):
+            raise RuntimeError(f"the engine answered {len(results)} of {len(requests)} requests")
+        return results
+
+
+def _settle(future: Future, outcome) -> None:
+    """Give a job its result or exception, unless it is already done (cancelled meanwhile)."""
+    if future.done():
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:  # cancelled between the check and the set
+        pass

@@ -30,12 +30,11 @@ from urllib.parse import unquote, urlparse
 from ..data.conversation import MESSAGE_ROLES, RawTurn, check_conversation, router_request
 from ..data.formats import Sample
 from ..errors import UserError
+from ..infer.limits import TEMPERATURE_RANGE, check_image_size, check_seed
 from .defaults import MAX_BODY_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_TOKENS
 from .errors import ApiError
 
-ROUTED_MODEL = "mole"  # the model name that routes; an expert's name forces that expert
-
-TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 is greedy
+ROUTED_MODEL = "mole"  # the model name that routes; an expert's name forces that expert (the one source)
 
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system prompt
 # fields a request may carry without changing anything here: OpenAI bookkeeping
@@ -195,8 +194,10 @@ def _number(obj: dict, key: str, default: float, low: float, high: float, low_op
 
 def _seed(obj: dict) -> int | None:
     value = obj.get("seed")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ApiError(400, f"'seed' must be a whole number, got {value!r}", "seed", "invalid_value")
+    try:
+        check_seed(value, "'seed'")
+    except UserError as exc:
+        raise ApiError(400, str(exc), "seed", "invalid_value") from None
     return value
 
 
@@ -355,6 +356,10 @@ def decode_image(source, where: str, limits: Limits):
                     where,
                     "image_too_large",
                 )
+            try:
+                check_image_size(width, height, where)
+            except UserError as exc:
+                raise ApiError(400, str(exc), where, "invalid_image") from None
             im.load()
             return im.convert("RGB")
     except ApiError:
