@@ -83,13 +83,12 @@ def build_model(out: Path) -> Path:
     from mole_trainer.model.tiny import TinySpec, build_config, build_processor, train_tokenizer
 
     spec = TinySpec(max_pixels=SCREEN[0] * SCREEN[1])
-    tokenizer = train_tokenizer(spec)
-    config = build_config(spec, tokenizer)
-    config.text_config.vocab_size = QWEN3_VL_VOCAB
+    processor = build_processor(spec, train_tokenizer(spec))
+    config = build_config(spec, processor, QWEN3_VL_VOCAB)
     torch.manual_seed(spec.seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.save_pretrained(out)
-    build_processor(spec, tokenizer).save_pretrained(out)
+    processor.save_pretrained(out)
     return out
 
 
