@@ -115,10 +115,19 @@ def shaped_model(shape: str, device: str, dtype: str, layers: int | None):
     return model.eval()
 
 
-def build(root: Path, args, size: tuple[int, int]):
-    """The base model (loaded), its folder (processor) and a deployment of 4 random experts + a router."""
+def random_deployment(folder, root: Path, model, rank: int, size: tuple[int, int], max_new_tokens: int):
+    """A deployment in root/deploy of EXPERTS + a router with random LoRA weights of rank `rank` on
+    every language-model projection of `model` (the base of `folder`), pixel budgets up to `size`."""
     from tests.helpers import build_tiny_deployment
 
+    budget = {"min_pixels": 64 * 64, "max_pixels": size[0] * size[1]}
+    lora = {"rank": rank, "alpha": 2 * rank, "targets": TARGETS}
+    experts = {name: (lora, budget, max_new_tokens) for name in EXPERTS}
+    return build_tiny_deployment(folder, root, experts=experts, router=(lora, budget), base=model)
+
+
+def build(root: Path, args, size: tuple[int, int]):
+    """The base model (loaded), its folder (processor) and a deployment of 4 random experts + a router."""
     from mole_trainer.model.loading import load_base
     from mole_trainer.model.tiny import TinySpec, build_tiny_model
 
@@ -127,11 +136,7 @@ def build(root: Path, args, size: tuple[int, int]):
         model = load_base(str(folder), args.dtype, args.device)
     else:
         folder, model = PROCESSOR, shaped_model(args.shape, args.device, args.dtype, args.layers)
-    budget = {"min_pixels": 64 * 64, "max_pixels": size[0] * size[1]}
-    lora = {"rank": args.rank, "alpha": 2 * args.rank, "targets": TARGETS}
-    experts = {name: (lora, budget, args.max_new_tokens) for name in EXPERTS}
-    dep = build_tiny_deployment(folder, root, experts=experts, router=(lora, budget), base=model)
-    return model, dep
+    return model, random_deployment(folder, root, model, args.rank, size, args.max_new_tokens)
 
 
 def peft_model(base, adapters: dict):
