@@ -16,8 +16,15 @@ base: 2 N forward + 2 N backward through the activations; vision tower, output h
 quadratic term not counted), peak = --peak-tflops (default 790, the convention of the figures in
 issue 11; an H100/H200 SXM's dense bf16 datasheet peak is 989).
 
+After the training shapes, on CUDA (`--inference`, on by default there; `--no-inference` skips it),
+the inference figures of issue 9 at real shapes (bench/gpu_inference.py): stacked inference at 8b
+and 2b, serving at 8b, each a subprocess, under "stacked_inference" / "serve_load" in the JSON and
+as the table's last rows. A part starts only if its estimate fits in what is left of `--budget-s`
+(default 570 s: the training shapes ~8 min, the whole script within ~9.5 min).
+
     PYTHONPATH=src python bench/gpu_train.py [--shapes 2b,8b] [--out-dir $OUT]
     PYTHONPATH=src python bench/gpu_train.py --shapes tiny --steps 2 --repeats 1   # CPU smoke run
+    PYTHONPATH=src python bench/gpu_train.py --shapes ''   # the inference parts alone (CUDA)
 """
 
 from __future__ import annotations
@@ -230,7 +237,9 @@ def table(report: dict) -> str:
                 f"{r['shape']:8} {label:24} {batch!s:>6} {r['seq_len']:>5} {m['samples_per_s']:>10}"
                 f" {m['mfu']:>6.1%} {mem!s:>9} {'' if ratio is None else f'{ratio}x':>8}"
             )
-    return "\n".join(lines)
+    from gpu_inference import table_lines
+
+    return "\n".join(lines + table_lines(report))
 
 
 def main() -> None:
@@ -250,6 +259,15 @@ def main() -> None:
     ap.add_argument("--liger", action="store_true", help="liger-kernel on the package's paths (CUDA)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (ours)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    ap.add_argument(
+        "--inference",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after training: stacked inference (8b, 2b) and serving (8b) on CUDA (default: on with CUDA)",
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=570.0, help="an inference part starts only if it fits in this"
+    )
     a = ap.parse_args()
     import peft
     import torch
@@ -267,6 +285,9 @@ def main() -> None:
         check_kernels(KernelSpec(attn_implementation=a.attn, liger=a.liger), device)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
+    inference = device == "cuda" if a.inference is None else a.inference
+    if inference and device != "cuda":
+        raise SystemExit("--inference: the 2b/8b inference parts need a CUDA GPU")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,6 +316,15 @@ def main() -> None:
         reset_peak(device)  # the shape's model is gone: free its memory before the next one
         report["seconds"] = round(time.perf_counter() - started, 1)
         (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
+    if inference:
+        from gpu_inference import run_inference
+
+        def on_part(key: str, shape: str, result: dict) -> None:
+            report.setdefault(key, {})[shape] = result
+            report["seconds"] = round(time.perf_counter() - started, 1)
+            (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
+
+        run_inference(started + a.budget_s, on_part)
     print(table(report))
 
 

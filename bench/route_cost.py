@@ -41,6 +41,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.reference_scoring
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))  # screens (when imported from elsewhere)
+
+from screens import INSTRUCTIONS, screenshot  # noqa: E402
 
 QWEN3_VL_VOCAB = 151_936
 SCREEN = (1280, 800)  # 80 x 50 patches of 16 px, 40 x 25 = 1,000 tokens after the 2 x 2 merge
@@ -62,16 +65,6 @@ EXPERTS = [
     "photo-editor",
     "code-review",
 ]
-INSTRUCTIONS = [
-    "Click on the 14th.",
-    "Sign in as jdoe with the password shown on the note.",
-    "What is the total?",
-    "Open the settings and turn off notifications for every app except mail.",
-    "Which series is highest in March?",
-    "Type the address into the search box and press enter.",
-    "Read the text in the image.",
-    "Add two bottles of milk to the cart, then go to the checkout page and apply the coupon.",
-]
 METHODS = ("prefill", "new", "old")
 
 
@@ -83,32 +76,13 @@ def build_model(out: Path) -> Path:
     from mole_trainer.model.tiny import TinySpec, build_config, build_processor, train_tokenizer
 
     spec = TinySpec(max_pixels=SCREEN[0] * SCREEN[1])
-    tokenizer = train_tokenizer(spec)
-    config = build_config(spec, tokenizer)
-    config.text_config.vocab_size = QWEN3_VL_VOCAB
+    processor = build_processor(spec, train_tokenizer(spec))
+    config = build_config(spec, processor, QWEN3_VL_VOCAB)
     torch.manual_seed(spec.seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.save_pretrained(out)
-    build_processor(spec, tokenizer).save_pretrained(out)
+    processor.save_pretrained(out)
     return out
-
-
-def screenshot(path: Path, seed: int) -> None:
-    """A GUI-like 1280x800 picture: title bar, panels, buttons and text lines."""
-    import random
-
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    im = Image.new("RGB", SCREEN, (rng.randrange(200, 256),) * 3)
-    d = ImageDraw.Draw(im)
-    d.rectangle([0, 0, SCREEN[0], 36], fill=(40, 60, 90))
-    for _ in range(40):
-        x, y = rng.randrange(0, SCREEN[0] - 200), rng.randrange(40, SCREEN[1] - 60)
-        colour = tuple(rng.randrange(0, 256) for _ in range(3))
-        d.rectangle([x, y, x + rng.randrange(40, 200), y + rng.randrange(16, 60)], outline=colour, width=2)
-        d.text((x + 6, y + 4), rng.choice(INSTRUCTIONS)[:24], fill=(0, 0, 0))
-    im.save(path)
 
 
 def requests(root: Path, n: int):
@@ -119,7 +93,7 @@ def requests(root: Path, n: int):
     for i in range(n):
         path = root / f"screen-{i}.png"
         if not path.exists():
-            screenshot(path, i)
+            screenshot(SCREEN, i).save(path)
         out.append(Sample(f"r{i}", [path], INSTRUCTIONS[i % len(INSTRUCTIONS)], "", expert=EXPERTS[0]))
     return out
 

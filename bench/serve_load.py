@@ -11,8 +11,13 @@ size (from /metrics). `batched_over_serial` is requests/s at the largest C over 
 
 Usage: PYTHONPATH=src python bench/serve_load.py [--clients 1,4,16] [--requests 8] [--max-tokens 8]
        [--deployment DIR --device cuda]   (default: the tiny model with random adapters, on the CPU)
+       [--shape 2b|8b [--layers N] [--rank 16] [--image 448x280]]   (a real shape, random weights)
 The tiny model is built around the real Qwen3-VL-8B processor of tests/fixtures (151,936-token
-vocabulary: the LM head and prompt lengths are real), as in bench/stacked_inference.py.
+vocabulary: the LM head and prompt lengths are real), as in bench/stacked_inference.py. `--shape`
+builds the base as stacked_inference.py does (random weights at Qwen3-VL-2B / -8B shapes, bf16 on
+CUDA; `--layers` cuts it for a smoke run), saves it with the processor (the server loads it from
+disk; an 8B one is 16 GB) and deploys stacked_inference's 4 random experts + router on it; the
+serial loop reuses the model already built.
 The last line printed is one JSON object.
 """
 
@@ -37,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # stacked_inference (the real-shape models)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -55,13 +61,28 @@ def tiny_deployment(root: Path, processor: str) -> str:
     return build_tiny_deployment(model, root)["deployment"]
 
 
-def make_images(n: int) -> list[bytes]:
-    """n distinct PNG screens (colour blocks and a bar of varying width)."""
+def shaped_deployment(root: Path, shape: str, device: str, dtype: str, layers: int | None, rank: int, size):
+    """(deployment, model): a random-weight Qwen3-VL at a real shape (stacked_inference.shaped_model),
+    saved with the real processor in root/base, and stacked_inference's random deployment on it."""
+    from mole_trainer.model.tiny import generation_config, load_given_processor
+    from stacked_inference import random_deployment, shaped_model
+
+    model = shaped_model(shape, device, dtype, layers)
+    processor = load_given_processor(PROCESSOR)
+    model.generation_config = generation_config(processor.tokenizer)
+    folder = root / "base"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return random_deployment(folder, root, model, rank, size, 8)["deployment"], model
+
+
+def make_images(n: int, size: tuple[int, int] = (160, 120)) -> list[bytes]:
+    """n distinct PNG screens of `size` (colour blocks and a bar of varying width)."""
     from PIL import Image, ImageDraw
 
     out = []
     for i in range(n):
-        im = Image.new("RGB", (160, 120), ((37 * i) % 256, (91 * i) % 256, (53 * i + 80) % 256))
+        im = Image.new("RGB", size, ((37 * i) % 256, (91 * i) % 256, (53 * i + 80) % 256))
         ImageDraw.Draw(im).rectangle([10, 10, 20 + 7 * (i % 16), 40], fill=(255 - (37 * i) % 256, 20, 200))
         buf = io.BytesIO()
         im.save(buf, format="PNG")
@@ -72,10 +93,10 @@ def make_images(n: int) -> list[bytes]:
 class SerialLoop:
     """The engine answering one request at a time, in this process (no HTTP, no batching)."""
 
-    def __init__(self, deployment: str, images: list[bytes], device: str, max_tokens: int):
+    def __init__(self, deployment: str, images: list[bytes], device: str, max_tokens: int, model=None):
         from mole_trainer.infer.engine import Engine
 
-        self.engine = Engine(deployment, device=device)
+        self.engine = Engine(deployment, device=device, model=model)
         self.images, self.max_tokens = images, max_tokens
         self.times: list[float] = []
         self.engine.run([self.request(0)], batch_size=1)  # warm-up
@@ -167,11 +188,13 @@ def load_level(url: str, bodies: list[dict], clients: int, n: int) -> dict:
     }
 
 
-def start_server(deployment: str, device: str, max_batch: int, max_wait_ms: float, workdir: str):
+def start_server(
+    deployment: str, device: str, max_batch: int, max_wait_ms: float, workdir: str, dtype="auto"
+):
     port = _free_port()
     args = [
         sys.executable, "-m", "mole_trainer", "--workdir", workdir, "serve", "--deployment", deployment,
-        "--port", str(port), "--device", device, "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
+        "--port", str(port), "--device", device, "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--dtype", dtype,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     log = open(Path(workdir) / "server.log", "w")  # noqa: SIM115 - closed with the server
@@ -206,13 +229,27 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
+    ap.add_argument("--shape", choices=("tiny", "2b", "8b"), default="tiny", help="2b/8b: random weights")
+    ap.add_argument("--layers", type=int, default=None, help="cut a 2b/8b shape to N layers (smoke runs)")
+    ap.add_argument("--dtype", default="auto", help="of a --shape model: auto is bf16 on CUDA, else fp32")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank of a --shape deployment")
+    ap.add_argument("--image", default="160x120", help="request screen size WxH")
     a = ap.parse_args()
     levels = [int(c) for c in a.clients.split(",") if c]
+    size = tuple(int(x) for x in a.image.lower().split("x"))
+    if a.deployment and a.shape != "tiny":
+        raise SystemExit("--deployment and --shape: give one")
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        deployment = a.deployment or tiny_deployment(Path(tmp), a.processor)
-        images = make_images(16)
+        model = None
+        if a.shape != "tiny":
+            deployment, model = shaped_deployment(
+                Path(tmp), a.shape, a.device, a.dtype, a.layers, a.rank, size
+            )
+        else:
+            deployment = a.deployment or tiny_deployment(Path(tmp), a.processor)
+        images = make_images(16, size)
         # half the serial loop before the load and half after: a shared machine's drift hits both sides
-        serial_loop = SerialLoop(deployment, images, a.device, a.max_tokens)
+        serial_loop = SerialLoop(deployment, images, a.device, a.max_tokens, model)
         serial_loop.run(a.serial_requests // 2)
         serial = serial_loop.summary()
         print(
@@ -234,7 +271,7 @@ def main() -> None:
             }
             for i, im in enumerate(images)
         ]  # fmt: skip
-        proc, url, log = start_server(deployment, a.device, a.max_batch, a.max_wait_ms, tmp)
+        proc, url, log = start_server(deployment, a.device, a.max_batch, a.max_wait_ms, tmp, a.dtype)
         try:
             _post(f"{url}/v1/chat/completions", bodies[0])  # warm-up
             rows = []
@@ -259,7 +296,13 @@ def main() -> None:
             {
                 "bench": "serve_load",
                 "device": a.device,
-                "deployment": a.deployment or f"tiny (random adapters), processor {a.processor or 'local'}",
+                "deployment": a.deployment
+                or (
+                    f"{a.shape} (random weights{'' if a.layers is None else f', {a.layers} layers'})"
+                    if a.shape != "tiny"
+                    else f"tiny (random adapters), processor {a.processor or 'local'}"
+                ),
+                "image": a.image,
                 "max_tokens": a.max_tokens,
                 "max_batch": a.max_batch,
                 "max_wait_ms": a.max_wait_ms,

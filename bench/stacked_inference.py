@@ -54,20 +54,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.helpers (the deployment builder the tests use)
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))  # screens (when imported from elsewhere)
+
+from screens import INSTRUCTIONS, screenshot  # noqa: E402
 
 PROCESSOR = REPO / "tests/fixtures/qwen3-vl-8b-processor"
 EXPERTS = ["calendar", "chart-screen", "login-window", "ocr"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-INSTRUCTIONS = [
-    "Click on the 14th.",
-    "Sign in as jdoe with the password shown on the note.",
-    "What is the total?",
-    "Open the settings and turn off notifications for every app except mail.",
-    "Which series is highest in March?",
-    "Type the address into the search box and press enter.",
-    "Read the text in the image.",
-    "Add two bottles of milk to the cart, then go to the checkout page and apply the coupon.",
-]
 PATHS = ("mixed", "single", "routed", "peft_mixed", "peft_grouped", "peft_swap")
 # Qwen3-VL-2B's sizes (the 8B shape is the fixture's real config.json)
 SHAPE_2B = {
@@ -89,24 +82,6 @@ SHAPE_2B = {
         "deepstack_visual_indexes": [5, 11, 17],
     },
 }
-
-
-def screenshot(size: tuple[int, int], seed: int):
-    """A GUI-like picture: title bar, panels and text lines."""
-    import random
-
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    im = Image.new("RGB", size, (rng.randrange(200, 256),) * 3)
-    d = ImageDraw.Draw(im)
-    d.rectangle([0, 0, size[0], 30], fill=(40, 60, 90))
-    for _ in range(25):
-        x, y = rng.randrange(0, size[0] - 120), rng.randrange(34, size[1] - 40)
-        colour = tuple(rng.randrange(0, 256) for _ in range(3))
-        d.rectangle([x, y, x + rng.randrange(30, 120), y + rng.randrange(14, 40)], outline=colour, width=2)
-        d.text((x + 4, y + 3), rng.choice(INSTRUCTIONS)[:20], fill=(0, 0, 0))
-    return im
 
 
 def shaped_model(shape: str, device: str, dtype: str, layers: int | None):
@@ -140,10 +115,19 @@ def shaped_model(shape: str, device: str, dtype: str, layers: int | None):
     return model.eval()
 
 
-def build(root: Path, args, size: tuple[int, int]):
-    """The base model (loaded), its folder (processor) and a deployment of 4 random experts + a router."""
+def random_deployment(folder, root: Path, model, rank: int, size: tuple[int, int], max_new_tokens: int):
+    """A deployment in root/deploy of EXPERTS + a router with random LoRA weights of rank `rank` on
+    every language-model projection of `model` (the base of `folder`), pixel budgets up to `size`."""
     from tests.helpers import build_tiny_deployment
 
+    budget = {"min_pixels": 64 * 64, "max_pixels": size[0] * size[1]}
+    lora = {"rank": rank, "alpha": 2 * rank, "targets": TARGETS}
+    experts = {name: (lora, budget, max_new_tokens) for name in EXPERTS}
+    return build_tiny_deployment(folder, root, experts=experts, router=(lora, budget), base=model)
+
+
+def build(root: Path, args, size: tuple[int, int]):
+    """The base model (loaded), its folder (processor) and a deployment of 4 random experts + a router."""
     from mole_trainer.model.loading import load_base
     from mole_trainer.model.tiny import TinySpec, build_tiny_model
 
@@ -152,11 +136,7 @@ def build(root: Path, args, size: tuple[int, int]):
         model = load_base(str(folder), args.dtype, args.device)
     else:
         folder, model = PROCESSOR, shaped_model(args.shape, args.device, args.dtype, args.layers)
-    budget = {"min_pixels": 64 * 64, "max_pixels": size[0] * size[1]}
-    lora = {"rank": args.rank, "alpha": 2 * args.rank, "targets": TARGETS}
-    experts = {name: (lora, budget, args.max_new_tokens) for name in EXPERTS}
-    dep = build_tiny_deployment(folder, root, experts=experts, router=(lora, budget), base=model)
-    return model, dep
+    return model, random_deployment(folder, root, model, args.rank, size, args.max_new_tokens)
 
 
 def peft_model(base, adapters: dict):
@@ -224,6 +204,8 @@ def run_paths(engine, model, samples, max_new: int, paths=PATHS) -> tuple[dict, 
         out = [""] * n
         for name in EXPERTS:
             idx = [i for i, e in enumerate(experts) if e == name]
+            if not idx:  # fewer requests than experts
+                continue
             model.set_adapter(name)
             for i, text in zip(
                 idx, peft_generate(model, processor, [samples[i] for i in idx], max_new), strict=True

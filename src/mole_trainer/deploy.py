@@ -190,7 +190,7 @@ def _manifest(
     extra: dict,
     info: dict,
 ) -> dict:
-    from .code_version import code_version
+    from .runinfo import code_version
 
     entries = [f.describe() for f in files]
     return {

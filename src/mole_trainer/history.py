@@ -109,7 +109,91 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-class History:
+class RunWriter:
+    """start() and finish() of a run history; History (SQLite) and FileHistory (JSONL files) store the rows."""
+
+    def start(
+        self,
+        stage: str,
+        config: dict,
+        data_hash: str | None = None,
+        output: str | None = None,
+        resumed_from: str | None = None,
+    ) -> str:
+        """Record a run of this process with status 'running' and return its run_id."""
+        from .locking import process_start
+        from .runinfo import git_state
+
+        pid = os.getpid()
+        commit, dirty = git_state()
+        run = {
+            "run_id": new_run_id(),
+            "stage": stage,
+            "status": "running",
+            "started_at": _now(),
+            "finished_at": None,
+            "duration_s": None,
+            "config": json.loads(_dumps(config)),
+            "data_hash": data_hash,
+            "metrics": None,
+            "artifacts": None,
+            "error": None,
+            "cost_usd": None,
+            "host": platform.node(),
+            "pid": pid,
+            "pid_start": process_start(pid),
+            "output": output,
+            "resumed_from": resumed_from,
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "device": None,
+            "source": None,
+        }
+        self._store_started(run)
+        return run["run_id"]
+
+    def finish(
+        self,
+        run_id: str,
+        status: str = "ok",
+        metrics: dict | None = None,
+        artifacts: dict | None = None,
+        error: str | None = None,
+        cost_usd: float | None = None,
+        device: str | None = None,
+        usd_per_hour: float | None = None,
+    ) -> None:
+        """Close a run: set its final status, finish time, duration and results.
+
+        Without `cost_usd`, a known `usd_per_hour` (runinfo.hourly_rate) prices the run's wall time.
+        """
+        check_final(status)
+        run = self._started_run(run_id)
+        finished = datetime.now(UTC)
+        duration = (finished - datetime.fromisoformat(run["started_at"])).total_seconds()
+        closed = {
+            "status": status,
+            "finished_at": finished.isoformat(timespec="microseconds"),
+            "duration_s": duration,
+            "metrics": json.loads(_dumps(metrics or {})),
+            "artifacts": json.loads(_dumps(artifacts or {})),
+            "error": error,
+            "cost_usd": estimate_cost(cost_usd, duration, usd_per_hour),
+            "device": device,
+        }
+        self._store_finished(run, closed)
+
+    def _store_started(self, run: dict) -> None:
+        raise NotImplementedError
+
+    def _started_run(self, run_id: str) -> dict:
+        raise NotImplementedError
+
+    def _store_finished(self, run: dict, closed: dict) -> None:
+        raise NotImplementedError
+
+
+class History(RunWriter):
     """The run history stored in one SQLite file; the file and its schema are created on first use."""
 
     def __init__(self, db_path: str | Path):
@@ -163,42 +247,8 @@ class History:
                 f"supports ({SCHEMA_VERSION}); upgrade mole-trainer"
             )
 
-    def start(
-        self,
-        stage: str,
-        config: dict,
-        data_hash: str | None = None,
-        output: str | None = None,
-        resumed_from: str | None = None,
-    ) -> str:
-        """Insert a run of this process with status 'running' and return its run_id."""
-        from .locking import process_start
-        from .runinfo import git_state
-
-        run_id = new_run_id()
-        pid = os.getpid()
-        commit, dirty = git_state()
-        with closing(self._connect()) as conn:
-            conn.execute(
-                "INSERT INTO runs (run_id, stage, status, started_at, config_json, data_hash, host, pid, "
-                "pid_start, output, resumed_from, git_commit, git_dirty) "
-                "VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run_id,
-                    stage,
-                    _now(),
-                    _dumps(config),
-                    data_hash,
-                    platform.node(),
-                    pid,
-                    process_start(pid),
-                    output,
-                    resumed_from,
-                    commit,
-                    dirty,
-                ),
-            )
-        return run_id
+    def _store_started(self, run: dict) -> None:
+        self.insert_run(run)
 
     def _interrupt(self, conn: sqlite3.Connection, row: sqlite3.Row, why: str) -> None:
         # status = 'running' in the WHERE: a run that finished meanwhile keeps its own result
@@ -253,40 +303,16 @@ class History:
             ).fetchone()
         return row["run_id"] if row else None
 
-    def finish(
-        self,
-        run_id: str,
-        status: str = "ok",
-        metrics: dict | None = None,
-        artifacts: dict | None = None,
-        error: str | None = None,
-        cost_usd: float | None = None,
-        device: str | None = None,
-        usd_per_hour: float | None = None,
-    ) -> None:
-        """Close a run: set its final status, finish time, duration and results.
+    def _started_run(self, run_id: str) -> dict:
+        return self.get(run_id)
 
-        Without `cost_usd`, a known `usd_per_hour` (runinfo.hourly_rate) prices the run's wall time.
-        """
-        check_final(status)
-        started = datetime.fromisoformat(self.get(run_id)["started_at"])
-        finished = datetime.now(UTC)
-        duration = (finished - started).total_seconds()
+    def _store_finished(self, run: dict, closed: dict) -> None:
+        row = encode_run(closed)
+        del row["config_json"]  # the run's config is stored already
         with closing(self._connect()) as conn:
             conn.execute(
-                "UPDATE runs SET status = ?, finished_at = ?, duration_s = ?, metrics_json = ?, "
-                "artifacts_json = ?, error = ?, cost_usd = ?, device = ? WHERE run_id = ?",
-                (
-                    status,
-                    finished.isoformat(timespec="microseconds"),
-                    duration,
-                    _dumps(metrics or {}),
-                    _dumps(artifacts or {}),
-                    error,
-                    estimate_cost(cost_usd, duration, usd_per_hour),
-                    device,
-                    run_id,
-                ),
+                f"UPDATE runs SET {', '.join(f'{c} = ?' for c in row)} WHERE run_id = ?",
+                [*row.values(), run["run_id"]],
             )
 
     def add_metrics(self, run_id: str, rows: Iterable[tuple[int, str, float]]) -> int:

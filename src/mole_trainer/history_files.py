@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import UserError
-from .history import RESUMABLE, _dumps, _now, check_final, estimate_cost, new_run_id
+from .history import RESUMABLE, RunWriter, _dumps
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40] or "host"
 
 
-class FileHistory:
+class FileHistory(RunWriter):
     """The run history of one folder of JSONL files; this object appends to a file of its own."""
 
     def __init__(self, folder: str | Path):
@@ -83,75 +83,16 @@ class FileHistory:
         finally:
             os.close(fd)
 
-    def start(
-        self,
-        stage: str,
-        config: dict,
-        data_hash: str | None = None,
-        output: str | None = None,
-        resumed_from: str | None = None,
-    ) -> str:
-        """Record a run of this process with status 'running' and return its run_id."""
-        from .locking import process_start
-        from .runinfo import git_state
-
-        run_id, pid = new_run_id(), os.getpid()
-        commit, dirty = git_state()
-        run = {
-            "run_id": run_id,
-            "stage": stage,
-            "status": "running",
-            "started_at": _now(),
-            "finished_at": None,
-            "duration_s": None,
-            "config": json.loads(_dumps(config)),
-            "data_hash": data_hash,
-            "metrics": None,
-            "artifacts": None,
-            "error": None,
-            "cost_usd": None,
-            "host": platform.node(),
-            "pid": pid,
-            "pid_start": process_start(pid),
-            "output": output,
-            "resumed_from": resumed_from,
-            "git_commit": commit,
-            "git_dirty": dirty,
-            "device": None,
-            "source": None,
-            "machine": machine_id(),
-        }
+    def _store_started(self, run: dict) -> None:
+        run["machine"] = machine_id()  # reconcile marks only this machine's dead runs interrupted
         self._append([{"kind": "run", "run": run}])
-        self._started[run_id] = run
-        return run_id
+        self._started[run["run_id"]] = run
 
-    def finish(
-        self,
-        run_id: str,
-        status: str = "ok",
-        metrics: dict | None = None,
-        artifacts: dict | None = None,
-        error: str | None = None,
-        cost_usd: float | None = None,
-        device: str | None = None,
-        usd_per_hour: float | None = None,
-    ) -> None:
-        """Close a run (see History.finish)."""
-        check_final(status)
-        run = dict(self._started.get(run_id) or self.get(run_id))
-        finished = datetime.now(UTC)
-        duration = (finished - datetime.fromisoformat(run["started_at"])).total_seconds()
-        run.update(
-            status=status,
-            finished_at=finished.isoformat(timespec="microseconds"),
-            duration_s=duration,
-            metrics=json.loads(_dumps(metrics or {})),
-            artifacts=json.loads(_dumps(artifacts or {})),
-            error=error,
-            cost_usd=estimate_cost(cost_usd, duration, usd_per_hour),
-            device=device,
-        )
-        self._append([{"kind": "run", "run": run}])
+    def _started_run(self, run_id: str) -> dict:
+        return self._started.get(run_id) or self.get(run_id)
+
+    def _store_finished(self, run: dict, closed: dict) -> None:
+        self._append([{"kind": "run", "run": {**run, **closed}}])
 
     def add_metrics(self, run_id: str, rows: Iterable[tuple[int, str, float]]) -> int:
         """Append (step, name, value) rows of a run; returns how many were new to the history."""

@@ -59,6 +59,14 @@ def git_state(source: str | None = None) -> tuple[str | None, bool | None]:
     return commit.stdout.strip(), dirty
 
 
+def code_version() -> dict:
+    """{"package", "git_commit", "git_dirty"} of the running code (git fields from git_state)."""
+    from . import __version__
+
+    commit, dirty = git_state()
+    return {"package": __version__, "git_commit": commit, "git_dirty": dirty}
+
+
 def _cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

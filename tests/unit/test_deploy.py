@@ -120,8 +120,13 @@ def listing(dest: str) -> dict:
     return releases.list_releases(fs, root, dest)
 
 
-def test_release_layout_manifest_and_current(src: dict, tmp_path: Path):
+def test_release_layout_manifest_and_current(src: dict, tmp_path: Path, monkeypatch, request):
+    from mole_trainer.runinfo import GIT_COMMIT_ENV, git_state
+
     dest = tmp_path / "deploy"
+    monkeypatch.setenv(GIT_COMMIT_ENV, "0123abc-dirty")  # where the source has no .git (a Modal image)
+    git_state.cache_clear()
+    request.addfinalizer(git_state.cache_clear)
     (src["router_dir"] / "mole_adapter.json").write_text(
         json.dumps({"base_model": "Qwen/Qwen3-VL-8B-Instruct"})
     )
@@ -158,7 +163,11 @@ def test_release_layout_manifest_and_current(src: dict, tmp_path: Path):
     assert current(dest)["manifest_sha256"] == hashlib.sha256(files[MANIFEST_FILE]).hexdigest()
     assert manifest["base_model"] == "Qwen/Qwen3-VL-8B-Instruct"
     assert manifest["router_evaluation"] == {"accuracy": 0.9} and manifest["runs"]["router"] == "abc"
-    assert manifest["code_version"]["package"] == mole_trainer.__version__
+    assert manifest["code_version"] == {
+        "package": mole_trainer.__version__,
+        "git_commit": "0123abc",
+        "git_dirty": True,
+    }
     assert manifest["extra"] == {"run": "r1"}
     assert list(manifest["experts"]) == ["calendar", "receipt"]
     listed = {e["path"]: e for e in manifest["files"]}

@@ -310,7 +310,7 @@ def test_infer_request_paths_and_streamed_output(tiny_deployment, tmp_path, caps
     assert "missing.png' does not exist" in capsys.readouterr().err
 
 
-def test_python_api_route_and_chat(tiny_deployment, engine):
+def test_python_api_route_and_chat(tiny_deployment, engine, tmp_path, monkeypatch):
     """MoLE.route / MoLE.chat: data: URL, path and PIL image parts; routed and forced; bad images refused."""
     import base64
     import io
@@ -352,9 +352,75 @@ def test_python_api_route_and_chat(tiny_deployment, engine):
             [
                 {
                     "role": "user",
-                    "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}],
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}},
+                        {"type": "text", "text": "Read"},
+                    ],
                 }
             ]
         )
     with pytest.raises(UserError, match="are not an image"):
         mole.route("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "Read")
+    # the caller's own PIL images and local paths: the same answer as the data: URL
+    im.save(tmp_path / "screen.png")
+    monkeypatch.chdir(tmp_path)
+    for ref in (im, "screen.png", tmp_path / "screen.png", f"file://{tmp_path}/screen.png"):
+        part = {"type": "image_url", "image_url": {"url": ref}}
+        again = mole.chat(
+            [messages[0], {**messages[1], "content": [part, messages[1]["content"][1]]}], "ocr", 3
+        )
+        assert again["output"] == forced["output"], ref
+        assert mole.route(ref, "What does the Monday say?")["probs"] == route["probs"], ref
+
+
+def test_python_api_parses_messages_as_the_server_does(tmp_path, monkeypatch):
+    """MoLE.chat's messages go through the server's parser: every request the server refuses is refused
+    with the same message; only the caller's own PIL images and local paths are accepted beyond it."""
+    import base64
+    import io
+
+    from mole_trainer.api import messages_to_sample
+    from mole_trainer.serve.errors import ApiError
+    from mole_trainer.serve.messages import Limits, parse_messages
+
+    im = _images(1)[0]
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def user(*parts):
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": "Read"}]}]
+
+    def image(u):
+        return {"type": "image_url", "image_url": {"url": u}}
+
+    bad = [
+        [],
+        [{"role": "tool", "content": "x"}],
+        [{"role": "user", "content": "Read"}, {"role": "assistant", "content": "ok"}],
+        user({"type": "image", "image": url}),  # not an OpenAI part
+        user(image("https://example.com/a.png")),
+        user(image("data:image/png;base64,@@")),
+        user(image("")),
+        user(*[image(url)] * 9),
+        [{"role": "user", "content": [image(url)]}],
+    ]
+    for messages in bad:
+        with pytest.raises(ApiError) as server:
+            parse_messages(messages, Limits())
+        with pytest.raises(UserError) as api:
+            messages_to_sample(messages)
+        assert str(api.value) == server.value.message
+    im.save(tmp_path / "screen.png")
+    monkeypatch.chdir(tmp_path)
+    for ref in (im, "screen.png"):
+        with pytest.raises(ApiError):  # the server takes neither
+            parse_messages(user(image(ref)), Limits())
+        sample = messages_to_sample(user(image(ref)))
+        assert sample.instruction == "Read" and sample.images[0].tobytes() == im.tobytes()
+    with pytest.raises(
+        UserError, match=r"messages\[0\].content\[0\].image_url.url: image file 'gone.png' not found"
+    ):
+        messages_to_sample(user(image("gone.png")))
+    with pytest.raises(UserError, match="expected a data: URL, a path or a PIL image, got int"):
+        messages_to_sample(user(image(7)))

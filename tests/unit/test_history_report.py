@@ -351,6 +351,26 @@ def test_shared_volume_history_is_jsonl_per_writer_and_merges_with_sqlite(tmp_pa
     assert len(read_history(tmp_path).runs) == 4
 
 
+def test_sqlite_and_files_record_a_run_alike(tmp_path):
+    """start/finish are written once (history.RunWriter): both stores read back the same run."""
+    got = []
+    for history in (History(tmp_path / HISTORY_DB), FileHistory(tmp_path / HISTORY_DIR)):
+        run_id = history.start("train.router", {"out": tmp_path / "o", "lr": 1e-3}, "sha", "out/r", "prev")
+        history.finish(run_id, "failed", {"acc": 0.5}, {"dir": tmp_path}, "boom", None, "H100:1", 3600.0)
+        run = history.get(run_id)
+        assert run["cost_usd"] == pytest.approx(run["duration_s"]) and run["finished_at"] > run["started_at"]
+        got.append(
+            {
+                k: v
+                for k, v in run.items()
+                if k not in ("id", "run_id", "started_at", "finished_at", "duration_s", "cost_usd")
+            }
+        )
+    assert got[0] == got[1]
+    assert got[0]["config"] == {"out": str(tmp_path / "o"), "lr": 1e-3} and got[0]["device"] == "H100:1"
+    assert (got[0]["status"], got[0]["error"], got[0]["resumed_from"]) == ("failed", "boom", "prev")
+
+
 def _write_rows(kind: str, target: str, tag: str, n: int) -> None:
     history = History(target) if kind == "sqlite" else FileHistory(target)
     run_id = history.start(f"proc.{tag}", {})

@@ -9,7 +9,9 @@ Messages are an optional system (or developer) prompt, then user and assistant t
 alternation, ending with the user turn to answer. User content is a string or a list of
 `{"type": "text", "text"}` and `{"type": "image_url", "image_url": {"url"}}` parts; an image URL is
 a `data:` URL with base64 bytes, or (only when the server was given `--allow-files DIR`) a local
-path or `file://` URL inside DIR. Remote URLs are not fetched. Images are decoded here, once, into
+path or `file://` URL inside DIR. Remote URLs are not fetched. The Python API (`MoLE.chat`, the
+caller's own process) parses with `Limits(caller_images=True)`: the URL may also be a PIL image, a
+`pathlib.Path`, or a local path anywhere (relative to the working directory). Images are decoded here, once, into
 RGB PIL images held by the Sample; the engine shares them between router and expert.
 
 Every problem is an ApiError (4xx) naming the field, e.g. `messages[1].content[0].image_url.url`.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -77,6 +80,8 @@ class Limits:
     max_body_bytes: int = MAX_BODY_BYTES
     max_tokens: int = MAX_TOKENS
     allow_files: Path | None = None  # local image paths are accepted only inside this folder
+    # the Python API: PIL images and local paths anywhere (the caller's own files, in its own process)
+    caller_images: bool = False
 
 
 @dataclass
@@ -215,7 +220,7 @@ def parse_messages(messages: Any, limits: Limits, rid: str = "request") -> Sampl
             "missing_field",
         )
     raw: list[RawTurn] = []
-    urls: list[tuple[str, str]] = []  # (url, where), in conversation order
+    urls: list[tuple[Any, str]] = []  # (url, where), in conversation order
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
@@ -229,7 +234,7 @@ def parse_messages(messages: Any, limits: Limits, rid: str = "request") -> Sampl
             )
         content = m["content"]
         if role == "user" and isinstance(content, list):
-            content = _user_parts(content, f"{where}.content", urls)
+            content = _user_parts(content, f"{where}.content", urls, limits.caller_images)
         raw.append(RawTurn(role, content, f"{where}.role", f"{where}.content"))
     if raw[-1].role != "user":
         raise ApiError(
@@ -263,8 +268,9 @@ def parse_messages(messages: Any, limits: Limits, rid: str = "request") -> Sampl
     )
 
 
-def _user_parts(content: list, where: str, urls: list[tuple[str, str]]) -> list[dict]:
-    """The parts of a user message in the form conversation.user_parts reads; image URLs go to `urls`."""
+def _user_parts(content: list, where: str, urls: list[tuple[Any, str]], caller_images: bool) -> list[dict]:
+    """The parts of a user message in the form conversation.user_parts reads; image URLs go to `urls`
+    (with `caller_images`, also PIL images and paths: load_image checks them)."""
     parts = []
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
@@ -274,7 +280,7 @@ def _user_parts(content: list, where: str, urls: list[tuple[str, str]]) -> list[
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str) or not url:
+            if url is None or url == "" or not (isinstance(url, str) or caller_images):
                 raise ApiError(400, f"{at}.image_url.url must be a non-empty string", f"{at}.image_url.url")
             urls.append((url, f"{at}.image_url.url"))
             parts.append({"type": "image"})
@@ -287,10 +293,25 @@ def _user_parts(content: list, where: str, urls: list[tuple[str, str]]) -> list[
     return parts
 
 
-def load_image(url: str, where: str, limits: Limits):
-    """Decode one image URL into an RGB PIL image, within the limits."""
+def load_image(url: Any, where: str, limits: Limits):
+    """Decode one image URL into an RGB PIL image, within the limits (with `limits.caller_images`,
+    `url` may also be a PIL image or a path)."""
     import io
 
+    if limits.caller_images and not isinstance(url, str):
+        from PIL import Image
+
+        if isinstance(url, Image.Image):
+            _check_pixels(url.size, where, limits)
+            return url.convert("RGB")
+        if not isinstance(url, os.PathLike):
+            raise ApiError(
+                400,
+                f"{where}: expected a data: URL, a path or a PIL image, got {type(url).__name__}",
+                where,
+                "invalid_image",
+            )
+        url = str(url)
     if url.startswith("data:"):
         data = _data_url_bytes(url, where)
         return decode_image(io.BytesIO(data), where, limits)
@@ -302,7 +323,12 @@ def load_image(url: str, where: str, limits: Limits):
             where,
             "unsupported_url",
         )
-    path = _allowed_path(url, where, limits.allow_files)
+    if limits.caller_images:
+        path = Path(unquote(urlparse(url).path) if url.startswith("file://") else url).expanduser()
+        if not path.is_file():
+            raise ApiError(400, f"{where}: image file '{url}' not found", where, "invalid_image")
+    else:
+        path = _allowed_path(url, where, limits.allow_files)
     return decode_image(path, where, limits)
 
 
@@ -347,19 +373,7 @@ def decode_image(source, where: str, limits: Limits):
 
     try:
         with Image.open(source) as im:
-            width, height = im.size
-            if width * height > limits.max_image_pixels:
-                raise ApiError(
-                    400,
-                    f"{where}: the image is {width}x{height} = {width * height} pixels; at most "
-                    f"{limits.max_image_pixels} are accepted",
-                    where,
-                    "image_too_large",
-                )
-            try:
-                check_image_size(width, height, where)
-            except UserError as exc:
-                raise ApiError(400, str(exc), where, "invalid_image") from None
+            _check_pixels(im.size, where, limits)
             im.load()
             return im.convert("RGB")
     except ApiError:
@@ -372,3 +386,19 @@ def decode_image(source, where: str, limits: Limits):
         raise ApiError(
             400, f"{where}: the image cannot be decoded ({type(exc).__name__}: {exc})", where, "invalid_image"
         ) from None
+
+
+def _check_pixels(size: tuple[int, int], where: str, limits: Limits) -> None:
+    width, height = size
+    if width * height > limits.max_image_pixels:
+        raise ApiError(
+            400,
+            f"{where}: the image is {width}x{height} = {width * height} pixels; at most "
+            f"{limits.max_image_pixels} are accepted",
+            where,
+            "image_too_large",
+        )
+    try:
+        check_image_size(width, height, where)
+    except UserError as exc:
+        raise ApiError(400, str(exc), where, "invalid_image") from None
