@@ -17,7 +17,7 @@ from mole_trainer.cli import main
 from mole_trainer.errors import UserError
 from mole_trainer.history import History, open_history, record_run
 from mole_trainer.history_backfill import find_runs
-from mole_trainer.history_files import FileHistory
+from mole_trainer.history_files import FileHistory, machine_id
 from mole_trainer.history_report import FIGURES
 from mole_trainer.history_view import read_history
 from mole_trainer.layout import (
@@ -354,11 +354,13 @@ def test_shared_volume_history_is_jsonl_per_writer_and_merges_with_sqlite(tmp_pa
 def test_sqlite_and_files_record_a_run_alike(tmp_path):
     """start/finish are written once (history.RunWriter): both stores read back the same run."""
     got = []
+    machines = []
     for history in (History(tmp_path / HISTORY_DB), FileHistory(tmp_path / HISTORY_DIR)):
         run_id = history.start("train.router", {"out": tmp_path / "o", "lr": 1e-3}, "sha", "out/r", "prev")
         history.finish(run_id, "failed", {"acc": 0.5}, {"dir": tmp_path}, "boom", None, "H100:1", 3600.0)
         run = history.get(run_id)
         assert run["cost_usd"] == pytest.approx(run["duration_s"]) and run["finished_at"] > run["started_at"]
+        machines.append(run.pop("machine", None))  # the files alone record it (to reconcile dead runs)
         got.append(
             {
                 k: v
@@ -367,6 +369,7 @@ def test_sqlite_and_files_record_a_run_alike(tmp_path):
             }
         )
     assert got[0] == got[1]
+    assert machines[0] is None and machines[1] == machine_id()
     assert got[0]["config"] == {"out": str(tmp_path / "o"), "lr": 1e-3} and got[0]["device"] == "H100:1"
     assert (got[0]["status"], got[0]["error"], got[0]["resumed_from"]) == ("failed", "boom", "prev")
 
