@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import replacing
 from ..errors import UserError
 from ..hashing import update_from_file
 from ..layout import LABEL_MAP_FILE, PREPROCESS_META_FILE, PREPROCESS_SHARD_FILE, REJECTS_FILE, SPLITS
@@ -336,9 +337,8 @@ def _encode_shard(job: tuple[str, Path, list[Sample]], progress=None) -> tuple[i
             rejects.append(Reject(s.file or s.source, s.line, s.id, reason, split).to_dict())
         if progress:
             progress(1)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    torch.save({"examples": examples, "samples": kept}, tmp)
-    os.replace(tmp, dest)
+    with replacing(dest) as tmp:
+        torch.save({"examples": examples, "samples": kept}, tmp)
     return len(examples), rejects, sorted(modes)
 
 
