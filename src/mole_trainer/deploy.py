@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import publish_folder
 from .errors import UserError
 from .hashing import sha256_file
 from .layout import (
@@ -46,8 +47,6 @@ from .release_cache import load_deployment
 from .releases import (
     PARTIAL_PREFIX,
     describe_failure,
-    fsync_dir,
-    fsync_tree,
     json_bytes,
     new_release_id,
     now_iso,
@@ -250,9 +249,7 @@ def _publish(fs, root: str, shown: str, files: list[_File], manifest: dict, mani
         staging = str(Path(root, RELEASES_DIR, f"{PARTIAL_PREFIX}{release}-{uuid.uuid4().hex[:8]}"))
         try:
             _upload(fs, files, staging, manifest_bytes)
-            fsync_tree(staging)  # before the rename makes it a release, and before CURRENT names it
-            os.rename(staging, final)
-            fsync_dir(Path(root, RELEASES_DIR))
+            publish_folder(staging, final)  # durable before it is a release, and before CURRENT names it
         finally:
             if fs.exists(staging):
                 fs.rm(staging, recursive=True)

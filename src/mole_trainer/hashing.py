@@ -4,7 +4,10 @@ manifests. Files are always read in CHUNK-sized pieces, never whole into memory.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 CHUNK = 1 << 20  # bytes read at a time, so large files are never held in memory
 
@@ -48,3 +51,25 @@ def folder_digest(root: str | Path, salt: bytes = b"", skip_prefix: str | None =
         update_from_file(file_digest, f)
         h.update(file_digest.digest())
     return h.hexdigest()
+
+
+def named_files_digest(files: Iterable[tuple[str, Path]]) -> str:
+    """Hex SHA-256 over (name, file) pairs in the given order: each name, a NUL, then the file's bytes."""
+    h = hashlib.sha256()
+    for name, path in files:
+        h.update(name.encode() + b"\0")
+        update_from_file(h, path)
+    return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """Short sha256 of JSON-serialisable parts (configs, file hashes)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def code_digest() -> str:
+    """sha256 of this package's code and packaged configs: any change to the tool re-runs the stages."""
+    root = Path(__file__).parent
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml"))
+    return named_files_digest((str(f.relative_to(root)), f) for f in files)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .atomic import write_text
 from .errors import UserError
 from .history_view import HistoryData, read_history
 
@@ -360,9 +361,7 @@ def write_report(workdir: str | Path, output: str | Path) -> dict:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     title = f"Mole-Trainer run history: {Path(workdir).resolve()}"
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(report_html(data, figures, title))
-    tmp.replace(output)
+    write_text(output, report_html(data, figures, title))
     return {
         "report": str(output),
         "runs": len(data.runs),

@@ -31,6 +31,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .atomic import fsync_file, replacing
 from .errors import UserError
 from .layout import LOCK_FILE, LOCK_LEASE_S, LOCK_SHARED_ENV
 
@@ -160,12 +161,14 @@ class OutputLock:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def _tmp(self) -> Path:
+        # named after the lock, so hashes of a folder's data leave it out like the lock itself
+        return self.folder / f"{LOCK_FILE}.{self.token}.tmp"
+
     def _write_tmp(self, data: dict) -> Path:
-        tmp = self.folder / f"{LOCK_FILE}.{self.token}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(data, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = self._tmp()
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        fsync_file(tmp)
         return tmp
 
     def _create(self) -> bool:
@@ -276,7 +279,8 @@ class OutputLock:
             return False
         now = self.clock()
         data = {**current, "renewed_at": now, "expires_at": now + self.lease_s}
-        os.replace(self._write_tmp(data), self.path)
+        with replacing(self.path, durable=True, tmp=self._tmp()) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
         self._published()
         return True
 

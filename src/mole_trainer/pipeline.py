@@ -38,7 +38,7 @@ class StageRunner:
         from rich.console import Console
 
         self.wd, self.force, self.total = wd, force, total
-        from .data.preprocess import code_digest
+        from .hashing import code_digest
 
         self.code = code_digest()
         self.console = Console(highlight=False)
@@ -48,7 +48,7 @@ class StageRunner:
 
     def run(self, name: str, title: str, parts: list, fn, outputs: list[Path]):
         """Run `fn()` unless the stage's fingerprint and outputs are unchanged; returns (result, fingerprint)."""
-        from .data.preprocess import fingerprint
+        from .hashing import fingerprint
         from .history import open_history
 
         self.index += 1

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import shutil
 import time
@@ -26,6 +25,7 @@ import uuid
 from contextlib import suppress
 from pathlib import Path
 
+from .atomic import replace_folder, write_text
 from .errors import UserError
 from .layout import DEPLOY_CACHE_DIR, MANIFEST_FILE, RELEASES_DIR, cache_root
 from .releases import PARTIAL_PREFIX, describe_failure, resolve, verify_files
@@ -68,9 +68,7 @@ def _record_matches(record: Path, root: Path, manifest: dict, digest: str) -> bo
 
 def _write_record(record: Path, root: Path, manifest: dict, digest: str) -> None:
     record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(f"{record.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps({"manifest_sha256": digest, "files": _stats(root, manifest)}) + "\n")
-    os.replace(tmp, record)
+    write_text(record, json.dumps({"manifest_sha256": digest, "files": _stats(root, manifest)}) + "\n")
 
 
 def _local_fs():
@@ -139,11 +137,8 @@ def _fetch(fs, target: dict, cache: Path, digest: str, shown: str) -> Path:
             if not report["ok"]:
                 raise UserError(describe_failure(shown, report) + " (as downloaded)")
             _write_record(partial / VERIFIED_FILE, partial, manifest, digest)
-            if final.exists():  # a cached copy that no longer matches its record
-                trash = cache / f"{PARTIAL_PREFIX}trash-{uuid.uuid4().hex[:8]}"
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(partial, final)
+            # a cached copy that no longer matches its record goes aside first
+            replace_folder(partial, final, cache / f"{PARTIAL_PREFIX}trash-{uuid.uuid4().hex[:8]}")
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     finally:

@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import re
 import time
-import uuid
 from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .atomic import write_bytes
 from .errors import UserError
 from .hashing import sha256_stream
 from .layout import CURRENT_FILE, MANIFEST_FILE, RELEASES_DIR
@@ -165,40 +164,7 @@ def write_current(fs, root: str, current: dict) -> None:
     if not is_local(fs):
         fs.pipe_file(target, data)
         return
-    tmp = Path(root) / f".{CURRENT_FILE}.{uuid.uuid4().hex[:12]}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    fsync_dir(Path(root))
-
-
-def fsync_tree(folder: str | Path) -> None:
-    """fsync every file below a local folder, then every folder bottom-up (the folder itself last):
-    what a rename then publishes is on disk, not only in the page cache."""
-    for dirpath, _, filenames in os.walk(folder, topdown=False):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a local folder (its entries: a rename or new file in it survives a power cut); best effort."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_bytes(target, data, durable=True)
 
 
 def pointer(release: str, manifest_sha256: str, previous: list[str], action: str) -> dict:

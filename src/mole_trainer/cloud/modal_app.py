@@ -18,8 +18,9 @@ never reloaded or committed: that is how `f.local(...)` runs a function on this 
 Recovery: a config or data error (UserError) is returned as {"ok": False, "stage", "error"} instead of
 raised, because Modal 1.6 retries every exception a function raises (modal.Retries has no exception
 filter) and a retry cannot fix a config; the `main` entrypoint exits 2 on such a result. Other failures
-(pre-emption, crashes, a lock still held by a pre-empted attempt) are raised and retried, and training
-resumes from its newest checkpoint, which is committed to the Volume as soon as it is saved.
+(pre-emption, crashes, a lock still held by a pre-empted attempt) are raised, and retried where the
+stage has retries (training, by default: TRAIN_RETRIES); training resumes from its newest checkpoint,
+which is committed to the Volume as soon as it is saved.
 
 Resources: GPU type and count, timeout and retries of each stage are STAGE_DEFAULTS unless the
 modal.yaml named by MOLE_MODAL_CONFIG overrides them, e.g. `stages: {train_router: {gpu: H200}}`. The
@@ -72,7 +73,7 @@ TRAIN_TIMEOUT = 6 * HOUR
 EVAL_TIMEOUT = 2 * HOUR
 FANOUT_TIMEOUT = 24 * HOUR  # Modal's maximum: waits for the slowest expert, retries included
 
-# A retried training resumes from its newest checkpoint on the Volume; a UserError is not retried.
+# Only training retries (after a pre-emption or crash), resuming from its newest checkpoint on the Volume.
 TRAIN_RETRIES = 2
 RETRY_BACKOFF = 2.0
 RETRY_DELAY_S = 30.0

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_bytes
 from ..errors import UserError
 from ..layout import (
     CACHE_DIR_ENV,
@@ -265,9 +266,7 @@ def store_image_bytes(data: bytes, name_hint: str | None = None) -> Path:
     dest = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
     if not dest.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)  # atomic: parallel readers never see half a file
+        write_bytes(dest, data)  # parallel readers never see half a file
     return dest
 
 

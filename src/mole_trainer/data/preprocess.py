@@ -16,7 +16,6 @@ not depend on the number of workers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -24,8 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import replacing
 from ..errors import UserError
-from ..hashing import update_from_file
+from ..hashing import code_digest, fingerprint  # noqa: F401  (re-exported: train/ imports them here)
 from ..layout import LABEL_MAP_FILE, PREPROCESS_META_FILE, PREPROCESS_SHARD_FILE, REJECTS_FILE, SPLITS
 from ..model.chat import end_of_turn
 from ..router_prompt import label_names, router_messages
@@ -250,12 +250,6 @@ def sample_from_dict(d: dict) -> Sample:
     )
 
 
-def fingerprint(*parts: Any) -> str:
-    """Short sha256 of JSON-serialisable parts (configs, file hashes)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the cache writer: shards of SHARD_RECORDS input records, encoded in-process or by a process pool
 
@@ -336,9 +330,8 @@ def _encode_shard(job: tuple[str, Path, list[Sample]], progress=None) -> tuple[i
             rejects.append(Reject(s.file or s.source, s.line, s.id, reason, split).to_dict())
         if progress:
             progress(1)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    torch.save({"examples": examples, "samples": kept}, tmp)
-    os.replace(tmp, dest)
+    with replacing(dest) as tmp:
+        torch.save({"examples": examples, "samples": kept}, tmp)
     return len(examples), rejects, sorted(modes)
 
 
@@ -501,18 +494,6 @@ def preprocess_splits(
             f"no usable records: all {len(all_rejects)} were rejected (reasons in {out / REJECTS_FILE})"
         )
     return meta
-
-
-def code_digest() -> str:
-    """sha256 of this package's code and packaged configs: any change to the tool re-runs the stages."""
-    import hashlib
-
-    root = Path(__file__).parent.parent
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml")):
-        h.update(str(f.relative_to(root)).encode() + b"\0")
-        update_from_file(h, f)
-    return h.hexdigest()
 
 
 def dataset_digest(root: str | Path) -> str:

@@ -47,21 +47,14 @@ def processor_digest(path_or_hub_id: str) -> str:
     Preprocessed data records it; training checks it, so token ids made by one tokenizer are never
     trained on another base.
     """
-    import hashlib
-
-    from ..hashing import update_from_file
+    from ..hashing import named_files_digest
 
     root = Path(path_or_hub_id)
     if not root.is_dir():
         return path_or_hub_id
-    h = hashlib.sha256()
-    for f in sorted(root.iterdir()):
-        if f.is_file() and any(
-            k in f.name for k in ("tokenizer", "processor", "chat_template", "vocab", "merges")
-        ):
-            h.update(f.name.encode() + b"\0")
-            update_from_file(h, f)
-    return h.hexdigest()
+    keys = ("tokenizer", "processor", "chat_template", "vocab", "merges")
+    files = (f for f in sorted(root.iterdir()) if f.is_file() and any(k in f.name for k in keys))
+    return named_files_digest((f.name, f) for f in files)
 
 
 def _check_source(path_or_hub_id: str) -> None:
