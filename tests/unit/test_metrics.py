@@ -106,6 +106,7 @@ def test_router_report_is_json_and_consistent():
         ([[0.5, 0.5]], [-1]),
         ([0.5, 0.5], [0]),  # not 2-D
         ([[0.9, 0.9]], [0]),  # row does not sum to 1
+        ([[1.004, 0.0]], [0]),  # sums to 1 within the tolerance, but 1.004 is no probability
         ([[0.5, 0.5]], [0.0]),  # float label
     ],
 )

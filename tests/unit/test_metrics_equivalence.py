@@ -85,6 +85,9 @@ def _cases() -> list[tuple[str, np.ndarray, np.ndarray]]:
     k16 = _random_probs(rng, 300, 16)
     k16_labels = rng.integers(0, 16, 300)
     k16_labels[k16_labels == 5] = 6  # expert 5 never a label (it is still predicted now and then)
+    k16[:, 9] = 0.0  # expert 9 neither a label nor predicted
+    k16 /= k16.sum(axis=1, keepdims=True)
+    k16_labels[k16_labels == 9] = 10
     k5 = _random_probs(rng, 60, 5)
     k5[:, 3] = 0.0  # expert 3 is never predicted, yet is a label below
     k5 /= k5.sum(axis=1, keepdims=True)
@@ -106,6 +109,7 @@ def test_the_cases_cover_the_edge_cases():
     by_name = {name: (p, y) for name, p, y in CASES}
     p, y = by_name["k16"]
     assert 5 not in y and 5 in p.argmax(axis=1)
+    assert 9 not in y and 9 not in p.argmax(axis=1)
     p, y = by_name["k5-never-predicted"]
     assert 3 in y and 3 not in p.argmax(axis=1)
     assert any(np.sum(row == row.max()) > 1 for row in p)  # ties
