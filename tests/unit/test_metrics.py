@@ -25,7 +25,8 @@ def test_perfect_predictions():
     assert all(row == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1} for row in prf.values())
     assert m.expected_calibration_error(PERFECT, labels) == 0.0
     assert m.brier_score(PERFECT, labels) == 0.0
-    assert m.mean_nll(PERFECT, labels) == 0.0
+    # scikit-learn's log-loss clips p to 1 - machine epsilon: -log(1 - 2.2e-16), not exactly 0
+    assert m.mean_nll(PERFECT, labels) == pytest.approx(0.0, abs=1e-15)
 
 
 def test_all_wrong_predictions():
@@ -105,6 +106,7 @@ def test_router_report_is_json_and_consistent():
         ([[0.5, 0.5]], [-1]),
         ([0.5, 0.5], [0]),  # not 2-D
         ([[0.9, 0.9]], [0]),  # row does not sum to 1
+        ([[1.004, 0.0]], [0]),  # sums to 1 within the tolerance, but 1.004 is no probability
         ([[0.5, 0.5]], [0.0]),  # float label
     ],
 )

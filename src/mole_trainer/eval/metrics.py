@@ -5,12 +5,18 @@ array, each row a distribution over the K experts), ``labels`` holds the n true 
 ``names`` the K expert names in label-index order. Predictions are the argmax of each row; ties go
 to the lower index, as in ``numpy.argmax``.
 
+scikit-learn computes the standard metrics (accuracy, top-k, confusion, precision / recall / F1,
+log-loss, Brier); the calibration bins and ECE, which it does not offer in this form, are ours.
+scikit-learn is imported inside the functions so that importing this module (and `mole --help`)
+stays cheap.
+
 Every function returns plain Python numbers, lists and dicts so results can be written as JSON.
 Shape mismatches and out-of-range labels are programming errors and raise ValueError.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,8 +31,8 @@ def _as_probs(probs) -> np.ndarray:
     arr = np.asarray(probs, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"probs must have shape [n, K] with n, K >= 1, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError("probs must be finite and non-negative")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 1):
+        raise ValueError("probs must be finite and within [0, 1]")
     sums = arr.sum(axis=1)
     bad = np.flatnonzero(np.abs(sums - 1.0) > _ROW_SUM_TOL)
     if bad.size:
@@ -68,42 +74,53 @@ def top_k_accuracy(probs, labels, k: int) -> float:
     k is clipped to K. Among equal probabilities the lower index ranks first, so with ties a label
     with a higher index may fall outside the top k even though its probability equals the k-th.
     """
+    from sklearn.metrics import accuracy_score, top_k_accuracy_score
+
     p = _as_probs(probs)
     y = _as_labels(labels, *p.shape)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    k = min(k, p.shape[1])
-    # a stable sort of -p keeps equal probabilities in index order
-    top = np.argsort(-p, axis=1, kind="stable")[:, :k]
-    return float(np.mean(np.any(top == y[:, None], axis=1)))
+    n_classes = p.shape[1]
+    if k >= n_classes:
+        return 1.0  # every label is among all K classes
+    if k == 1:
+        return float(accuracy_score(y, np.argmax(p, axis=1)))
+    # here K >= 3, scikit-learn's multiclass case. It ranks equal scores higher index first; on the
+    # columns reversed (label i becomes K-1-i) that is lower original index first, as argmax does.
+    reversed_labels = n_classes - 1 - y
+    return float(top_k_accuracy_score(reversed_labels, p[:, ::-1], k=k, labels=np.arange(n_classes)))
 
 
 def confusion_matrix(pred, labels, k: int) -> list[list[int]]:
     """K x K counts: row = true class, column = predicted class."""
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
     y = _as_labels(labels, len(labels), k)
     p = _as_labels(pred, len(y), k)
-    mat = np.zeros((k, k), dtype=np.int64)
-    np.add.at(mat, (y, p), 1)
-    return mat.tolist()
-
-
-def _safe_div(num: float, den: float) -> float:
-    return float(num / den) if den else 0.0
+    with warnings.catch_warnings():
+        # it warns about a 1 x 1 matrix (K == 1) even when labels names that one class
+        warnings.simplefilter("ignore", UserWarning)
+        return sk_confusion_matrix(y, p, labels=np.arange(k)).tolist()
 
 
 def per_class_prf(pred, labels, names: Sequence[str]) -> dict[str, dict[str, float | int]]:
     """Precision, recall, F1 and support per class, keyed by name; 0.0 where a ratio is undefined."""
-    mat = np.asarray(confusion_matrix(pred, labels, len(names)))
-    out: dict[str, dict[str, float | int]] = {}
-    for i, name in enumerate(names):
-        tp = int(mat[i, i])
-        predicted = int(mat[:, i].sum())
-        support = int(mat[i, :].sum())
-        precision = _safe_div(tp, predicted)
-        recall = _safe_div(tp, support)
-        f1 = _safe_div(2 * precision * recall, precision + recall)
-        out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-    return out
+    from sklearn.metrics import precision_recall_fscore_support
+
+    y = _as_labels(labels, len(labels), len(names))
+    p = _as_labels(pred, len(y), len(names))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, p, labels=np.arange(len(names)), average=None, zero_division=0.0
+    )
+    return {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(names)
+    }
 
 
 def macro_averages(prf: dict[str, dict[str, float | int]]) -> dict[str, float]:
@@ -154,20 +171,39 @@ def _ece(bins: list[dict]) -> float:
     return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / n)
 
 
+def _two_or_more_columns(p: np.ndarray) -> np.ndarray:
+    """p with a zero column appended when K == 1.
+
+    scikit-learn reads a single column as the probability of a positive class (and refuses log-loss
+    for one label); a never-true class of probability 0 adds nothing to either score.
+    """
+    return np.hstack([p, np.zeros_like(p)]) if p.shape[1] == 1 else p
+
+
 def brier_score(probs, labels) -> float:
     """Multi-class Brier score: mean over rows of sum_k (p_k - onehot_k)^2, in [0, 2]."""
+    from sklearn.metrics import brier_score_loss
+
     p = _as_probs(probs)
     y = _as_labels(labels, *p.shape)
-    onehot = np.zeros_like(p)
-    onehot[np.arange(len(y)), y] = 1.0
-    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+    p = _two_or_more_columns(p)
+    with warnings.catch_warnings():
+        # rows may sum to 1 only within _ROW_SUM_TOL (low-precision softmax), which it warns about
+        warnings.simplefilter("ignore", UserWarning)
+        return float(brier_score_loss(y, p, labels=np.arange(p.shape[1]), scale_by_half=False))
 
 
 def mean_nll(probs, labels) -> float:
     """Mean negative log-likelihood (nats) of the true class; probabilities are floored at 1e-12."""
+    from sklearn.metrics import log_loss
+
     p = _as_probs(probs)
     y = _as_labels(labels, *p.shape)
-    return float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], _NLL_EPS))))
+    # our floor, not scikit-learn's machine-epsilon clip, keeps a confident miss at ~27.6 nats
+    p = _two_or_more_columns(np.maximum(p, _NLL_EPS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # rows summing to 1 only within _ROW_SUM_TOL
+        return float(log_loss(y, p, labels=np.arange(p.shape[1])))
 
 
 def router_report(probs, labels, names: Sequence[str], ks: Sequence[int] = (1, 2), n_bins: int = 10) -> dict:
