@@ -82,16 +82,10 @@ class StageRunner:
 def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     """Run every stage on the tiny model and synthetic data; writes WORKDIR/summary.json."""
     from . import stages
-    from .config import DatasetConfig, LorasConfig, RouterConfig, load_config
 
     wd = WorkDir(workdir)
     wd.root.mkdir(parents=True, exist_ok=True)
-    write_default_configs(wd.config_dir)
-    cfg_files = {n: wd.config_dir / n for n in CONFIG_FILES}
-    # read every config before the first stage, so a broken edit fails at once
-    load_config(cfg_files["dataset.yaml"], DatasetConfig)
-    experts_ckpt = Path(load_config(cfg_files["loras.yaml"], LorasConfig).output_dir)
-    router_cfg = load_config(cfg_files["router.yaml"], RouterConfig)
+    cfg_files, experts_ckpt, router_cfg = _read_configs(wd)
     router_ckpt = Path(router_cfg.output_dir)
     r = StageRunner(wd, force, total=9)
     root = str(wd.root)
@@ -99,56 +93,19 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     def say(text: str) -> None:
         r.console.print(text, markup=False)
 
-    _, fp_model = r.run(
-        "model",
-        "build the tiny Qwen3-VL",
-        [DEMO_SEED],
-        lambda: stages.model_tiny(wd.model_dir, root, DEMO_SEED),
-        [wd.model_dir],
-    )
-    _, fp_synth = r.run(
-        "synth",
-        "synthesise the expert datasets",
-        [DEMO_SYNTH_COUNTS, DEMO_SEED],
-        lambda: stages.data_synth(wd.experts_data, root, None, DEMO_SYNTH_COUNTS, DEMO_SEED),
-        [wd.experts_data],
-    )
-    routing_stats, fp_routing = r.run(
-        "routing",
-        "build the routing dataset",
-        [fp_synth, cfg_files["dataset.yaml"].read_text()],
-        lambda: _routing_checked(cfg_files["dataset.yaml"], wd.routing_file, root),
-        [wd.routing_file],
-    )
     prep_router = wd.prep_dir / "router"
-    _, fp_prep = r.run(
-        "preprocess",
-        "preprocess the routing dataset",
-        [fp_routing, fp_model, router_cfg.image.__dict__],
-        lambda: stages.data_preprocess(
-            wd.routing_file,
-            prep_router,
-            router_cfg.base_model,
-            "router",
-            wd.routing_file.parent / LABEL_MAP_FILE,
-            router_cfg.image.min_pixels,
-            router_cfg.image.max_pixels,
-            root,
-            workers=DEMO_WORKERS,
-        ),
-        [prep_router],
-    )
+    fp, routing_stats = _data_stages(r, wd, cfg_files, router_cfg, prep_router)
     experts, fp_experts = r.run(
         "experts",
         "train the expert LoRAs",
-        [fp_synth, fp_model, cfg_files["loras.yaml"].read_text()],
+        [fp["synth"], fp["model"], cfg_files["loras.yaml"].read_text()],
         lambda: stages.train_experts(cfg_files["loras.yaml"], root, report=say),
         [experts_ckpt],
     )
     router, fp_router = r.run(
         "router",
         "train the router",
-        [fp_prep, cfg_files["router.yaml"].read_text()],
+        [fp["preprocess"], cfg_files["router.yaml"].read_text()],
         lambda: stages.train_router(prep_router, cfg_files["router.yaml"], root, report=say),
         [router_ckpt],
     )
@@ -156,7 +113,7 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     report, _ = r.run(
         "eval",
         "evaluate the router on the test split",
-        [fp_router, fp_routing],
+        [fp_router, fp["routing"]],
         lambda: stages.eval_router(router_ckpt, wd.routing_file, report_path, "test", root, consistency=True),
         [report_path],
     )
@@ -171,7 +128,7 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     stacked, _ = r.run(
         "infer",
         "routed inference on test requests",
-        [fp_deploy, fp_routing],
+        [fp_deploy, fp["routing"]],
         lambda: _demo_inference(wd, infer_path),
         [infer_path],
     )
@@ -180,24 +137,8 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
 
     say(format_router_report(report))
     summary = {
-        "router": {
-            "test_accuracy": report["accuracy"],
-            "top2_accuracy": report["top_k"].get("2"),
-            "macro_f1": report["macro_f1"],
-            "ece": report["calibration"]["ece"],
-            "n_test": report["n"],
-            "best_val_accuracy": router["best"]["val_accuracy"],
-            "consistency": report.get("consistency"),
-        },
-        "experts": {
-            n: {
-                "metric": e["metric"],
-                "value": e["value"],
-                "base_value": e["base_value"],
-                "beats_base": e["value"] is not None and e["value"] > e["base_value"],
-            }
-            for n, e in experts.items()
-        },
+        "router": _router_summary(report, router),
+        "experts": _experts_summary(experts),
         "stacked_inference": stacked,
         "routing_data": {
             "records": routing_stats["records"],
@@ -227,6 +168,95 @@ def run_demo(workdir: str | Path = "runs/demo", force: bool = False) -> dict:
     (wd.root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(r.console, summary)
     return summary
+
+
+def _data_stages(
+    r: StageRunner, wd: WorkDir, cfg_files: dict, router_cfg, prep_router: Path
+) -> tuple[dict, dict]:
+    """The demo's first four stages: tiny model, synthetic expert data, routing dataset (checked) and the
+    router's preprocessed cache. Their fingerprints by stage name, and the routing stats."""
+    from . import stages
+
+    root = str(wd.root)
+    _, fp_model = r.run(
+        "model",
+        "build the tiny Qwen3-VL",
+        [DEMO_SEED],
+        lambda: stages.model_tiny(wd.model_dir, root, DEMO_SEED),
+        [wd.model_dir],
+    )
+    _, fp_synth = r.run(
+        "synth",
+        "synthesise the expert datasets",
+        [DEMO_SYNTH_COUNTS, DEMO_SEED],
+        lambda: stages.data_synth(wd.experts_data, root, None, DEMO_SYNTH_COUNTS, DEMO_SEED),
+        [wd.experts_data],
+    )
+    routing_stats, fp_routing = r.run(
+        "routing",
+        "build the routing dataset",
+        [fp_synth, cfg_files["dataset.yaml"].read_text()],
+        lambda: _routing_checked(cfg_files["dataset.yaml"], wd.routing_file, root),
+        [wd.routing_file],
+    )
+    _, fp_prep = r.run(
+        "preprocess",
+        "preprocess the routing dataset",
+        [fp_routing, fp_model, router_cfg.image.__dict__],
+        lambda: stages.data_preprocess(
+            wd.routing_file,
+            prep_router,
+            router_cfg.base_model,
+            "router",
+            wd.routing_file.parent / LABEL_MAP_FILE,
+            router_cfg.image.min_pixels,
+            router_cfg.image.max_pixels,
+            root,
+            workers=DEMO_WORKERS,
+        ),
+        [prep_router],
+    )
+    fp = {"model": fp_model, "synth": fp_synth, "routing": fp_routing, "preprocess": fp_prep}
+    return fp, routing_stats
+
+
+def _read_configs(wd: WorkDir) -> tuple[dict[str, Path], Path, object]:
+    """Copy the default configs into WORKDIR/config (first run) and read every one of them, so a broken
+    edit fails before the first stage: the config paths, the experts' output folder and the router
+    config."""
+    from .config import DatasetConfig, LorasConfig, RouterConfig, load_config
+
+    write_default_configs(wd.config_dir)
+    cfg_files = {n: wd.config_dir / n for n in CONFIG_FILES}
+    load_config(cfg_files["dataset.yaml"], DatasetConfig)
+    experts_ckpt = Path(load_config(cfg_files["loras.yaml"], LorasConfig).output_dir)
+    return cfg_files, experts_ckpt, load_config(cfg_files["router.yaml"], RouterConfig)
+
+
+def _router_summary(report: dict, router: dict) -> dict:
+    """The router's headline figures: test accuracy, top-2, macro F1, ECE, validation accuracy."""
+    return {
+        "test_accuracy": report["accuracy"],
+        "top2_accuracy": report["top_k"].get("2"),
+        "macro_f1": report["macro_f1"],
+        "ece": report["calibration"]["ece"],
+        "n_test": report["n"],
+        "best_val_accuracy": router["best"]["val_accuracy"],
+        "consistency": report.get("consistency"),
+    }
+
+
+def _experts_summary(experts: dict) -> dict:
+    """Each expert's task metric against its base model's."""
+    return {
+        n: {
+            "metric": e["metric"],
+            "value": e["value"],
+            "base_value": e["base_value"],
+            "beats_base": e["value"] is not None and e["value"] > e["base_value"],
+        }
+        for n, e in experts.items()
+    }
 
 
 def _routing_checked(config: Path, output: Path, root: Path) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
@@ -231,16 +231,7 @@ def make_ocr_crops(
     row per box. Unreadable images in an image folder are skipped and listed. Returns the summary also
     written to output/ocr_crops.json.
     """
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise UserError(f"padding must be a whole number of pixels >= 0, got {padding!r}")
-    if (
-        isinstance(min_confidence, bool)
-        or not isinstance(min_confidence, int | float)
-        or not 0 <= min_confidence <= 1
-    ):
-        raise UserError(f"min_confidence must be a number from 0 to 1, got {min_confidence!r}")
-    if isinstance(join_gap, bool) or not isinstance(join_gap, int | float) or join_gap < 0:
-        raise UserError(f"join_gap must be a number of text heights >= 0, got {join_gap!r}")
+    _check_crop_options(padding, min_confidence, join_gap)
     engine = check_engine(engine)
     params = params or DetectorParams()
     root, out = Path(input), Path(output)
@@ -248,18 +239,10 @@ def make_ocr_crops(
     _prepare_output(out, root)
     (out / "images").mkdir(parents=True)
 
-    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    unlabeled: list[dict] = []
-    box_rows: list[dict] = []
-    used_ids: set[str] = set()
+    crops = _Crops(out, padding, engine, min_confidence)
     skipped: list[dict] = []
-    counts = {"known": 0, "detected": 0, "without_text": 0, "blank_lines": 0, "below_confidence": 0}
-    shas: dict[str, str] = {}
-    for src in sources:
-        try:
-            shas[src.rel] = sha256_file(src.path)
-        except OSError as exc:  # unreadable (permissions, vanished): skipped and listed like a broken image
-            skipped.append({"image": src.rel, "reason": f"cannot be read ({type(exc).__name__}: {exc})"})
+    counts = {"known": 0, "detected": 0, "without_text": 0, "blank_lines": 0}
+    shas = _hash_sources(sources, skipped)
     if mode == "images":
         split_of = split_images(shas)
         for src in sources:
@@ -272,31 +255,110 @@ def make_ocr_crops(
         except Exception as exc:  # a folder of images may hold a broken file: skip it, say so
             skipped.append({"image": src.rel, "reason": f"cannot be decoded ({type(exc).__name__}: {exc})"})
             continue
-        sha = shas[src.rel]
         if src.known is not None:
             counts["known"] += 1
-            lines = []
-            for i, (box, text) in enumerate(src.known):
-                clamped = pad_box(box, 0, *image.size)
-                if clamped[2] <= clamped[0] or clamped[3] <= clamped[1]:
-                    raise UserError(
-                        f"{src.where}: metadata.boxes[{i}] {list(box)} lies outside the {image.size[0]}x{image.size[1]} image"
-                    )
-                if not text.strip():
-                    counts["blank_lines"] += 1
-                    continue
-                lines.append((clamped, text, None, "known"))
+            lines = _known_lines(src, image.size, counts)
         else:
             counts["detected"] += 1
             found = read_text_lines(image, engine, params, join_gap)
             lines = [(ln.box, ln.text, ln.confidence, "detected") for ln in found]
             counts["without_text"] += not lines
+        crops.add(src, shas[src.rel], image, lines)
+    if mode == "dataset" or any(crops.splits.values()):
+        for split, records in crops.splits.items():
+            write_jsonl(out / f"{split}.jsonl", records)
+    write_jsonl(out / OCR_UNLABELED_FILE, crops.unlabeled)
+    if boxes_out is not None:
+        write_jsonl(boxes_out, crops.box_rows)
+    summary = {
+        "input": str(root),
+        "output": str(out),
+        "mode": mode,
+        "padding": padding,
+        "prompt": OCR_PROMPT,
+        "images": len(sources),
+        "images_known_boxes": counts["known"],
+        "images_detected": counts["detected"],
+        "images_skipped": len(skipped),
+        "images_detected_without_text": counts["without_text"],
+        "blank_lines_skipped": counts["blank_lines"],
+        "crops": {**{s: len(r) for s, r in crops.splits.items()}, "unlabeled": len(crops.unlabeled)},
+        "engine": engine,
+        "min_confidence": min_confidence,
+        "join_gap": join_gap,
+        "lines_below_confidence": crops.below_confidence,
+        "boxes_out": None if boxes_out is None else str(boxes_out),
+        "skipped": skipped,
+        "detector": asdict(params),
+    }
+    assert summary["images"] == counts["known"] + counts["detected"] + len(skipped)
+    (out / OCR_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_crop_options(padding, min_confidence, join_gap) -> None:
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise UserError(f"padding must be a whole number of pixels >= 0, got {padding!r}")
+    if (
+        isinstance(min_confidence, bool)
+        or not isinstance(min_confidence, int | float)
+        or not 0 <= min_confidence <= 1
+    ):
+        raise UserError(f"min_confidence must be a number from 0 to 1, got {min_confidence!r}")
+    if isinstance(join_gap, bool) or not isinstance(join_gap, int | float) or join_gap < 0:
+        raise UserError(f"join_gap must be a number of text heights >= 0, got {join_gap!r}")
+
+
+def _hash_sources(sources: list[_Source], skipped: list[dict]) -> dict[str, str]:
+    """sha256 of each readable source image by its relative name; an unreadable one is listed in skipped."""
+    shas: dict[str, str] = {}
+    for src in sources:
+        try:
+            shas[src.rel] = sha256_file(src.path)
+        except OSError as exc:  # unreadable (permissions, vanished): skipped and listed like a broken image
+            skipped.append({"image": src.rel, "reason": f"cannot be read ({type(exc).__name__}: {exc})"})
+    return shas
+
+
+def _known_lines(src: _Source, size: tuple[int, int], counts: dict) -> list[tuple]:
+    """A record's own (box, text) lines, boxes clamped to the image; blank lines counted and left out."""
+    lines = []
+    for i, (box, text) in enumerate(src.known):
+        clamped = pad_box(box, 0, *size)
+        if clamped[2] <= clamped[0] or clamped[3] <= clamped[1]:
+            raise UserError(
+                f"{src.where}: metadata.boxes[{i}] {list(box)} lies outside the {size[0]}x{size[1]} image"
+            )
+        if not text.strip():
+            counts["blank_lines"] += 1
+            continue
+        lines.append((clamped, text, None, "known"))
+    return lines
+
+
+@dataclass
+class _Crops:
+    """The crops of make_ocr_crops as they are cut: labeled records per split, unlabeled requests and
+    one box row per crop."""
+
+    out: Path
+    padding: int
+    engine: str
+    min_confidence: float
+    splits: dict[str, list[dict]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    unlabeled: list[dict] = field(default_factory=list)
+    box_rows: list[dict] = field(default_factory=list)
+    used_ids: set[str] = field(default_factory=set)
+    below_confidence: int = 0
+
+    def add(self, src: _Source, sha: str, image, lines: list[tuple]) -> None:
+        """Cut and save each (box, text, confidence, origin) line of one source image."""
         base = _safe_id(src.record_id if src.record_id is not None else src.rel.rsplit(".", 1)[0])
         for k, (box, text, confidence, origin) in enumerate(lines):
-            crop_id = _unique(f"{base}-{k:03d}", used_ids)
-            crop_box = pad_box(box, padding, *image.size)
+            crop_id = _unique(f"{base}-{k:03d}", self.used_ids)
+            crop_box = pad_box(box, self.padding, *image.size)
             rel = f"images/{crop_id}.png"
-            image.crop(crop_box).save(out / rel, format="PNG")
+            image.crop(crop_box).save(self.out / rel, format="PNG")
             meta = {
                 "task": OCR_TASK,
                 "source_image": src.rel,
@@ -304,27 +366,14 @@ def make_ocr_crops(
                 "source_id": src.record_id,
                 "text_box": list(box),
                 "crop_box": list(crop_box),
-                "padding": padding,
+                "padding": self.padding,
                 "box_origin": origin,
-                "engine": None if origin == "known" else engine,
+                "engine": None if origin == "known" else self.engine,
                 "confidence": confidence,
                 "source_size": list(image.size),
             }
-            trusted = origin == "known" or (
-                confidence is not None and confidence >= min_confidence and bool(text and text.strip())
-            )
-            if trusted:
-                splits[src.split or "train"].append(_labeled_record(crop_id, rel, text, meta))
-                target = f"{src.split or 'train'}.jsonl"
-            else:
-                counts["below_confidence"] += confidence is not None
-                if text is not None:
-                    meta["recognised_text"] = text  # kept for review; not a training target
-                unlabeled.append(
-                    {"id": crop_id, "image": rel, "prompt": OCR_PROMPT, "split": src.split, "metadata": meta}
-                )
-                target = OCR_UNLABELED_FILE
-            box_rows.append(
+            target = self._file_record(crop_id, rel, text, confidence, origin, src.split, meta)
+            self.box_rows.append(
                 {
                     "crop_id": crop_id,
                     "file": target,
@@ -338,36 +387,23 @@ def make_ocr_crops(
                     "origin": origin,
                 }
             )
-    if mode == "dataset" or any(splits.values()):
-        for split, records in splits.items():
-            write_jsonl(out / f"{split}.jsonl", records)
-    write_jsonl(out / OCR_UNLABELED_FILE, unlabeled)
-    if boxes_out is not None:
-        write_jsonl(boxes_out, box_rows)
-    summary = {
-        "input": str(root),
-        "output": str(out),
-        "mode": mode,
-        "padding": padding,
-        "prompt": OCR_PROMPT,
-        "images": len(sources),
-        "images_known_boxes": counts["known"],
-        "images_detected": counts["detected"],
-        "images_skipped": len(skipped),
-        "images_detected_without_text": counts["without_text"],
-        "blank_lines_skipped": counts["blank_lines"],
-        "crops": {**{s: len(r) for s, r in splits.items()}, "unlabeled": len(unlabeled)},
-        "engine": engine,
-        "min_confidence": min_confidence,
-        "join_gap": join_gap,
-        "lines_below_confidence": counts["below_confidence"],
-        "boxes_out": None if boxes_out is None else str(boxes_out),
-        "skipped": skipped,
-        "detector": asdict(params),
-    }
-    assert summary["images"] == counts["known"] + counts["detected"] + len(skipped)
-    (out / OCR_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+
+    def _file_record(self, crop_id, rel, text, confidence, origin, split, meta) -> str:
+        """A trusted text makes a labeled record of the split, anything else an unlabeled request;
+        the name of the file it goes to."""
+        trusted = origin == "known" or (
+            confidence is not None and confidence >= self.min_confidence and bool(text and text.strip())
+        )
+        if trusted:
+            self.splits[split or "train"].append(_labeled_record(crop_id, rel, text, meta))
+            return f"{split or 'train'}.jsonl"
+        self.below_confidence += confidence is not None
+        if text is not None:
+            meta["recognised_text"] = text  # kept for review; not a training target
+        self.unlabeled.append(
+            {"id": crop_id, "image": rel, "prompt": OCR_PROMPT, "split": split, "metadata": meta}
+        )
+        return OCR_UNLABELED_FILE
 
 
 def split_images(shas: dict[str, str]) -> dict[str, str]:

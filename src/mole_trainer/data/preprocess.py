@@ -395,23 +395,9 @@ def preprocess_splits(
     with workers).
     """
 
-    from ..model.loading import load_processor, processor_digest
+    from ..model.loading import load_processor
 
-    if task not in TASKS:
-        raise UserError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
-    if workers < 1:
-        raise UserError(f"workers must be at least 1, got {workers}")
-    names = None
-    if task == "router":
-        if not label_map:
-            raise UserError("router preprocessing needs a label map")
-        names = label_names(label_map)
-        for samples in splits.values():
-            for s in samples:
-                if s.expert not in label_map:
-                    raise UserError(
-                        f"{s.source}: expert '{s.expert}' is not in the label map ({', '.join(names)})"
-                    )
+    names = _check_task(splits, task, label_map, workers)
     loader_rejects = [r.to_dict() for r in rejects or []]
     if strict and loader_rejects:
         raise UserError(Reject(**loader_rejects[0]).message())
@@ -421,14 +407,7 @@ def preprocess_splits(
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("*.pt"), out / PREPROCESS_META_FILE, out / REJECTS_FILE]:
         old.unlink(missing_ok=True)  # a previous run's shards must not mix with this one's
-
-    jobs, shards = [], {split: [] for split in SPLITS}
-    for split in SPLITS:
-        samples = splits.get(split, [])
-        for index, start in enumerate(range(0, max(len(samples), 1), SHARD_RECORDS)):
-            name = PREPROCESS_SHARD_FILE.format(split=split, index=index)
-            shards[split].append(name)
-            jobs.append((split, out / name, samples[start : start + SHARD_RECORDS]))
+    jobs, shards = _shard_jobs(splits, out)
 
     init = (model, min_pixels, max_pixels, task, names)
     _WORKER.update(processor=processor, key=(model, min_pixels, max_pixels))
@@ -458,13 +437,66 @@ def preprocess_splits(
 
     all_rejects = sorted(loader_rejects + encode_rejects, key=lambda r: (r["file"], r["line"] or 0))
     write_jsonl(out / REJECTS_FILE, all_rejects)
-    size = processor.image_processor.size
     if PLAIN in storage:
         print(
             f"warning: {out}: the processor's pixels cannot be rebuilt from the resized image "
             "(another image-processor backend?); the cache stores float32 patches, tens of times larger",
             file=sys.stderr,
         )
+    meta = _cache_meta(processor, spec, model, task, counts, storage, all_rejects, shards, label_map, source)
+    (out / PREPROCESS_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if label_map:
+        (out / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n")
+    if not meta["records"]["accepted"] and all_rejects:
+        raise UserError(
+            f"no usable records: all {len(all_rejects)} were rejected (reasons in {out / REJECTS_FILE})"
+        )
+    return meta
+
+
+def _check_task(
+    splits: dict[str, list[Sample]], task: str, label_map: dict[str, int] | None, workers: int
+) -> list[str] | None:
+    """Check the task, the worker count and (router task) that every record's expert is in the label
+    map; the label names of a router task, else None."""
+    if task not in TASKS:
+        raise UserError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, got {workers}")
+    if task != "router":
+        return None
+    if not label_map:
+        raise UserError("router preprocessing needs a label map")
+    names = label_names(label_map)
+    for samples in splits.values():
+        for s in samples:
+            if s.expert not in label_map:
+                raise UserError(
+                    f"{s.source}: expert '{s.expert}' is not in the label map ({', '.join(names)})"
+                )
+    return names
+
+
+def _shard_jobs(splits: dict[str, list[Sample]], out: Path) -> tuple[list[tuple], dict[str, list[str]]]:
+    """(split, shard path, samples) jobs of SHARD_RECORDS records each (one, maybe empty, at least per
+    split) and the shard file names of each split."""
+    jobs, shards = [], {split: [] for split in SPLITS}
+    for split in SPLITS:
+        samples = splits.get(split, [])
+        for index, start in enumerate(range(0, max(len(samples), 1), SHARD_RECORDS)):
+            name = PREPROCESS_SHARD_FILE.format(split=split, index=index)
+            shards[split].append(name)
+            jobs.append((split, out / name, samples[start : start + SHARD_RECORDS]))
+    return jobs, shards
+
+
+def _cache_meta(
+    processor, spec, model, task, counts, storage, all_rejects, shards, label_map, source
+) -> dict:
+    """The cache's meta.json: pixel spec, processor identity, record counts that reconcile, shards."""
+    from ..model.loading import processor_digest
+
+    size = processor.image_processor.size
     meta = {
         "temporal_patch_size": spec.temporal_patch_size,
         "pixels": {**spec.to_dict(), "storage": sorted(storage)},
@@ -486,13 +518,6 @@ def preprocess_splits(
         "source": source,
     }
     meta["rejected"]["unknown"] = meta["rejected"].pop(None)
-    (out / PREPROCESS_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if label_map:
-        (out / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n")
-    if not meta["records"]["accepted"] and all_rejects:
-        raise UserError(
-            f"no usable records: all {len(all_rejects)} were rejected (reasons in {out / REJECTS_FILE})"
-        )
     return meta
 
 

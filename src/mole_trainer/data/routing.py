@@ -22,6 +22,7 @@ import shutil
 from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 from ..config import DatasetConfig, to_dict
 from ..errors import UserError
@@ -84,120 +85,25 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
         raise UserError(f"{source}: 'experts' lists no expert datasets")
     _check_values(cfg, source)
     output = Path(output)
-    per_expert: dict[str, list[Sample]] = {}
-    for name, src in cfg.experts.items():
-        validate_expert_name(name, f"{source}: experts.{name}")
-        if not src.path:
-            raise UserError(f"{source}: experts.{name}.path is missing")
-        splits = load_expert_dataset(src.path)
-        per_expert[name] = [s for split in SPLITS for s in splits[split]]
-        if not per_expert[name]:
-            raise UserError(f"{source}: experts.{name}: no records in {src.path}")
-        _check_unique_ids(per_expert[name], f"{source}: experts.{name}")
-
+    per_expert = _load_experts(cfg, source)
     kept, duplicates, conflicts = _drop_duplicates_and_conflicts(per_expert)
-    groups = _Groups()
-    for _, _, hs in kept:
-        groups.union(hs)
-    by_group: dict[str, list[int]] = defaultdict(list)
-    for i, (_, _, hs) in enumerate(kept):
-        by_group[groups.find(hs[0])].append(i)
-    order = sorted(by_group, key=lambda g: hashlib.sha256(f"{cfg.seed}:{g}".encode()).hexdigest())
-    rank = {g: r for r, g in enumerate(order)}
-
-    # test, then val, per expert: a group goes to a split only while all of its experts want more
-    n_kept = {e: 0 for e in per_expert}
-    for name, _, _ in kept:
-        n_kept[name] += 1
-    want = {
-        "test": {e: cfg.test_per_expert for e in per_expert},
-        "val": {e: cfg.val_wanted(max(n_kept[e] - cfg.test_per_expert, 0)) for e in per_expert},
-    }
-    have = {split: defaultdict(int) for split in SPLITS}
-    split_of: dict[int, str] = {}
-    for g in order:
-        members = by_group[g]
-        experts = {kept[i][0] for i in members}
-        split = next(
-            (sp for sp in ("test", "val") if all(have[sp][e] < want[sp][e] for e in experts)), "train"
-        )
-        for i in members:
-            split_of[i] = split
-            have[split][kept[i][0]] += 1
-
-    # train candidates of each expert in the seeded group order
-    candidates: dict[str, list[int]] = {e: [] for e in per_expert}
-    for i in sorted(split_of, key=lambda i: (rank[groups.find(kept[i][2][0])], kept[i][1].id)):
-        if split_of[i] == "train":
-            candidates[kept[i][0]].append(i)
-    available = {e: len(c) for e, c in candidates.items()}
+    plan = _assign_splits(cfg, per_expert, kept)
+    available = {e: len(c) for e, c in plan.candidates.items()}
     targets = _train_targets(cfg, available)
     n_train, warnings = _train_counts(cfg, targets, available)
+    picks = _pick_train(cfg, plan.candidates, n_train)
+    aug_seed = cfg.seed if cfg.augment.seed is None else cfg.augment.seed
+    copies, augmented = _augmented_copies(cfg, kept, plan.candidates, n_train, aug_seed)
 
     images_dir = output.parent / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    unused = {e: 0 for e in per_expert}
-    oversampled = {e: 0 for e in per_expert}
-    chosen = [i for i, sp in split_of.items() if sp != "train"]
-    repeats: list[tuple[int, int]] = []  # (record index, repeat number)
-    for e, cands in candidates.items():
-        n = n_train[e]
-        chosen.extend(cands[:n])
-        unused[e] = max(len(cands) - n, 0)
-        if n > len(cands) and cands:
-            # seeded order of repeats: every candidate once per round, rounds until the target
-            rng = random.Random(f"{cfg.seed}:{e}")
-            shuffled = list(cands)
-            rng.shuffle(shuffled)
-            extra = n - len(cands)
-            repeats.extend((shuffled[j % len(cands)], j // len(cands) + 1) for j in range(extra))
-            oversampled[e] = extra
-    # rewritten copies of each expert's distinct train records (AugmentSpec): (index, copy, text)
-    augmented = {e: 0 for e in per_expert}
-    copies: list[tuple[int, int, str]] = []
-    aug_seed = cfg.seed if cfg.augment.seed is None else cfg.augment.seed
-    for e, cands in candidates.items():
-        train = cands[: n_train[e]]
-        planned = plan_copies(
-            [f"{e}/{kept[i][1].id}" for i in train],
-            [kept[i][1].instruction for i in train],
-            cfg.augment,
-            aug_seed,
-        )
-        copies.extend((train[j], copy, text) for j, copy, text in planned)
-        augmented[e] = len(planned)
-    entries = [(i, 0, 0, None) for i in chosen] + [(i, r, 0, None) for i, r in repeats]
+    chosen = [i for i, sp in plan.split_of.items() if sp != "train"] + picks.chosen
+    entries = [(i, 0, 0, None) for i in chosen] + [(i, r, 0, None) for i, r in picks.repeats]
     entries += [(i, 0, copy, text) for i, copy, text in copies]
-    for i, repeat, copy, text in entries:
-        name, s, hs = kept[i]
-        rel = []
-        for p, h in zip(s.images, hs, strict=True):
-            dest = images_dir / f"{h}{p.suffix.lower()}"
-            if not dest.exists():
-                shutil.copyfile(p, dest)
-            rel.append(f"images/{dest.name}")
-        metadata = {**s.metadata, "source": s.source, "source_id": s.id}
-        rid = f"{name}/{s.id}"
-        if repeat:
-            metadata["oversample_repeat"] = repeat
-            rid += f"#repeat{repeat}"
-        if copy:
-            metadata[AUGMENT_METADATA] = copy
-            rid += AUGMENT_ID.format(copy=copy)
-        rec_sample = Sample(
-            id=rid,
-            images=s.images,
-            instruction=s.instruction if text is None else text,
-            answer=s.answer,
-            metadata=metadata,
-            expert=name,
-            split=split_of[i],
-            system=s.system,
-            # the whole conversation travels with the record; a rewritten copy carries its new text
-            turns=s.turns if text is None else with_router_text(s.turns, text),
-        )
-        records.append(sample_to_record(rec_sample, rel))
+    records = [
+        _routing_record(kept[i], plan.split_of[i], images_dir, repeat, copy, text)
+        for i, repeat, copy, text in entries
+    ]
     records.sort(key=lambda r: (SPLITS.index(r["split"]), r["expert"], r["id"]))
     write_jsonl(output, records)
     label_map = make_label_map(list(per_expert))
@@ -220,29 +126,184 @@ def build_routing_dataset(cfg: DatasetConfig, output: str | Path, source: str = 
         "conflicts_dropped": {e: conflicts[e] for e in per_expert},
         "train_available": available,
         "train_targets": targets,
-        "unused_for_balance": unused,
-        "oversampled": oversampled,
+        "unused_for_balance": picks.unused,
+        "oversampled": picks.oversampled,
         "augmented": augmented,
         "augment": to_dict(cfg.augment) | {"seed": aug_seed},
         "imbalance_ratio": round(max(train_counts) / min(train_counts), 3) if min(train_counts) else None,
-        "image_groups": len(order),
+        "image_groups": plan.n_groups,
     }
-    for e in per_expert:
-        unique = counts[e]["train"] - oversampled[e] - augmented[e] + counts[e]["val"] + counts[e]["test"]
-        lost = duplicates[e] + conflicts[e] + unused[e]
-        if unique + lost != len(per_expert[e]):  # a bug in this module, never a user mistake
-            raise RuntimeError(
-                f"routing counts of {e} do not reconcile: {unique} + {lost} != {len(per_expert[e])}"
-            )
+    warnings += _reconcile_counts(stats, plan.want)
+    if warnings:
+        stats["warnings"] = warnings
+    routing_stats_path(output).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def _load_experts(cfg: DatasetConfig, source: str) -> dict[str, list[Sample]]:
+    """Every expert's records, all splits together, with names and ids checked."""
+    per_expert: dict[str, list[Sample]] = {}
+    for name, src in cfg.experts.items():
+        validate_expert_name(name, f"{source}: experts.{name}")
+        if not src.path:
+            raise UserError(f"{source}: experts.{name}.path is missing")
+        splits = load_expert_dataset(src.path)
+        per_expert[name] = [s for split in SPLITS for s in splits[split]]
+        if not per_expert[name]:
+            raise UserError(f"{source}: experts.{name}: no records in {src.path}")
+        _check_unique_ids(per_expert[name], f"{source}: experts.{name}")
+    return per_expert
+
+
+class _SplitPlan(NamedTuple):
+    split_of: dict[int, str]  # kept record index -> split
+    want: dict[str, dict[str, int]]  # "test"/"val" -> expert -> records asked for
+    candidates: dict[str, list[int]]  # expert -> its train records, in the seeded group order
+    n_groups: int
+
+
+def _assign_splits(cfg: DatasetConfig, per_expert: dict, kept: list) -> _SplitPlan:
+    """Whole image groups to test, then val, per expert, in the seeded group order; the rest is train."""
+    groups = _Groups()
+    for _, _, hs in kept:
+        groups.union(hs)
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, (_, _, hs) in enumerate(kept):
+        by_group[groups.find(hs[0])].append(i)
+    order = sorted(by_group, key=lambda g: hashlib.sha256(f"{cfg.seed}:{g}".encode()).hexdigest())
+    rank = {g: r for r, g in enumerate(order)}
+
+    # a group goes to a split only while all of its experts want more
+    n_kept = {e: 0 for e in per_expert}
+    for name, _, _ in kept:
+        n_kept[name] += 1
+    want = {
+        "test": {e: cfg.test_per_expert for e in per_expert},
+        "val": {e: cfg.val_wanted(max(n_kept[e] - cfg.test_per_expert, 0)) for e in per_expert},
+    }
+    have = {split: defaultdict(int) for split in SPLITS}
+    split_of: dict[int, str] = {}
+    for g in order:
+        members = by_group[g]
+        experts = {kept[i][0] for i in members}
+        split = next(
+            (sp for sp in ("test", "val") if all(have[sp][e] < want[sp][e] for e in experts)), "train"
+        )
+        for i in members:
+            split_of[i] = split
+            have[split][kept[i][0]] += 1
+
+    candidates: dict[str, list[int]] = {e: [] for e in per_expert}
+    for i in sorted(split_of, key=lambda i: (rank[groups.find(kept[i][2][0])], kept[i][1].id)):
+        if split_of[i] == "train":
+            candidates[kept[i][0]].append(i)
+    return _SplitPlan(split_of, want, candidates, len(order))
+
+
+class _TrainPicks(NamedTuple):
+    chosen: list[int]  # train records taken once
+    repeats: list[tuple[int, int]]  # (record index, repeat number) of oversampled copies
+    unused: dict[str, int]
+    oversampled: dict[str, int]
+
+
+def _pick_train(cfg: DatasetConfig, candidates: dict[str, list[int]], n_train: dict[str, int]) -> _TrainPicks:
+    """The first n_train candidates of each expert; past its candidates, seeded repeats of them."""
+    chosen: list[int] = []
+    repeats: list[tuple[int, int]] = []
+    unused = {e: 0 for e in candidates}
+    oversampled = {e: 0 for e in candidates}
+    for e, cands in candidates.items():
+        n = n_train[e]
+        chosen.extend(cands[:n])
+        unused[e] = max(len(cands) - n, 0)
+        if n > len(cands) and cands:
+            # seeded order of repeats: every candidate once per round, rounds until the target
+            rng = random.Random(f"{cfg.seed}:{e}")
+            shuffled = list(cands)
+            rng.shuffle(shuffled)
+            extra = n - len(cands)
+            repeats.extend((shuffled[j % len(cands)], j // len(cands) + 1) for j in range(extra))
+            oversampled[e] = extra
+    return _TrainPicks(chosen, repeats, unused, oversampled)
+
+
+def _augmented_copies(
+    cfg: DatasetConfig, kept: list, candidates: dict[str, list[int]], n_train: dict[str, int], seed: int
+) -> tuple[list[tuple[int, int, str]], dict[str, int]]:
+    """Rewritten copies of each expert's distinct train records (AugmentSpec): (index, copy, text)
+    triples, and how many per expert."""
+    augmented = {e: 0 for e in candidates}
+    copies: list[tuple[int, int, str]] = []
+    for e, cands in candidates.items():
+        train = cands[: n_train[e]]
+        planned = plan_copies(
+            [f"{e}/{kept[i][1].id}" for i in train],
+            [kept[i][1].instruction for i in train],
+            cfg.augment,
+            seed,
+        )
+        copies.extend((train[j], copy, text) for j, copy, text in planned)
+        augmented[e] = len(planned)
+    return copies, augmented
+
+
+def _routing_record(
+    entry: tuple, split: str, images_dir: Path, repeat: int, copy: int, text: str | None
+) -> dict:
+    """One routing JSONL record of a kept (expert, sample, image hashes) entry; its images copied once,
+    content-addressed, into images_dir."""
+    name, s, hs = entry
+    rel = []
+    for p, h in zip(s.images, hs, strict=True):
+        dest = images_dir / f"{h}{p.suffix.lower()}"
+        if not dest.exists():
+            shutil.copyfile(p, dest)
+        rel.append(f"images/{dest.name}")
+    metadata = {**s.metadata, "source": s.source, "source_id": s.id}
+    rid = f"{name}/{s.id}"
+    if repeat:
+        metadata["oversample_repeat"] = repeat
+        rid += f"#repeat{repeat}"
+    if copy:
+        metadata[AUGMENT_METADATA] = copy
+        rid += AUGMENT_ID.format(copy=copy)
+    rec_sample = Sample(
+        id=rid,
+        images=s.images,
+        instruction=s.instruction if text is None else text,
+        answer=s.answer,
+        metadata=metadata,
+        expert=name,
+        split=split,
+        system=s.system,
+        # the whole conversation travels with the record; a rewritten copy carries its new text
+        turns=s.turns if text is None else with_router_text(s.turns, text),
+    )
+    return sample_to_record(rec_sample, rel)
+
+
+def _reconcile_counts(stats: dict, want: dict[str, dict[str, int]]) -> list[str]:
+    """Check every input record is accounted for; warnings for short val/test splits and no train records."""
+    warnings = []
+    counts = stats["counts"]
+    for e, n_input in stats["input_records"].items():
+        unique = (
+            counts[e]["train"]
+            - stats["oversampled"][e]
+            - stats["augmented"][e]
+            + counts[e]["val"]
+            + counts[e]["test"]
+        )
+        lost = stats["duplicates_dropped"][e] + stats["conflicts_dropped"][e] + stats["unused_for_balance"][e]
+        if unique + lost != n_input:  # a bug in this module, never a user mistake
+            raise RuntimeError(f"routing counts of {e} do not reconcile: {unique} + {lost} != {n_input}")
         short = [sp for sp in ("val", "test") if counts[e][sp] < want[sp][e]]
         if short:
             warnings.append(f"{e}: fewer {'/'.join(short)} records than asked")
     if stats["imbalance_ratio"] is None:
         warnings.append("an expert has no train records (imbalance ratio undefined)")
-    if warnings:
-        stats["warnings"] = warnings
-    routing_stats_path(output).write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
+    return warnings
 
 
 def _check_values(cfg: DatasetConfig, source: str) -> None:

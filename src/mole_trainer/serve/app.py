@@ -180,18 +180,7 @@ def build_app(
             raise ApiError(503, "the server is shutting down", None, "shutting_down")
         return b
 
-    @app.exception_handler(ApiError)
-    async def api_error(_request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
-        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def server_error(_request, exc: Exception):
-        err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
-        return JSONResponse(err.body(), status_code=500)
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -206,19 +195,7 @@ def build_app(
 
     @app.get("/v1/models")
     async def models():
-        names = [ROUTED_MODEL, *stack.experts]
-        data = [
-            {
-                "id": n,
-                "object": "model",
-                "created": created,
-                "owned_by": OWNER,
-                "root": stack.base_model,
-                "parent": stack.base_model,
-            }
-            for n in names
-        ]
-        return {"object": "list", "data": data}
+        return _models_body(stack, created)
 
     @app.get("/metrics")
     async def prometheus():
@@ -258,6 +235,40 @@ def build_app(
         return completion_body(chat, result, timings, int(time.time()))
 
     return app
+
+
+def _add_error_handlers(app) -> None:
+    """Every error leaves as an OpenAI-style error body: ours, FastAPI's own, and unexpected ones (500)."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, exc: HTTPException):
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, exc: Exception):
+        err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
+        return JSONResponse(err.body(), status_code=500)
+
+
+def _models_body(stack: ServedStack, created: int) -> dict:
+    """GET /v1/models: the routed model and every expert, each on the stack's base model."""
+    names = [ROUTED_MODEL, *stack.experts]
+    data = [
+        {
+            "id": n,
+            "object": "model",
+            "created": created,
+            "owned_by": OWNER,
+            "root": stack.base_model,
+            "parent": stack.base_model,
+        }
+        for n in names
+    ]
+    return {"object": "list", "data": data}
 
 
 def _model_label(model: str, stack: ServedStack) -> str:
