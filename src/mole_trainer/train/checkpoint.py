@@ -125,19 +125,37 @@ def load_latest(root: Path, report=print) -> tuple[dict, dict, Path] | None:
     """(state, trainer_state, folder) of the newest loadable checkpoint, or None when there is none.
 
     A checkpoint that fails to load (e.g. a disk error after it was written) is reported and the
-    next older one is tried.
+    next older one is tried. When checkpoints exist but none loads, this raises UserError rather
+    than returning None: a caller would start afresh and clear them, deleting an interrupted run.
     """
+    import pickle
+
     import torch
 
-    for folder in reversed(list_checkpoints(root)):
+    found = list_checkpoints(root)
+    failures = []
+    for folder in reversed(found):
         try:
             trainer_state = json.loads((folder / TRAINER_STATE_FILE).read_text())
             state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged checkpoint must not hide an older good one
             report(f"warning: checkpoint {folder} cannot be read ({exc}); trying an older one")
+            failures.append(exc)
             continue
         return state, trainer_state, folder
-    return None
+    if not found:
+        return None
+    # weights_only=True refuses the pickled Python/NumPy RNG states that earlier versions stored
+    older = any(isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e) for e in failures)
+    why = (
+        "they are in an older format, written by an earlier mole-trainer"
+        if older
+        else f"the newest fails with: {_short(str(failures[0]), 200)}"
+    )
+    raise UserError(
+        f"{root}: none of its {len(found)} checkpoint(s) can be read ({why}); nothing was deleted. "
+        "Start again without --resume (which clears them) or move the folder aside"
+    )
 
 
 def data_identity(folder: str | Path) -> str:
