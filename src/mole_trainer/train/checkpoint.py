@@ -22,6 +22,8 @@ from ..errors import UserError
 STATE_FILE = "state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+# TrainSpec keys that never change the trained weights: a run may resume with other values
+OUTSIDE_RESUME_IDENTITY = ("data_workers", "prefetch_batches", "log_every")
 BEST_DIR, BEST_TMP, BEST_OLD = "best", ".best.tmp", ".best.old"  # the best adapter so far, and its swap
 # Fault injection for the kill-during-save test: seconds to sleep between the two files of a save.
 SAVE_DELAY_ENV = "MOLE_TEST_CHECKPOINT_SAVE_DELAY"
@@ -186,10 +188,27 @@ def _short(value, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def weight_settings(spec) -> dict:
+    """A TrainSpec's settings that decide the trained weights (what a resumed run must match)."""
+    from ..config import to_dict
+
+    return {k: v for k, v in to_dict(spec).items() if k not in OUTSIDE_RESUME_IDENTITY}
+
+
+def _decides_weights(key: str) -> bool:
+    # "name.log_every": an expert's own setting in a concurrent run's settings
+    return key.rsplit(".", 1)[-1] not in OUTSIDE_RESUME_IDENTITY
+
+
 def check_resumable(trainer_state: dict, settings: dict, folder: Path) -> None:
-    """Refuse to resume from a checkpoint made with other settings (the result would not be exact)."""
+    """Refuse to resume from a checkpoint made with other settings (the result would not be exact).
+
+    Settings outside the weights (OUTSIDE_RESUME_IDENTITY) are not compared, also where an older
+    checkpoint recorded them.
+    """
     saved = trainer_state.get("settings", {})
-    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    keys = {k for k in set(saved) | set(settings) if _decides_weights(k)}
+    diff = sorted(k for k in keys if saved.get(k) != settings.get(k))
     if diff:
         detail = ", ".join(f"{k}: {_short(saved.get(k))} -> {_short(settings.get(k))}" for k in diff)
         raise UserError(
