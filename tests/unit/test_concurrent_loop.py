@@ -105,6 +105,16 @@ def test_loaders_resume_and_the_host_reads_losses_only_at_log_steps(tiny_model, 
     assert resumed[0].resumed_from == 2
     _assert_same(resumed, ref)
 
+    # checkpoints of an earlier version that cannot be loaded safely: refused, none deleted
+    from .test_train_loop import _to_older_format
+
+    folders = ckpt.list_checkpoints(tmp_path / "ref")
+    for folder in folders:
+        _to_older_format(folder)
+    with pytest.raises(UserError, match="older format"):
+        _train(tiny_model, tmp_path / "ref", resume=True)
+    assert ckpt.list_checkpoints(tmp_path / "ref") == folders
+
 
 def test_log_every_adds_train_loss_entries(tiny_model, tmp_path):
     specs = [TrainSpec(**{**SPECS[0].__dict__, "log_every": 2})]
