@@ -109,3 +109,24 @@ def test_scoring_turns_the_cache_on_whatever_the_config_says(tiny_model, process
     model.train()
     model.eval()  # as train_loop does around evaluate()
     assert float((score_encoded(model, prompts, labels, pad) - before).abs().max()) <= TOLERANCE
+
+
+def test_a_model_loaded_with_unmaskable_attention_is_scored_with_sdpa(
+    tiny_model, processor, requests, monkeypatch
+):
+    """Router evaluation (encoded_scores) of a model trained with flash_attention_2 switches to sdpa and
+    back. Flash-attn needs CUDA, so eager stands in for it here: declared not maskable."""
+    from mole_trainer.infer import scoring
+
+    labels = label_token_ids(processor.tokenizer, NAMES)
+    prompts = _prompts(processor, requests)
+    pad = processor.tokenizer.pad_token_id
+    expected = scoring.encoded_scores(_lora(tiny_model, "sdpa"), prompts, labels, pad, batch_size=2)
+    monkeypatch.setattr(scoring, "MASKABLE_ATTENTION", ("sdpa",))
+    model = _lora(tiny_model, "eager")
+    with pytest.raises(ValueError, match="router scoring needs sdpa attention, not 'eager'"):
+        score_encoded(model, prompts, labels, pad)
+    assert torch.equal(scoring.encoded_scores(model, prompts, labels, pad, batch_size=2), expected)
+    config = model.get_base_model().config
+    assert (config._attn_implementation, config.text_config._attn_implementation) == ("eager", "eager")
+    assert config.vision_config._attn_implementation == "eager"

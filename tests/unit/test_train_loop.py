@@ -215,3 +215,32 @@ def test_rng_states_load_with_weights_only_and_replay_every_generator(tmp_path):
     first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))  # no pickled numpy objects
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
+
+
+def _to_older_format(folder):
+    """Rewrite a checkpoint as mole-trainer wrote it before the RNG states became plain lists."""
+    import random
+
+    import numpy as np
+
+    state = torch.load(folder / ckpt.STATE_FILE, weights_only=True)
+    state["rng"]["python"], state["rng"]["numpy"] = random.getstate(), np.random.get_state()
+    torch.save(state, folder / ckpt.STATE_FILE)
+
+
+def test_resume_from_unreadable_older_checkpoints_refuses_and_deletes_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, crash_at_eval=3)
+    root = tmp_path / "ckpt"
+    folders = ckpt.list_checkpoints(root)
+    for folder in folders:
+        _to_older_format(folder)
+    with pytest.raises(UserError, match="older format, written by an earlier mole-trainer") as err:
+        run(tmp_path, resume=True)
+    assert str(root) in str(err.value) and "without --resume" in str(err.value)
+    assert ckpt.list_checkpoints(root) == folders  # the interrupted run's progress is still there
+    for folder in folders:  # damaged, not older: said so too
+        (folder / ckpt.STATE_FILE).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="the newest fails with"):
+        ckpt.load_latest(root, report=lambda *_: None)
+    assert ckpt.load_latest(tmp_path / "none") is None

@@ -184,12 +184,47 @@ def encode_sample(
         raise UserError(f"{sample.source}: cannot encode this record ({exc})") from None
 
 
+def pad_values(pad_id: int) -> dict:
+    """What `collate` pads each per-token field with."""
+    return {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
+
+
+def concat_batches(batches: list[dict], pad_id: int) -> dict:
+    """Right-padded batches (from `collate`) joined into one: the batch `collate` makes of all their rows.
+
+    Works where the tensors are (each batch's on one device), so batches already copied to a GPU are
+    joined there. Every batch must hold the same per-token fields.
+    """
+    import torch
+
+    if len(batches) == 1:
+        return dict(batches[0])
+    fill = pad_values(pad_id)
+    keys = [k for k in fill if k in batches[0]]
+    if any([k for k in fill if k in b] != keys for b in batches):
+        raise ValueError(f"batches with different fields cannot be joined: {[sorted(b) for b in batches]}")
+    longest = max(b[keys[0]].shape[1] for b in batches)
+    out: dict = {}
+    for key in keys:
+        rows = []
+        for b in batches:
+            t = b[key]
+            pad = torch.full((t.shape[0], longest - t.shape[1]), fill[key], dtype=t.dtype, device=t.device)
+            rows.append(torch.cat([t, pad], dim=1))
+        out[key] = torch.cat(rows)
+    with_images = [b for b in batches if "pixel_values" in b]
+    if with_images:
+        out["pixel_values"] = torch.cat([b["pixel_values"] for b in with_images])
+        out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in with_images])
+    return out
+
+
 def collate(examples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
     """Pad a list of examples into one batch (pixel patches concatenated in order)."""
     import torch
 
     longest = max(len(e["input_ids"]) for e in examples)
-    fill = {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
+    fill = pad_values(pad_id)
     batch: dict[str, Any] = {}
     for key, value in fill.items():
         if key not in examples[0]:

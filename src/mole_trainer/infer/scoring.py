@@ -23,12 +23,16 @@ read nor written). The additive float mask serves sdpa and eager attention alike
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from ..data.formats import Sample
 from ..data.preprocess import collate, encode_prompt, load_images
 from ..model.chat import end_of_turn
 from ..router_prompt import router_messages
 
 MASKABLE_ATTENTION = ("sdpa", "eager")  # implementations that accept an arbitrary 4-D additive mask
+SCORING_ATTENTION = "sdpa"  # what a model loaded with another implementation scores with
 HEAD_CHUNK = 64  # label positions per LM-head call: bounds the fp32 logits to 64 x vocabulary
 
 
@@ -177,14 +181,42 @@ def route_probs(model, processor, samples: list[Sample], names: list[str], batch
     return torch.cat(out) if out else torch.empty(0, len(names))
 
 
+@contextmanager
+def maskable_attention(model) -> Iterator[None]:
+    """Within the block, `model` attends with SCORING_ATTENTION if its own implementation cannot take
+    the scorer's 4-D mask (flash_attention_2, e.g. a router trained with it); switched back after.
+
+    Only the implementation name in the configs changes (transformers' set_attn_implementation):
+    the weights and any LoRA layers are untouched.
+    """
+    lm = _causal_lm(model)
+    own = getattr(lm.config, "_attn_implementation", None)
+    if own in MASKABLE_ATTENTION:
+        yield
+        return
+    lm.set_attn_implementation(SCORING_ATTENTION)
+    try:
+        if lm.config._attn_implementation != SCORING_ATTENTION:  # transformers only warns when it cannot
+            raise ValueError(
+                f"{type(lm).__name__} cannot switch from {own!r} to {SCORING_ATTENTION} attention for scoring"
+            )
+        yield
+    finally:
+        lm.set_attn_implementation(own)
+
+
 def encoded_scores(model, prompts: list[dict], label_ids: list[list[int]], pad_id: int, batch_size: int = 8):
-    """Label log-probabilities [n, K] for prompts encoded beforehand, `batch_size` prompts per prefill."""
+    """Label log-probabilities [n, K] for prompts encoded beforehand, `batch_size` prompts per prefill.
+
+    A model loaded with an attention the scorer cannot mask is scored with sdpa (`maskable_attention`).
+    """
     import torch
 
-    out = [
-        score_encoded(model, prompts[i : i + batch_size], label_ids, pad_id)
-        for i in range(0, len(prompts), batch_size)
-    ]
+    with maskable_attention(model):
+        out = [
+            score_encoded(model, prompts[i : i + batch_size], label_ids, pad_id)
+            for i in range(0, len(prompts), batch_size)
+        ]
     return torch.cat(out) if out else torch.empty(0, len(label_ids))
 
 

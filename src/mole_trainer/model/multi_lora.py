@@ -108,7 +108,9 @@ class MultiLoraLinear(nn.Module):
             B = torch.stack([w[1] for w in lora])  # [E, out, r]
             xe = self._drop(xin.reshape(E, -1, xin.shape[-1]), self.dropout[experts[0]])
             delta = torch.bmm(torch.bmm(xe, A.transpose(1, 2)), B.transpose(1, 2))
-            scale = torch.tensor([self.scaling[e] for e in experts], dtype=delta.dtype, device=delta.device)
+            # built on the host, copied without waiting: torch.tensor(..., device=cuda) syncs every layer
+            scale = torch.tensor([self.scaling[e] for e in experts], dtype=delta.dtype)
+            scale = scale.to(delta.device, non_blocking=True)
             delta = delta * scale.view(E, 1, 1)
             return out + delta.reshape(out.shape).to(out.dtype)
         pieces, start = [], 0

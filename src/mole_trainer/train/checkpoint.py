@@ -22,6 +22,8 @@ from ..errors import UserError
 STATE_FILE = "state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+# TrainSpec keys that never change the trained weights: a run may resume with other values
+OUTSIDE_RESUME_IDENTITY = ("data_workers", "prefetch_batches", "log_every")
 BEST_DIR, BEST_TMP, BEST_OLD = "best", ".best.tmp", ".best.old"  # the best adapter so far, and its swap
 # Fault injection for the kill-during-save test: seconds to sleep between the two files of a save.
 SAVE_DELAY_ENV = "MOLE_TEST_CHECKPOINT_SAVE_DELAY"
@@ -125,19 +127,37 @@ def load_latest(root: Path, report=print) -> tuple[dict, dict, Path] | None:
     """(state, trainer_state, folder) of the newest loadable checkpoint, or None when there is none.
 
     A checkpoint that fails to load (e.g. a disk error after it was written) is reported and the
-    next older one is tried.
+    next older one is tried. When checkpoints exist but none loads, this raises UserError rather
+    than returning None: a caller would start afresh and clear them, deleting an interrupted run.
     """
+    import pickle
+
     import torch
 
-    for folder in reversed(list_checkpoints(root)):
+    found = list_checkpoints(root)
+    failures = []
+    for folder in reversed(found):
         try:
             trainer_state = json.loads((folder / TRAINER_STATE_FILE).read_text())
             state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged checkpoint must not hide an older good one
             report(f"warning: checkpoint {folder} cannot be read ({exc}); trying an older one")
+            failures.append(exc)
             continue
         return state, trainer_state, folder
-    return None
+    if not found:
+        return None
+    # weights_only=True refuses the pickled Python/NumPy RNG states that earlier versions stored
+    older = any(isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e) for e in failures)
+    why = (
+        "they are in an older format, written by an earlier mole-trainer"
+        if older
+        else f"the newest fails with: {_short(str(failures[0]), 200)}"
+    )
+    raise UserError(
+        f"{root}: none of its {len(found)} checkpoint(s) can be read ({why}); nothing was deleted. "
+        "Start again without --resume (which clears them) or move the folder aside"
+    )
 
 
 def data_identity(folder: str | Path) -> str:
@@ -168,10 +188,27 @@ def _short(value, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def weight_settings(spec) -> dict:
+    """A TrainSpec's settings that decide the trained weights (what a resumed run must match)."""
+    from ..config import to_dict
+
+    return {k: v for k, v in to_dict(spec).items() if k not in OUTSIDE_RESUME_IDENTITY}
+
+
+def _decides_weights(key: str) -> bool:
+    # "name.log_every": an expert's own setting in a concurrent run's settings
+    return key.rsplit(".", 1)[-1] not in OUTSIDE_RESUME_IDENTITY
+
+
 def check_resumable(trainer_state: dict, settings: dict, folder: Path) -> None:
-    """Refuse to resume from a checkpoint made with other settings (the result would not be exact)."""
+    """Refuse to resume from a checkpoint made with other settings (the result would not be exact).
+
+    Settings outside the weights (OUTSIDE_RESUME_IDENTITY) are not compared, also where an older
+    checkpoint recorded them.
+    """
     saved = trainer_state.get("settings", {})
-    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    keys = {k for k in set(saved) | set(settings) if _decides_weights(k)}
+    diff = sorted(k for k in keys if saved.get(k) != settings.get(k))
     if diff:
         detail = ", ".join(f"{k}: {_short(saved.get(k))} -> {_short(settings.get(k))}" for k in diff)
         raise UserError(

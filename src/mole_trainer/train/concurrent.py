@@ -1,8 +1,10 @@
 """All experts of loras.yaml trained together: one process, one copy of the base, one pass.
 
 Every optimisation step builds one batch that concatenates the next micro-batch of every expert
-still training, each taken from that expert's own seeded stream (`batches(n, bs, seed)`, exactly
-the stream it would use alone). The multi-expert LoRA layers (model/multi_lora.py) apply to each
+still training, each taken from that expert's own seeded stream (the BatchStream, length grouping
+included, that it would use alone) through its own loader (train/loader.py: padded ahead by loading
+processes, pinned on CUDA). Each expert's loss is summed on the device and read back only at the
+steps it logs (evaluations, its last step, every `log_every`). The multi-expert LoRA layers (model/multi_lora.py) apply to each
 row only its expert's A/B. The loss is the sum over experts of each expert's token-mean
 cross-entropy over its own rows, so each expert's gradient is exactly the one it would get alone.
 Gradient clipping, AdamW, the LR schedule, evaluation (validation loss), keep-best and early
@@ -27,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import LorasConfig, TrainSpec, to_dict
-from ..data.preprocess import collate
+from ..data.preprocess import concat_batches
 from ..errors import UserError
 from ..layout import CHECKPOINTS_DIR, TENSORBOARD_DIR, TRAIN_LOG_FILE
 from . import checkpoint as ckpt
+from .loader import BatchLoader, worker_count
 from .loss import expert_token_means
 
 # experts share a forward pass while padding to the longest row costs at most 25 % more tokens than
@@ -131,9 +134,10 @@ def train_concurrent(
     pad_slack = PAD_SLACK if pad_slack is None else pad_slack
 
     from .loop import (
-        batches,
+        BatchStream,
         enable_gradient_checkpointing,
         eval_loss,
+        example_lengths,
         lower_is_better,
         lr_lambda,
         make_optimizer,
@@ -153,7 +157,17 @@ def train_concurrent(
         torch.optim.lr_scheduler.LambdaLR(optims[e], lr_lambda(r.spec, r.spec.steps))
         for e, r in enumerate(runs)
     ]
-    streams = [batches(len(r.examples), r.spec.batch_size, r.spec.seed) for r in runs]
+    # each expert's stream is the one the sequential loop would draw (length grouping included)
+    streams = [
+        BatchStream(
+            len(r.examples),
+            r.spec.batch_size,
+            r.spec.seed,
+            lengths=example_lengths(r.examples) if r.spec.length_grouping else None,
+            group=r.spec.length_grouping,
+        )
+        for r in runs
+    ]
     better = [lower_is_better("val_loss", r.spec.min_delta) for r in runs]
     outcome = [ExpertOutcome() for _ in runs]
 
@@ -190,6 +204,10 @@ def train_concurrent(
             logs[e].record({"step": 0, **outcome[e].best_metrics})
         active, first = list(range(E)), 0
     keep = max(r.spec.keep_checkpoints for r in runs)
+    cuda = device.type == "cuda"
+    # one loader per expert still training, over its own stream: rows padded ahead by loading
+    # processes, pinned on CUDA; a loader records its stream's state after each batch it hands out
+    loaders = {e: _loader(runs[e], streams[e], pad_id, device.type, len(active), cuda) for e in active}
 
     def save(step: int) -> None:
         state = {
@@ -199,7 +217,7 @@ def train_concurrent(
                     "best": _plain(best_state[e]),
                     "optimizer": optims[e].state_dict(),
                     "scheduler": scheds[e].state_dict(),
-                    "stream": streams[e].state_dict(),
+                    "stream": loaders[e].state_dict() if e in loaders else streams[e].state_dict(),
                 }
                 for e in range(E)
             ],
@@ -220,57 +238,61 @@ def train_concurrent(
 
     start, step_time, step = time.perf_counter(), 0.0, first
     model.train()
-    while active:
-        step += 1
-        t0 = time.perf_counter()
-        for e in active:
-            optims[e].zero_grad(set_to_none=True)
-        totals, pending = dict.fromkeys(active, 0.0), []
-        for micro in range(max(runs[e].spec.grad_accum for e in active)):
-            members = [e for e in active if micro < runs[e].spec.grad_accum]
-            rows = {e: [runs[e].examples[i] for i in next(streams[e])] for e in members}
-            # each expert's rows sit whole in one forward pass, so splitting changes no gradient
-            for part in length_groups(
-                {e: [len(x["input_ids"]) for x in rows[e]] for e in members}, pad_slack
-            ):
-                batch = collate([x for e in part for x in rows[e]], pad_id)
-                # labels stay on the host: the loss finds the supervised positions there (no GPU sync)
-                labels = batch.pop("labels")
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                sizes = [len(rows[e]) for e in part]
-                multi.set_groups(list(zip(part, sizes, strict=True)))
-                means = expert_token_means(model, batch, labels, sizes)
-                accum = torch.tensor([float(runs[e].spec.grad_accum) for e in part], device=means.device)
-                losses = means / accum
-                losses.sum().backward()
-                pending.append((part, losses.detach()))
-                for e in part:
-                    outcome[e].samples_seen += len(rows[e])
-        multi.set_groups([])
-        # one device-to-host copy per step, not one per forward pass (keeps a GPU queue full)
-        values = torch.cat([v for _, v in pending]).tolist()
-        for e, value in zip([e for part, _ in pending for e in part], values, strict=True):
-            totals[e] += value
-        for e in active:
-            if runs[e].spec.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params[e], runs[e].spec.max_grad_norm)
-            optims[e].step()
-            scheds[e].step()
-            outcome[e].steps = step
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_time += time.perf_counter() - t0
-        leaving = []
-        for e in active:
-            spec = runs[e].spec
-            last = step == spec.steps
-            if step % spec.eval_every == 0 or last:
+    try:
+        while active:
+            step += 1
+            t0 = time.perf_counter()
+            for e in active:
+                optims[e].zero_grad(set_to_none=True)
+            # each expert's loss for this step, summed on the device: read back only when it is logged
+            totals = torch.zeros(E, dtype=torch.float64, device=device)
+            for micro in range(max(runs[e].spec.grad_accum for e in active)):
+                members = [e for e in active if micro < runs[e].spec.grad_accum]
+                got = {e: loaders[e].next() for e in members}
+                for e in members:
+                    outcome[e].samples_seen += got[e].pop("rows")
+                    del got[e]["supervised"]
+                # each expert's rows sit whole in one forward pass, so splitting changes no gradient
+                shapes = {e: [got[e]["input_ids"].shape[1]] * len(got[e]["input_ids"]) for e in members}
+                for part in length_groups(shapes, pad_slack):
+                    # labels stay on the host: the loss finds the supervised positions there
+                    labels = concat_batches([{"labels": got[e].pop("labels")} for e in part], pad_id)
+                    on_device = [
+                        {k: v.to(device, non_blocking=cuda) for k, v in got[e].items()} for e in part
+                    ]
+                    batch = concat_batches(on_device, pad_id)
+                    sizes = [len(shapes[e]) for e in part]
+                    multi.set_groups(list(zip(part, sizes, strict=True)))
+                    means = expert_token_means(model, batch, labels["labels"], sizes)
+                    # built on the host and copied without waiting (torch.tensor(..., device=) would sync)
+                    accum = torch.tensor([float(runs[e].spec.grad_accum) for e in part])
+                    losses = means / accum.to(means.device, non_blocking=True)
+                    losses.sum().backward()
+                    for i, e in enumerate(part):
+                        totals[e] += losses[i].detach().double()
+            multi.set_groups([])
+            for e in active:
+                if runs[e].spec.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params[e], runs[e].spec.max_grad_norm)
+                optims[e].step()
+                scheds[e].step()
+                outcome[e].steps = step
+            logging = [e for e in active if _logs_at(runs[e].spec, step)]
+            # the one read of the device, at steps that log (each expert's last step does): it waits
+            # for the queued work, so the steps' time is right without a synchronize per step
+            values = totals.tolist() if logging else []
+            step_time += time.perf_counter() - t0
+            leaving = []
+            for e in logging:
+                spec = runs[e].spec
+                entry = {"step": step, "train_loss": values[e], "lr": scheds[e].get_last_lr()[0]}
+                if not (step % spec.eval_every == 0 or step == spec.steps):
+                    logs[e].record(entry)
+                    continue
                 model.eval()
                 metrics = evaluate(e)
                 model.train()
-                logs[e].record(
-                    {"step": step, "train_loss": totals[e], "lr": scheds[e].get_last_lr()[0], **metrics}
-                )
+                logs[e].record({**entry, **metrics})
                 if better[e](metrics, outcome[e].best_metrics):
                     outcome[e].best_metrics, outcome[e].best_step, bad[e] = metrics, step, 0
                     best_state[e] = multi.state(e)
@@ -282,19 +304,39 @@ def train_concurrent(
                         outcome[e].stopped_early = True
                         leaving.append(e)
                         report(f"[{runs[e].name}] stopped early at step {step}")
-                        continue
-            if last:
-                leaving.append(e)
-        due = any(step % (runs[e].spec.save_every or runs[e].spec.eval_every) == 0 for e in active)
-        active = [e for e in active if e not in leaving]
-        if root and (due or leaving):
-            save(step)
+            leaving += [e for e in active if step == runs[e].spec.steps and e not in leaving]
+            due = any(step % (runs[e].spec.save_every or runs[e].spec.eval_every) == 0 for e in active)
+            active = [e for e in active if e not in leaving]
+            for e in leaving:
+                loaders[e].close()  # its state stays readable for the checkpoints
+            if root and (due or leaving):
+                save(step)
+    finally:
+        for loader in loaders.values():  # stops the loading processes, also when training is interrupted
+            loader.close()
     model.eval()
     for e in range(E):
         multi.load_state(e, best_state[e])
         outcome[e].log = logs[e].log
         logs[e].close()
     return ConcurrentResult(outcome, time.perf_counter() - start, step_time, step, first)
+
+
+def _logs_at(spec: TrainSpec, step: int) -> bool:
+    """Whether an expert's log gets an entry at `step`: evaluations, its last step, every log_every."""
+    return (
+        step % spec.eval_every == 0
+        or step == spec.steps
+        or bool(spec.log_every and step % spec.log_every == 0)
+    )
+
+
+def _loader(run: ExpertRun, stream, pad_id: int, device_type: str, experts: int, pin: bool) -> BatchLoader:
+    """An expert's BatchLoader; with data_workers auto, the loading processes are shared among the experts."""
+    workers = worker_count(run.spec.data_workers, device_type)
+    if run.spec.data_workers is None and workers:
+        workers = max(1, workers // experts)
+    return BatchLoader(run.examples, stream, pad_id, 0, 1, workers, run.spec.prefetch_batches, pin=pin)
 
 
 def _run_log(run: ExpertRun, log: list[dict], purge_step: int | None):
@@ -359,7 +401,7 @@ def resume_settings(cfg: LorasConfig, jobs: list, init: list[dict]) -> dict:
     out: dict = {"experts": [j.name for j in jobs], "base_model": cfg.base_model}
     for j, weights in zip(jobs, init, strict=True):
         own = {
-            **to_dict(j.spec),
+            **ckpt.weight_settings(j.spec),
             "lora": to_dict(j.lora),
             "examples": [len(j.train_examples), len(j.val_examples)],
             "data": ckpt.data_identity(j.prep),

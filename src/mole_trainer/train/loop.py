@@ -23,16 +23,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import TrainSpec, to_dict
+from ..config import TrainSpec
 from ..data.preprocess import collate
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .distributed import barrier, current
 from .loader import BatchLoader, worker_count
 from .loss import answer_loss_sum, loss_module, supervised_count
-
-# TrainSpec keys that never change the trained weights: a run may resume with other values
-OUTSIDE_RESUME_IDENTITY = ("data_workers", "prefetch_batches", "log_every")
 
 
 @dataclass
@@ -244,7 +241,7 @@ def train_loop(
         # no device_ids: DDP would copy the inputs to the GPU, labels too, which stay on the host
         net = DistributedDataParallel(net)
     settings = {
-        **{k: v for k, v in to_dict(spec).items() if k not in OUTSIDE_RESUME_IDENTITY},
+        **ckpt.weight_settings(spec),
         "examples": len(examples),
         "data": data_id,
         "weighted": sample_weights is not None,

@@ -86,10 +86,12 @@ def expert_token_means(model, batch: dict, labels, sizes: list[int]):
 
     losses, rows = supervised_token_losses(model, batch, labels)
     group_of_row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    owner = group_of_row.to(rows.device)[rows].to(losses.device, non_blocking=True)
+    owner = group_of_row.to(rows.device)[rows]
+    # counted where the labels are (the host): bincount on a GPU reads its input's maximum back
+    counts = torch.bincount(owner, minlength=len(sizes)).to(losses.dtype).clamp(min=1.0)
+    owner = owner.to(losses.device, non_blocking=True)
     sums = torch.zeros(len(sizes), device=losses.device).index_add(0, owner, losses)
-    counts = torch.bincount(owner, minlength=len(sizes)).to(sums.dtype)
-    return sums / counts.clamp(min=1.0)
+    return sums / counts.to(losses.device, non_blocking=True)
 
 
 def loss_module(model):
