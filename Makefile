@@ -7,7 +7,7 @@ WORKDIR ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test test-fast lint format bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the edit loop: unit tests only, without the slow ones (they still run in `make test`); under a minute
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
