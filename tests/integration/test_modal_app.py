@@ -104,7 +104,11 @@ def test_every_stage_runs_locally_on_the_volume_layout(volumes, pipeline):
         assert (adapter / "adapter_config.json").is_file()
     assert (Path(out["router"]["adapter"]) / "adapter_config.json").is_file()
     report = json.loads((root / m.CHECKPOINTS / m.EVAL_REPORT).read_text())
-    assert 0.0 <= report["accuracy"] <= 1.0 and report["n"] == len(experts) * COUNTS["test"]
+    assert report["n"] == len(experts) * COUNTS["test"]
+    matrix = report["confusion"]["matrix"]  # rows: the true expert, each with its test records
+    assert [sum(row) for row in matrix] == [COUNTS["test"]] * len(experts)
+    assert report["accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(len(experts))) / report["n"])
+    assert out["deploy"]["router_gate"]["accuracy"] == report["accuracy"]
     assert out["test_router"]["passed"] and out["test_router"]["n"] == 2 * len(experts)
     assert out["deploy"]["router_gate"]["source"] == str(root / m.CHECKPOINTS / m.EVAL_REPORT)
     deployed = root / m.CHECKPOINTS / m.DEPLOY_DIR
