@@ -110,9 +110,17 @@ def test_experts_are_plain_peft_adapters(wd):
 
     from mole_trainer.model.loading import load_base
 
+    # each expert is scored with its own task's metric, trained and untrained
+    metrics = {
+        "calendar": "click_score",
+        "chart-screen": "answer_score",
+        "login-window": "action_score",
+        "ocr": "char_similarity",
+    }
     for n in NAMES:
         info = json.loads((wd / f"checkpoints/experts/{n}/expert_info.json").read_text())
-        assert info["metric"] and info["value"] is not None and info["base_value"] is not None
+        assert info["metric"] == metrics[n]
+        assert isinstance(info["value"], float) and isinstance(info["base_value"], float)
     model = PeftModel.from_pretrained(
         load_base(str(wd / "model/tiny-qwen3-vl"), "float32", "cpu"), wd / "checkpoints/experts/ocr/adapter"
     )
