@@ -58,7 +58,8 @@ def _hf(model, batch):
     return loss, _grads(model, loss)
 
 
-@pytest.mark.parametrize("chunk", [1024, 7])  # one piece, and many recomputed chunks
+# one piece (seconds: left out of make test-fast), and many recomputed chunks
+@pytest.mark.parametrize("chunk", [pytest.param(1024, marks=pytest.mark.slow), 7])
 def test_answer_loss_and_gradients_equal_hf_full_logits_loss(model, batch, chunk, monkeypatch):
     import mole_trainer.train.loss as loss_mod
 

@@ -53,8 +53,17 @@ def test_help_lists_every_stage_without_importing_torch():
         (["infer", "--deployment", "d"], "infer needs --image IMG --prompt TEXT"),
         (["data", "synth", "--out", "o", "--experts", "calendar,weather"], "weather"),
         (["data", "preprocess", "--input", "nothing", "--output", "o", "--model", "m"], "nothing: not found"),
-        (["model", "tiny", "--out", "o", "--processor", "nowhere"], "--processor nowhere: not a folder"),
-        (["model", "tiny", "--out", ".", "--processor", "."], "--out must not be the --processor folder"),
+        # a subprocess that imports transformers: seconds each
+        pytest.param(
+            ["model", "tiny", "--out", "o", "--processor", "nowhere"],
+            "--processor nowhere: not a folder",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["model", "tiny", "--out", ".", "--processor", "."],
+            "--out must not be the --processor folder",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, args, fragment):

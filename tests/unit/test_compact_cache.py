@@ -41,7 +41,10 @@ def live_pixels(processor, sample, task):
 
 # the tiny model's processor normalises with CLIP's mean/std, the real Qwen3-VL one with 0.5/0.5;
 # 4096..20000 pixels upscales some images and downscales others
-@pytest.mark.parametrize(("which", "task"), [("tiny", "router"), ("tiny", "sft"), ("real", "router")])
+@pytest.mark.parametrize(
+    ("which", "task"),
+    [("tiny", "router"), ("tiny", "sft"), pytest.param("real", "router", marks=pytest.mark.slow)],
+)
 def test_cached_pixels_are_bit_equal_to_a_live_processor_call(which, task, tiny_model, samples, tmp_path):
     from mole_trainer.model.loading import load_processor
 

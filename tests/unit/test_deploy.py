@@ -230,6 +230,21 @@ def test_corrupted_file_fails_verify_promote_and_load_naming_it(src: dict, tmp_p
     assert listing(dest)["current"] == first
 
 
+def test_a_same_size_change_is_caught_by_the_checksum(src: dict, dest: str):
+    """One flipped byte keeps the size the manifest lists: only the sha256 tells the file changed."""
+    release = deploy(**src, dest=dest)["release"]
+    fs, root = fsspec.core.url_to_fs(dest)
+    bad = "loras/calendar/adapter/adapter_model.safetensors"
+    path = f"{root}/{RELEASES_DIR}/{release}/{bad}"
+    data = bytearray(fs.cat_file(path))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(path, bytes(data))
+    report = verify_deployment(dest)
+    assert report["ok"] is False and report["mismatched"] == [bad] and report["missing"] == []
+    with pytest.raises(UserError, match=f"{release}.*changed.*{bad}"):
+        load_deployment(dest)
+
+
 def test_changed_manifest_is_refused(src: dict, tmp_path: Path, dest: str):
     release = deploy(**src, dest=dest)["release"]
     fs, root = fsspec.core.url_to_fs(dest)

@@ -68,6 +68,7 @@ def test_mixed_batch_equals_each_expert_alone_with_peft(engine, tiny_deployment)
     assert all(len(outs) >= 3 for outs in per_request), per_request  # the experts really differ
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_router_scores_equal_peft_router_and_tower_runs_once(tiny_deployment):
     """Routing in the stack equals the PEFT router's scores; a routed request sends its image through
     the vision tower once (router and expert share it), an expert at another pixel budget once more."""
@@ -98,6 +99,7 @@ def test_router_scores_equal_peft_router_and_tower_runs_once(tiny_deployment):
     assert sum(seen) == 2 + 2 * 2  # forced to ocr: once (no routing); routed, then ocr: twice
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_fallback_below_min_probability(tiny_deployment):
     """Below min_probability the fallback answers (and says so): the base model with no adapter gives
     exactly what the plain base generates; above it the routed expert answers."""
@@ -120,6 +122,7 @@ def test_fallback_below_min_probability(tiny_deployment):
     assert [r.output for r in routed] != plain
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_forced_unknown_and_bad_requests(engine, tiny_deployment):
     from mole_trainer.infer.engine import Engine, Request
 
@@ -211,6 +214,7 @@ def test_infer_refuses_a_file_with_bad_lines_naming_each_and_writes_nothing(
     assert not out.exists()
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_streaming_limits_and_sampling_per_row(engine):
     """Streamed pieces add up to each output; per-row token limits; a sampling row beside greedy rows
     leaves them unchanged and is reproducible from its seed."""
@@ -259,6 +263,7 @@ def test_encoding_once_matches_the_processor(engine):
         assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_infer_request_paths_and_streamed_output(tiny_deployment, tmp_path, capsys):
     """`mole infer --input`: images by absolute path and relative to the file; each batch's results
     are in --output (flushed) before the next batch is answered."""
@@ -310,6 +315,7 @@ def test_infer_request_paths_and_streamed_output(tiny_deployment, tmp_path, caps
     assert "missing.png' does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_python_api_route_and_chat(tiny_deployment, engine, tmp_path, monkeypatch):
     """MoLE.route / MoLE.chat: data: URL, path and PIL image parts; routed and forced; bad images refused."""
     import base64

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from mole_trainer import history as history_module
 from mole_trainer.errors import UserError
 from mole_trainer.history import History, format_runs_table, record_run
 from mole_trainer.layout import HISTORY_DB, LOCK_SHARED_ENV
@@ -18,7 +20,20 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "work" / HISTORY_DB
 
 
-def test_round_trip(db: Path):
+class SteppedClock(datetime):
+    """datetime whose now() starts at 12:00 UTC and moves 90.5 s per call: a run with a known wall time."""
+
+    calls = 0
+
+    @classmethod
+    def now(cls, tz=None):
+        cls.calls += 1
+        return datetime(2026, 1, 1, 12, 0, tzinfo=UTC) + timedelta(seconds=90.5 * (cls.calls - 1))
+
+
+def test_round_trip(db: Path, monkeypatch):
+    monkeypatch.setattr(history_module, "datetime", SteppedClock)
+    monkeypatch.setattr(SteppedClock, "calls", 0)
     history = History(db)
     run_id = history.start("train.experts", {"lr": 1e-4, "out": Path("/x")}, data_hash="abc")
     assert history.get(run_id)["status"] == "running"
@@ -32,8 +47,12 @@ def test_round_trip(db: Path):
     assert run["metrics"] == {"loss": 0.5}
     assert run["artifacts"] == {"ckpt": "a/b"}
     assert run["cost_usd"] == 1.25
-    assert run["duration_s"] >= 0
-    assert run["started_at"].endswith("+00:00") and run["finished_at"] >= run["started_at"]
+    # start reads the clock once, finish once: the duration is the time between them, to the microsecond
+    assert (run["started_at"], run["finished_at"]) == (
+        "2026-01-01T12:00:00.000000+00:00",
+        "2026-01-01T12:01:30.500000+00:00",
+    )
+    assert run["duration_s"] == 90.5
     assert run["error"] is None and run["host"]
 
 

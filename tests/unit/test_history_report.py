@@ -215,6 +215,7 @@ def test_backfill_lists_a_broken_log_line_and_keeps_the_rest(tmp_path):
     assert [p.split(": ")[0] for p in problems] == [f"{out / TRAIN_LOG_FILE}:3", f"{out / TRAIN_LOG_FILE}:4"]
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_report_is_one_self_contained_page_with_every_figure(backfilled, tmp_path, capsys):
     out = tmp_path / "r" / "report.html"
     assert main(["--workdir", str(backfilled["wd"]), "history", "report", "--output", str(out)]) == 0

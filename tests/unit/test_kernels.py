@@ -53,6 +53,7 @@ def test_eager_attention_from_config_matches_sdpa(tiny_model, text_batch):
         torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-5 * float(ga[n].abs().max()))
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_compiled_decoder_layers_give_the_same_loss_and_gradients(tiny_model, text_batch):
     # the "eager" backend traces the layers with dynamo (graph breaks and guards are exercised) but
     # skips code generation, which takes minutes on 2 CPU cores; a GPU run uses inductor

@@ -180,6 +180,7 @@ def test_length_groups_split_long_experts_off():
     assert length_groups({5: [10]}, 0.25) == [[5]]
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_saved_adapters_serve_a_mixed_batch(setup, tmp_path):
     """Two experts saved by PEFT, loaded side by side: greedy generation on a mixed batch == each alone."""
     import torch

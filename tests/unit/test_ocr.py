@@ -249,6 +249,7 @@ def _read(image, engine="rapidocr"):
     return read_text_lines(image, engine)
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 @rapidocr
 def test_rapidocr_crops_become_records_with_their_text(tmp_path):
     folder = tmp_path / "shots"
@@ -286,6 +287,7 @@ def test_image_folders_split_by_content_and_copies_stay_together():
     assert split_images({"a.png": "f" * 64}) == {"a.png": "train"}
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 @rapidocr
 def test_rapidocr_joins_a_receipt_row_and_restores_spaces():
     from PIL import ImageDraw, ImageFont
@@ -331,6 +333,7 @@ def test_load_image_palette_and_16_bit(tmp_path):
     assert np.array_equal(flat[..., 0], np.asarray(img.convert("L")))
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 @rapidocr
 def test_rapidocr_reads_rgba_palette_and_16_bit_screens(tmp_path):
     img, _ = _screenshot()
@@ -344,6 +347,7 @@ def test_rapidocr_reads_rgba_palette_and_16_bit_screens(tmp_path):
         assert [ln.text for ln in _read(load_image(tmp_path / name))] == list(SHOT_LINES), name
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 @rapidocr
 def test_exif_orientation_is_applied_before_reading(tmp_path):
     img, boxes = _screenshot()
@@ -357,7 +361,7 @@ def test_exif_orientation_is_applied_before_reading(tmp_path):
     assert all(box_iou(ln.box, b) >= 0.5 for ln, b in zip(lines, boxes, strict=True))
 
 
-@pytest.mark.parametrize("engine", ["opencv", pytest.param("rapidocr", marks=rapidocr)])
+@pytest.mark.parametrize("engine", ["opencv", pytest.param("rapidocr", marks=[rapidocr, pytest.mark.slow])])
 def test_large_images_are_detected_downscaled_and_boxes_map_back(engine, monkeypatch):
     import mole_trainer.data.ocr_engines as engines
 
@@ -369,7 +373,7 @@ def test_large_images_are_detected_downscaled_and_boxes_map_back(engine, monkeyp
         assert [ln.text for ln in lines] == list(SHOT_LINES)
 
 
-@pytest.mark.parametrize("engine", ["opencv", pytest.param("rapidocr", marks=rapidocr)])
+@pytest.mark.parametrize("engine", ["opencv", pytest.param("rapidocr", marks=[rapidocr, pytest.mark.slow])])
 def test_tiny_images_give_boxes_inside_them(engine):
     from PIL import ImageDraw, ImageFont
 

@@ -67,6 +67,7 @@ def test_collate_pads_and_keeps_masks(processor, samples):
     assert batch["pixel_values"].shape[0] == sum(e["pixel_values"].shape[0] for e in exs)
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_scores_do_not_depend_on_batch_composition(model, processor, samples):
     pad = processor.tokenizer.pad_token_id
     labels = label_token_ids(processor.tokenizer, NAMES)

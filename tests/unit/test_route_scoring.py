@@ -57,7 +57,7 @@ def _max_diff(model, prompts, labels, pad):
     return float((new - ref).abs().max()), ref
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("eager", marks=pytest.mark.slow)])
 def test_one_prefill_equals_k_rows(tiny_model, processor, requests, attn):
     labels = label_token_ids(processor.tokenizer, NAMES)
     assert len({len(lab) for lab in labels}) >= 3
@@ -72,6 +72,7 @@ def test_one_prefill_equals_k_rows(tiny_model, processor, requests, attn):
     assert diff <= TOLERANCE
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_one_prefill_equals_k_rows_with_an_adapter(tiny_model, processor, requests):
     labels = label_token_ids(processor.tokenizer, NAMES)
     prompts = _prompts(processor, requests)
@@ -95,6 +96,7 @@ def test_validation_loss_from_scores_equals_teacher_forced_loss(tiny_model, proc
     assert label_loss(scores, truth, labels) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # seconds: left out of make test-fast
 def test_scoring_turns_the_cache_on_whatever_the_config_says(tiny_model, processor, requests):
     """Gradient checkpointing (train/loop.py) and some checkpoints switch use_cache off in the config."""
     from mole_trainer.train.loop import enable_gradient_checkpointing
