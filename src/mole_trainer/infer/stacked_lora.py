@@ -106,9 +106,7 @@ class StackedLora:
         self.layers: dict[str, StackedLoraLinear] = {}
         names = sorted({name for w in slots if w for name in w})
         for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            linear = getattr(parent, child)
+            linear = model.get_submodule(name)
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"{name} is {type(linear).__name__}, expected a Linear")
             per_slot = [w.get(name) if w else None for w in slots]
@@ -121,7 +119,7 @@ class StackedLora:
                         f"but the base Linear is {linear.in_features} -> {linear.out_features}"
                     )
             layer = StackedLoraLinear(linear, per_slot)
-            setattr(parent, child, layer)
+            model.set_submodule(name, layer)
             self.layers[name] = layer
 
     def set_rows(self, slots: Sequence[int]) -> None:
@@ -152,8 +150,6 @@ class StackedLora:
     def remove(self) -> nn.Module:
         """Put every base Linear back and return the base model."""
         for name, layer in self.layers.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, layer.base_layer)
+            self.model.set_submodule(name, layer.base_layer)
         self.layers = {}
         return self.model

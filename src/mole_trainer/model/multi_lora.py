@@ -177,16 +177,14 @@ class MultiLora:
             p.requires_grad_(False)
         names = sorted({name for w in experts for name in w})
         for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = base.get_submodule(parent_name) if parent_name else base
-            linear = getattr(parent, child)
+            linear = base.get_submodule(name)
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"{name} is {type(linear).__name__}, expected a Linear")
             layer = MultiLoraLinear(linear, self.n, self.rows)
             for e, w in enumerate(experts):
                 if name in w:
                     layer.add_expert(e, w[name])
-            setattr(parent, child, layer)
+            base.set_submodule(name, layer)
             self.layers[name] = layer
 
     def set_groups(self, groups: list[tuple[int, int | None]]) -> None:
@@ -237,9 +235,7 @@ class MultiLora:
     def remove(self) -> nn.Module:
         """Put every base Linear back in place and return the base model (no trace of the experts)."""
         for name, layer in self.layers.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = self.base.get_submodule(parent_name) if parent_name else self.base
-            setattr(parent, child, layer.base_layer)
+            self.base.set_submodule(name, layer.base_layer)
         self.layers = {}
         self.rows.groups = []
         return self.base
