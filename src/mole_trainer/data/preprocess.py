@@ -212,11 +212,18 @@ def concat_batches(batches: list[dict], pad_id: int) -> dict:
             pad = torch.full((t.shape[0], longest - t.shape[1]), fill[key], dtype=t.dtype, device=t.device)
             rows.append(torch.cat([t, pad], dim=1))
         out[key] = torch.cat(rows)
-    with_images = [b for b in batches if "pixel_values" in b]
+    return _join_images(out, batches)
+
+
+def _join_images(batch: dict, parts: list[dict]) -> dict:
+    """`batch` with the image patches and grids of `parts` (examples or batches) concatenated in order."""
+    import torch
+
+    with_images = [p for p in parts if "pixel_values" in p]
     if with_images:
-        out["pixel_values"] = torch.cat([b["pixel_values"] for b in with_images])
-        out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in with_images])
-    return out
+        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images])
+        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images])
+    return batch
 
 
 def collate(examples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
@@ -235,11 +242,7 @@ def collate(examples: list[dict], pad_id: int, padding_side: str = "right") -> d
             pad = torch.full((longest - len(t),), value, dtype=t.dtype)
             rows.append(torch.cat([t, pad]) if padding_side == "right" else torch.cat([pad, t]))
         batch[key] = torch.stack(rows)
-    with_images = [e for e in examples if "pixel_values" in e]
-    if with_images:
-        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
-        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
-    return batch
+    return _join_images(batch, examples)
 
 
 def sample_to_dict(s: Sample, base: Path | None = None) -> dict:
