@@ -167,12 +167,13 @@ def test_remote_without_credentials_fails_at_once():
     assert time.perf_counter() - start < 10
 
 
-# Spies on the public modal.Image methods, then imports the app the way `modal run` does; prints what the
-# image was asked to install and which environment it sets.
-IMAGE_SPY = """
+# Spies on public Modal API (the modal.Image methods and the modal.App.function decorator), then imports the
+# app the way `modal run` does; prints what the image was asked to install, which environment it sets, the
+# gpu/timeout/retries/cpu each function was defined with and those of the app's OPTIONS table.
+APP_SPY = """
 import json, modal
-calls = {"pip_install": [], "env": {}}
-pip_install, env = modal.Image.pip_install, modal.Image.env
+calls = {"pip_install": [], "env": {}, "functions": {}}
+pip_install, env, function = modal.Image.pip_install, modal.Image.env, modal.App.function
 
 def spy_pip(self, *packages, **kw):
     calls["pip_install"].append(list(packages))
@@ -182,22 +183,49 @@ def spy_env(self, vars, *a, **kw):
     calls["env"].update(vars)
     return env(self, vars, *a, **kw)
 
-modal.Image.pip_install, modal.Image.env = spy_pip, spy_env
-import mole_trainer.cloud.modal_app
+def resources(kw):
+    r = kw.get("retries")
+    retries = [r.max_retries, r.backoff_coefficient, r.initial_delay.total_seconds()] if r else None
+    out = {"gpu": kw.get("gpu"), "timeout": kw.get("timeout"), "retries": retries}
+    return {**out, "cpu": kw["cpu"]} if "cpu" in kw else out
+
+def spy_function(self, *a, **kw):
+    decorate = function(self, *a, **kw)
+
+    def record(f):
+        calls["functions"][getattr(f, "__name__", "web")] = resources(kw)
+        return decorate(f)
+
+    return record
+
+modal.Image.pip_install, modal.Image.env, modal.App.function = spy_pip, spy_env, spy_function
+from mole_trainer.cloud import modal_app
+calls["table"] = {name: resources(options) for name, options in modal_app.OPTIONS.items()}
 print(json.dumps(calls))
 """
 
 
-def test_image_installs_exactly_the_pyproject_dependencies():
+def define_app(env: dict[str, str]) -> dict:
+    """What APP_SPY saw while the app was defined in a fresh interpreter with environment `env`."""
     import subprocess
     import sys
 
     root = Path(__file__).parents[2]
-    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
-    env = {k: v for k, v in os.environ.items() if k != m.MODAL_CONFIG_ENV}
-    out = subprocess.run([sys.executable, "-c", IMAGE_SPY], env=env, cwd=root, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", APP_SPY], env=env, cwd=root, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    calls = json.loads(out.stdout.splitlines()[-1])
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def default_app() -> dict:
+    """APP_SPY's record of the app defined without MOLE_MODAL_CONFIG."""
+    return define_app({k: v for k, v in os.environ.items() if k != m.MODAL_CONFIG_ENV})
+
+
+def test_image_installs_exactly_the_pyproject_dependencies(default_app):
+    root = Path(__file__).parents[2]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    calls = default_app
     assert len(calls["pip_install"]) == 1
     assert sorted(calls["pip_install"][0]) == sorted(pyproject["project"]["dependencies"])
     assert calls["env"]["HF_HOME"] == m.HF_HOME
@@ -283,32 +311,28 @@ def test_every_checkpoint_save_commits_the_volume_at_once(monkeypatch, tmp_path,
     assert "step-00000005: Volume commit failed (RuntimeError: there are open" in capsys.readouterr().err
 
 
-def function_resources(fn) -> dict:
-    """gpu, timeout and retries a Modal function was defined with (reads modal 1.6's private closure)."""
-    from modal._utils.async_utils import synchronizer
-
-    f = synchronizer._translate_in(fn)
-    cells = dict(
-        zip(f._load.__code__.co_freevars, (c.cell_contents for c in f._load.__closure__), strict=True)
-    )
-    policy = cells["retry_policy"]
-    retries = [policy.retries, policy.initial_delay_ms / 1000] if policy else None
-    return {"gpu": f._spec.gpus, "timeout": cells["timeout"], "retries": retries}
+def _without_cpu(resources: dict) -> dict:
+    return {k: v for k, v in resources.items() if k != "cpu"}
 
 
-def test_stage_resources_default_to_todays_values():
-    assert os.environ.get(m.MODAL_CONFIG_ENV) is None
-    train = {"gpu": "H100", "timeout": 6 * 3600, "retries": [2, 30.0]}
-    assert function_resources(m.train_router) == function_resources(m.train_experts) == train
-    assert function_resources(m.eval_router) == {"gpu": "L40S", "timeout": 2 * 3600, "retries": None}
-    assert function_resources(m.data_preprocess) == {"gpu": None, "timeout": 3600, "retries": None}
-    assert function_resources(m.train_expert_fanout)["timeout"] == 24 * 3600
+def test_every_stage_function_is_defined_with_its_row_of_the_resource_table(default_app):
+    functions, table = default_app["functions"], default_app["table"]
+    assert sorted(table) == sorted(m.STAGE_DEFAULTS)
+    assert sorted(functions) == sorted([*m.STAGE_DEFAULTS, "web"])
+    for name in m.STAGE_DEFAULTS:  # one source: each decorator takes its stage's row, nothing else
+        assert _without_cpu(functions[name]) == table[name], name
+    # today's values (STAGE_DEFAULTS), as the functions were created
+    train = {"gpu": "H100", "timeout": 6 * 3600, "retries": [2, 2.0, 30.0]}
+    assert functions["train_router"] == functions["train_experts"] == train
+    for name in ("eval_router", "test_router"):
+        assert functions[name] == {"gpu": "L40S", "timeout": 2 * 3600, "retries": None}
+    assert functions["data_preprocess"] == {"gpu": None, "timeout": 3600, "retries": None, "cpu": 8}
+    for name in ("model_tiny", "data_synth", "data_routing", "data_check", "deploy"):
+        assert functions[name] == {"gpu": None, "timeout": 3600, "retries": None}
+    assert functions["train_expert_fanout"] == {"gpu": None, "timeout": 24 * 3600, "retries": None}
 
 
-def test_stage_resources_follow_the_modal_config(tmp_path):
-    import subprocess
-    import sys
-
+def test_stage_resources_follow_the_modal_config(tmp_path, default_app):
     path = tmp_path / "modal.yaml"
     stages = {
         "train_router": {"gpu": "H200", "gpu_count": 2, "timeout_s": 600, "retries": 0},
@@ -316,20 +340,13 @@ def test_stage_resources_follow_the_modal_config(tmp_path):
         "data_check": {"retries": 3},
     }
     path.write_text(yaml.safe_dump({"stages": stages}))
-    names = ["train_router", "train_experts", "eval_router", "data_check"]
-    code = (
-        "import json; from tests.integration.test_modal_app import m, function_resources as r; "
-        f"print(json.dumps({{n: r(getattr(m, n)) for n in {names!r}}}))"
-    )
-    env = {**os.environ, m.MODAL_CONFIG_ENV: str(path)}
-    root = Path(__file__).parents[2]
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout.splitlines()[-1])
-    assert got["train_router"] == {"gpu": "H200:2", "timeout": 600, "retries": None}
-    assert got["train_experts"] == function_resources(m.train_experts)  # not named: today's values
-    assert got["eval_router"] == {"gpu": None, "timeout": 2 * 3600, "retries": None}
-    assert got["data_check"] == {"gpu": None, "timeout": 3600, "retries": [3, 30.0]}
+    got = define_app({**os.environ, m.MODAL_CONFIG_ENV: str(path)})
+    functions = got["functions"]
+    assert got["table"]["train_router"] == functions["train_router"]
+    assert functions["train_router"] == {"gpu": "H200:2", "timeout": 600, "retries": None}
+    assert functions["train_experts"] == default_app["functions"]["train_experts"]  # not named: today's
+    assert functions["eval_router"] == {"gpu": None, "timeout": 2 * 3600, "retries": None}
+    assert functions["data_check"] == {"gpu": None, "timeout": 3600, "retries": [3, 2.0, 30.0]}
 
 
 @pytest.mark.parametrize(
