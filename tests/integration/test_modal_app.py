@@ -367,3 +367,72 @@ def test_a_bad_modal_config_names_the_file_and_key(tmp_path, stages, message):
     with pytest.raises(UserError, match=f"^{path}: ") as err:
         m.stage_resources(path)
     assert message in str(err.value)
+
+
+def test_the_pipeline_entrypoint_stops_on_a_broken_config_with_exit_2_before_uploading(tmp_path, capsys):
+    config_dir = tmp_path / "configs"
+    _write_configs(config_dir, ["calendar"])
+    router = yaml.safe_load((config_dir / "router.yaml").read_text())
+    router["train"]["lr"] = "fast"
+    (config_dir / "router.yaml").write_text(yaml.safe_dump(router))
+    # the upload would raise (the Volume is not hydrated here): the configs are checked before it
+    with pytest.raises(SystemExit) as exit_info:
+        m.main("--config-dir", str(config_dir))
+    assert exit_info.value.code == 2
+    want = f"error: {config_dir / 'router.yaml'}: train.lr: expected a number, got a string 'fast'\n"
+    assert capsys.readouterr().err == want  # the message alone, no traceback
+    (config_dir / "loras.yaml").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        m.main("--config-dir", str(config_dir))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {config_dir / 'loras.yaml'}: config file not found\n"
+
+
+def test_a_stage_run_through_the_entrypoint_exits_2_on_a_user_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(m.LOCAL_ROOT_ENV, str(tmp_path))
+    monkeypatch.setattr(m.train_router, "remote", m.train_router.local)  # .remote needs a Modal token
+    with pytest.raises(SystemExit) as exit_info:
+        m.main("train_router", "--config", "config/missing.yaml", "--no-resume")
+    assert exit_info.value.code == 2
+    missing = tmp_path / m.DATA / "config" / "missing.yaml"
+    assert capsys.readouterr().err.endswith(f"error: train_router: {missing}: config file not found\n")
+
+    with pytest.raises(SystemExit) as exit_info:
+        m.main("train_routr")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "error: 'train_routr': unknown stage; expected one of model_tiny"
+    )
+
+
+def test_a_stage_run_through_the_entrypoint_prints_its_result(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(m.LOCAL_ROOT_ENV, str(tmp_path))
+    monkeypatch.setattr(m.data_synth, "remote", m.data_synth.local)
+    m.main(
+        "data_synth", "--experts", "calendar", "--train", "2", "--val", "1", "--test", "1", "--width", "320"
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert list(result) == ["calendar"]
+    records = (tmp_path / m.DATA / m.EXPERTS_DATA / "calendar" / "train.jsonl").read_text().splitlines()
+    assert len(records) == 2  # --train 2 reached the stage as an int
+
+
+def test_the_entrypoint_takes_the_options_modal_run_gives_a_stage(capsys):
+    name, kwargs = m.stage_call(
+        ["eval_router", "--batch-size", "4", "--split", "val", "--test-data", "r.jsonl"]
+    )
+    assert name == "eval_router"
+    assert kwargs == {
+        "checkpoint": "router",  # the function's own defaults for the rest
+        "test_data": "r.jsonl",
+        "output": "eval/router_report.json",
+        "split": "val",
+        "batch_size": 4,
+        "workdir": ".",
+    }
+    assert m.stage_call(["train_experts", "--no-resume"])[1]["resume"] is False
+    assert m.stage_call(["train_experts"])[1]["resume"] is True
+    with pytest.raises(SystemExit) as exit_info:
+        m.stage_call(["eval_router", "--batch-size", "four"])
+    assert exit_info.value.code == 2
+    assert "argument --batch-size: invalid int value: 'four'" in capsys.readouterr().err

@@ -22,6 +22,12 @@ filter) and a retry cannot fix a config; the `main` entrypoint exits 2 on such a
 stage has retries (training, by default: TRAIN_RETRIES); training resumes from its newest checkpoint,
 which is committed to the Volume as soon as it is saved.
 
+Exit codes: `modal run ...modal_app::STAGE` runs a function by itself, and Modal's CLI discards what
+it returns, so a returned UserError ends with exit 0 there (the container log shows `error: ...`);
+only raising would make it exit non-zero, and that is retried and printed with a traceback. Through
+the entrypoint, `modal run -m mole_trainer.cloud.modal_app STAGE --option value ...` (the same options)
+runs the function remotely and exits 2 with the message on a UserError, as the pipeline run does.
+
 Resources: GPU type and count, timeout and retries of each stage are STAGE_DEFAULTS unless the
 modal.yaml named by MOLE_MODAL_CONFIG overrides them, e.g. `stages: {train_router: {gpu: H200}}`. The
 file is read when the app is defined, on the machine that runs `modal run` or `modal deploy` (set it
@@ -30,12 +36,14 @@ there each time); a container keeps the resources its function was created with.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
 import os
 import sys
 import tomllib
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -151,6 +159,10 @@ RESOURCES = stage_resources(os.environ.get(MODAL_CONFIG_ENV) if modal.is_local()
 OPTIONS = {name: function_options(res) for name, res in RESOURCES.items()}
 
 
+# the Python function of each stage function (its parameters are the stage's `modal run` options)
+STAGE_CODE: dict[str, Callable] = {}
+
+
 def user_errors_returned(fn):
     """Return a UserError (a config or data error) as {"ok": False, "stage", "error"} instead of raising it.
 
@@ -168,6 +180,7 @@ def user_errors_returned(fn):
             print(f"error: {exc}", file=sys.stderr)
             return {"ok": False, "stage": fn.__name__, "error": str(exc)}
 
+    STAGE_CODE[fn.__name__] = fn
     return run
 
 
@@ -182,6 +195,23 @@ def checked(result):
         print(f"error: {result['stage']}: {result['error']}", file=sys.stderr)
         raise SystemExit(2)
     return result
+
+
+def user_errors_exit(fn):
+    """For local entrypoints: a UserError ends the run with its message and exit 2, without a traceback.
+
+    (Modal prints the traceback of any Exception an entrypoint raises and exits 1; SystemExit passes.)
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
 
 
 # Inside a container the module is imported again but the image is already built (and there is no
@@ -583,17 +613,54 @@ def web():
         return stages.serve_app(settings)
 
 
+# every stage function by name, for the entrypoint
+STAGES = {name: globals()[name] for name in STAGE_DEFAULTS}
+ENTRYPOINT = "modal run -m mole_trainer.cloud.modal_app"
+
+
+def stage_call(args: tuple[str, ...] | list[str]) -> tuple[str, dict]:
+    """(stage, keyword arguments) of `STAGE --option value ...`, with the options `modal run ::STAGE` takes.
+
+    A bad option ends the run with argparse's usage message and exit 2.
+    """
+    from mole_trainer.cloud.entrypoint_args import options_parser
+
+    name = args[0] if args else ""
+    if name not in STAGES:
+        raise UserError(f"{name!r}: unknown stage; expected one of {', '.join(STAGES)} (or --config-dir DIR)")
+    return name, vars(options_parser(STAGE_CODE[name], f"{ENTRYPOINT} {name}").parse_args(args[1:]))
+
+
 @app.local_entrypoint()
-def main(config_dir: str):
-    """Upload CONFIG_DIR/{dataset,loras,router}.yaml to the data Volume, then run the demo pipeline on Modal."""
-    from mole_trainer.config import RouterConfig
+@user_errors_exit
+def main(*args: str):
+    """`--config-dir DIR`: upload DIR/{dataset,loras,router}.yaml to the data Volume, then run the demo
+    pipeline on Modal. `STAGE --option value ...`: run one stage function (options as for ::STAGE) and
+    print its result. Either exits 2 with the message on a config or data error."""
+    if args and not args[0].startswith("-"):
+        name, kwargs = stage_call(args)
+        print(json.dumps(checked(STAGES[name].remote(**kwargs)), indent=2, default=str))
+        return
+    parser = argparse.ArgumentParser(prog=ENTRYPOINT, description="Run the demo pipeline on Modal.")
+    parser.add_argument(
+        "--config-dir", required=True, help="folder with dataset.yaml, loras.yaml, router.yaml"
+    )
+    run_pipeline(Path(parser.parse_args(args).config_dir))
+
+
+def run_pipeline(config_dir: Path) -> None:
+    """Check and upload the configs of `config_dir`, then run every stage in order; exit 2 on a user error."""
+    from mole_trainer.config import DatasetConfig, LorasConfig, RouterConfig
     from mole_trainer.configs import CONFIG_FILES
     from mole_trainer.pipeline import DEMO_SEED, DEMO_SYNTH_COUNTS
 
+    # all three checked here first: a broken file stops the run before anything is uploaded or started
+    kinds = {"dataset.yaml": DatasetConfig, "loras.yaml": LorasConfig, "router.yaml": RouterConfig}
+    configs = {name: load_config(config_dir / name, kinds[name]) for name in CONFIG_FILES}
     with VOLUMES[DATA].batch_upload(force=True) as batch:
         for name in CONFIG_FILES:
-            batch.put_file(Path(config_dir) / name, f"/{CONFIG_DIR}/{name}")
-    pixels = load_config(Path(config_dir) / "router.yaml", RouterConfig).image
+            batch.put_file(config_dir / name, f"/{CONFIG_DIR}/{name}")
+    pixels = configs["router.yaml"].image
     checked(model_tiny.remote(TINY_MODEL, DEMO_SEED))
     checked(data_synth.remote(EXPERTS_DATA, seed=DEMO_SEED, **DEMO_SYNTH_COUNTS))
     checked(data_routing.remote())
