@@ -19,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing loc
 from mole_trainer.cloud import modal_app as m  # noqa: E402
 from mole_trainer.errors import UserError  # noqa: E402
 from mole_trainer.layout import HISTORY_DB, MANIFEST_FILE  # noqa: E402
+from tests.modal_spy import define_app  # noqa: E402
 
 COUNTS = {"train": 12, "val": 4, "test": 4}
 IMAGE_SIZE = (320, 240)
@@ -165,55 +166,6 @@ def test_remote_without_credentials_fails_at_once():
     with pytest.raises(ExecutionError, match="not been hydrated .* App it is defined on is not running"):
         m.model_tiny.remote()
     assert time.perf_counter() - start < 10
-
-
-# Spies on public Modal API (the modal.Image methods and the modal.App.function decorator), then imports the
-# app the way `modal run` does; prints what the image was asked to install, which environment it sets, the
-# gpu/timeout/retries/cpu each function was defined with and those of the app's OPTIONS table.
-APP_SPY = """
-import json, modal
-calls = {"pip_install": [], "env": {}, "functions": {}}
-pip_install, env, function = modal.Image.pip_install, modal.Image.env, modal.App.function
-
-def spy_pip(self, *packages, **kw):
-    calls["pip_install"].append(list(packages))
-    return pip_install(self, *packages, **kw)
-
-def spy_env(self, vars, *a, **kw):
-    calls["env"].update(vars)
-    return env(self, vars, *a, **kw)
-
-def resources(kw):
-    r = kw.get("retries")
-    retries = [r.max_retries, r.backoff_coefficient, r.initial_delay.total_seconds()] if r else None
-    out = {"gpu": kw.get("gpu"), "timeout": kw.get("timeout"), "retries": retries}
-    return {**out, "cpu": kw["cpu"]} if "cpu" in kw else out
-
-def spy_function(self, *a, **kw):
-    decorate = function(self, *a, **kw)
-
-    def record(f):
-        calls["functions"][getattr(f, "__name__", "web")] = resources(kw)
-        return decorate(f)
-
-    return record
-
-modal.Image.pip_install, modal.Image.env, modal.App.function = spy_pip, spy_env, spy_function
-from mole_trainer.cloud import modal_app
-calls["table"] = {name: resources(options) for name, options in modal_app.OPTIONS.items()}
-print(json.dumps(calls))
-"""
-
-
-def define_app(env: dict[str, str]) -> dict:
-    """What APP_SPY saw while the app was defined in a fresh interpreter with environment `env`."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).parents[2]
-    out = subprocess.run([sys.executable, "-c", APP_SPY], env=env, cwd=root, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

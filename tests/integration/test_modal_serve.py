@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shlex
+import os
 import shutil
 
 import pytest
@@ -16,6 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing loc
 
 from mole_trainer.cloud import modal_app as m  # noqa: E402
 from mole_trainer.errors import UserError  # noqa: E402
+from tests.modal_spy import define_app  # noqa: E402
 
 
 def test_serve_config_comes_from_the_file_at_deploy_and_from_the_image_in_the_container(
@@ -37,28 +38,24 @@ def test_serve_config_comes_from_the_file_at_deploy_and_from_the_image_in_the_co
         m.serve_config()
 
 
-def test_the_endpoint_function_is_defined_from_the_settings():
-    from modal._utils.async_utils import synchronizer
-
-    spec = synchronizer._translate_in(m.web)._spec
-    assert spec.gpus == m.SERVE.gpu
-    assert (
-        json.loads(dict(_image_env(m.serve_image))[m.SERVE_SETTINGS_ENV])["concurrency"]
-        == m.SERVE.concurrency
-    )
-
-
-def _image_env(image) -> list[tuple[str, str]]:
-    """ENV lines of an image's own Dockerfile commands (modal 1.6's private closures)."""
-    from modal._utils.async_utils import synchronizer
-
-    img = synchronizer._translate_in(image)
-    cells = dict(
-        zip(img._load.__code__.co_freevars, (c.cell_contents for c in img._load.__closure__), strict=True)
-    )
-    lines = cells["dockerfile_function"]("2025.06").commands
-    env = [line.removeprefix("ENV ").split("=", 1) for line in lines if line.startswith("ENV ")]
-    return [(k, shlex.split(v)[0]) for k, v in env]  # values are shell-quoted
+def test_the_endpoint_function_is_defined_from_the_settings(tmp_path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("gpu: H100\nconcurrency: 48\nmin_containers: 1\nmax_containers: 9\n")
+    env = {k: v for k, v in os.environ.items() if k not in (m.SERVE_SETTINGS_ENV, m.MODAL_CONFIG_ENV)}
+    got = define_app({**env, m.SERVE_CONFIG_ENV: str(cfg)})  # as `modal deploy` defines the app
+    web = got["functions"]["web"]
+    assert web == {
+        "gpu": "H100",
+        "timeout": 10 * 60,
+        "retries": None,
+        "min_containers": 1,
+        "max_containers": 9,
+        "scaledown_window": 5 * 60,
+    }
+    assert got["concurrent"] == [{"max_inputs": 48}]
+    # the containers serve what was deployed: the settings travel in the image's environment
+    deployed = json.loads(got["env"][m.SERVE_SETTINGS_ENV])
+    assert (deployed["gpu"], deployed["concurrency"], deployed["max_containers"]) == ("H100", 48, 9)
 
 
 @pytest.mark.slow
