@@ -382,6 +382,8 @@ def test_the_entrypoint_takes_the_options_modal_run_gives_a_stage(capsys):
         "batch_size": 4,
         "workdir": ".",
     }
+    for stage in m.STAGE_DEFAULTS:  # every stage function can be run so (its parameters parse)
+        assert m.stage_call([stage])[0] == stage
     assert m.stage_call(["train_experts", "--no-resume"])[1]["resume"] is False
     assert m.stage_call(["train_experts"])[1]["resume"] is True
     with pytest.raises(SystemExit) as exit_info:
