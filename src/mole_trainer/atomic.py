@@ -67,13 +67,24 @@ def publish_folder(staging: str | Path, final: str | Path, durable: bool = True)
         fsync_dir(Path(final).parent)
 
 
-def replace_folder(staging: str | Path, final: str | Path, aside: str | Path) -> None:
-    """Put the folder `staging` in the place of `final`, which may exist: an existing `final` is first
-    renamed to `aside` and deleted, so `final` is never a mix of both."""
-    if Path(final).exists():
+def replace_folder(staging: str | Path, final: str | Path, aside: str | Path, durable: bool = False) -> None:
+    """Put the completely written folder `staging` in the place of `final`, which may exist.
+
+    An existing `final` is renamed to `aside`, `staging` renamed to `final`, and only then is `aside`
+    deleted: `final` is never a mix of both, and a kill at any moment leaves a complete folder at
+    `final`, or at `aside` with `staging` complete beside it. A leftover `aside` is removed first.
+    With `durable`, as publish_folder: `staging` is on disk before the renames and they are synced.
+    """
+    final = Path(final)
+    if durable:
+        fsync_tree(staging)
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
         os.replace(final, aside)
-        shutil.rmtree(aside, ignore_errors=True)
     os.replace(staging, final)
+    if durable:
+        fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def fsync_file(path: str | Path) -> None:

@@ -53,6 +53,23 @@ def folder_digest(root: str | Path, salt: bytes = b"", skip_prefix: str | None =
     return h.hexdigest()
 
 
+def listing_digest(folder: str | Path, head: str | None = None, skip_prefix: str | None = None) -> str:
+    """Hex SHA-256 of a folder's own files by name and size: the bytes of its file `head` (when there is
+    one), then each file directly in `folder`, sorted by name, as its name and size.
+
+    Cheap (only `head` is read) and blind to modification times, which a copy may not keep. Files whose
+    name starts with `skip_prefix` are left out.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    if head is not None and (folder / head).is_file():
+        update_from_file(h, folder / head)
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not (skip_prefix and f.name.startswith(skip_prefix)):
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+    return h.hexdigest()
+
+
 def named_files_digest(files: Iterable[tuple[str, Path]]) -> str:
     """Hex SHA-256 over (name, file) pairs in the given order: each name, a NUL, then the file's bytes."""
     h = hashlib.sha256()

@@ -60,3 +60,69 @@ def test_publish_folder_never_overwrites_and_replace_folder_swaps_whole(tmp_path
     final.rename(staging)
     publish_folder(staging, again)
     assert (again / "w.bin").read_bytes() == b"new" and not staging.exists()
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL at one point of a folder swap."""
+
+
+def _folder(path: Path, data: bytes) -> Path:
+    path.mkdir()
+    (path / "w.bin").write_bytes(data)
+    return path
+
+
+def test_replace_folder_killed_at_any_point_leaves_a_complete_folder(tmp_path: Path, monkeypatch):
+    from mole_trainer import atomic
+
+    final, aside = tmp_path / "best", tmp_path / ".best.old"
+    real_rmtree, real_replace = atomic.shutil.rmtree, os.replace
+
+    def kill_deleting_the_old(path, *args, **kwargs):
+        if Path(path).exists():  # the call after the swap: the first one only clears a leftover
+            raise Killed
+        real_rmtree(path, *args, **kwargs)
+
+    _folder(final, b"old")
+    monkeypatch.setattr(atomic.shutil, "rmtree", kill_deleting_the_old)
+    with pytest.raises(Killed):
+        replace_folder(_folder(tmp_path / ".best.tmp", b"new"), final, aside)
+    assert (final / "w.bin").read_bytes() == b"new" and (aside / "w.bin").read_bytes() == b"old"
+
+    # killed between the two renames: the old folder aside and the new one beside it, both whole
+    monkeypatch.setattr(atomic.shutil, "rmtree", real_rmtree)
+    renames = []
+
+    def kill_at_the_second_rename(src, dst):
+        renames.append(src)
+        if len(renames) == 2:
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", kill_at_the_second_rename)
+    staging = _folder(tmp_path / ".best.tmp2", b"newer")
+    with pytest.raises(Killed):
+        replace_folder(staging, final, aside)  # a leftover `aside` is cleared first
+    assert not final.exists()
+    assert (aside / "w.bin").read_bytes() == b"new" and (staging / "w.bin").read_bytes() == b"newer"
+
+
+def test_durable_replace_folder_syncs_the_new_tree_before_the_renames_and_the_parent_after(
+    tmp_path: Path, monkeypatch
+):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))  # fmt: skip
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    staging, final = tmp_path / ".step.tmp", tmp_path / "step"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "sub/state.pt").write_bytes(b"s")
+    (staging / "meta.json").write_bytes(b"{}")
+    _folder(final, b"old")
+    replace_folder(staging, final, tmp_path / ".step.old", durable=True)
+    synced_first = {p for kind, p in events[:4] if kind == "fsync"}
+    assert synced_first == {str(staging / "sub/state.pt"), str(staging / "sub"), str(staging / "meta.json"),
+                            str(staging)}  # fmt: skip
+    assert events[4:] == [("replace", str(final)), ("replace", str(staging)), ("fsync", str(tmp_path))]
+    assert (final / "meta.json").read_bytes() == b"{}" and not (tmp_path / ".step.old").exists()

@@ -3,8 +3,8 @@
 A checkpoint is a folder `step-NNNNNNNN/` holding `state.pt` (trainable weights, the best weights
 so far, optimizer, scheduler, batch-stream position, RNG states) and `trainer_state.json` (step,
 best metrics, early-stopping counter, the log so far, the settings it was made with). It is written
-into a hidden temporary folder, every file fsync'd, then renamed into place, so a kill during a save
-leaves the previous checkpoint as the newest complete one. Only the newest `keep` are kept.
+into a hidden temporary folder, every file fsync'd, then renamed into place (atomic.replace_folder), so a
+kill during a save leaves the previous checkpoint as the newest complete one. Only the newest `keep` are kept.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..atomic import replace_folder
 from ..errors import UserError
 
 STATE_FILE = "state.pt"
@@ -33,14 +34,6 @@ _saved_hook: Callable[[Path], None] | None = None
 def step_dir(root: Path, step: int) -> Path:
     """Folder of the checkpoint taken after optimiser step `step`."""
     return root / f"step-{step:08d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_states() -> dict:
@@ -97,17 +90,12 @@ def save_checkpoint(root: Path, step: int, state: dict, trainer_state: dict, kee
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(state, tmp / STATE_FILE)
-    _fsync(tmp / STATE_FILE)
     delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
     if delay:
         time.sleep(delay)
     (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
-    _fsync(tmp / TRAINER_STATE_FILE)
-    _fsync(tmp)
-    if final.exists():  # the same step saved again after a resume from an older checkpoint
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync(root)
+    # `final` exists when the same step is saved again after a resume from an older checkpoint
+    replace_folder(tmp, final, root / f".{final.name}.old.tmp", durable=True)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     if _saved_hook:
@@ -165,22 +153,12 @@ def data_identity(folder: str | Path) -> str:
 
     Recorded in checkpoints so a run is never resumed onto other data; meta.json records the digest
     of the data the cache was made from. Modification times are left out on purpose: a Volume or a
-    copy may not keep them, and a retry must still resume.
+    copy may not keep them, and a retry must still resume. A preprocess run's lock file is not data.
     """
-    import hashlib
-
-    from ..hashing import update_from_file
+    from ..hashing import listing_digest
     from ..layout import LOCK_FILE, PREPROCESS_META_FILE
 
-    folder = Path(folder)
-    h = hashlib.sha256()
-    meta = folder / PREPROCESS_META_FILE
-    if meta.is_file():
-        update_from_file(h, meta)
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and not f.name.startswith(LOCK_FILE):  # a preprocess run's lock is not data
-            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
-    return h.hexdigest()
+    return listing_digest(folder, head=PREPROCESS_META_FILE, skip_prefix=LOCK_FILE)
 
 
 def _short(value, width: int = 60) -> str:

@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import replace_folder
 from ..config import TrainSpec
 from ..data.preprocess import collate
 from ..errors import UserError
@@ -187,6 +188,165 @@ class RunLog:
             self.tb.close()
 
 
+@dataclass
+class _Progress:
+    """Where a run stands besides its weights: what a checkpoint's trainer_state records about it."""
+
+    best_state: dict  # the trainable parameters at the best evaluation so far
+    best_metrics: dict
+    best_step: int = 0
+    bad_evals: int = 0  # evaluations in a row without a new best (early-stopping patience)
+    stopped: bool = False
+    finished: bool = False
+    seen: int = 0  # training rows drawn so far
+    start: int = 0  # the step this call began after (0, or the checkpoint resumed from)
+
+    @classmethod
+    def resumed(cls, best_state: dict, meta: dict) -> _Progress:
+        """The progress a checkpoint's trainer_state recorded."""
+        keys = ("best_metrics", "best_step", "bad_evals", "stopped", "finished", "seen")
+        return cls(best_state, **{k: meta[k] for k in keys}, start=meta["step"])
+
+    def trainer_state(self, step: int, done: bool, settings: dict, log: list[dict]) -> dict:
+        """The trainer_state.json of a checkpoint taken after `step`."""
+        return {
+            "step": step,
+            "seen": self.seen,
+            "best_step": self.best_step,
+            "best_metrics": self.best_metrics,
+            "bad_evals": self.bad_evals,
+            "stopped": self.stopped,
+            "finished": done,
+            "settings": settings,
+            "log": log,
+        }
+
+
+class _Optimisation:
+    """The trainable parameters of a model with their optimiser, schedule, batch stream and loss.
+
+    Built in a fixed order after the caller seeds torch, so a resumed run draws what an uninterrupted
+    one would. Under torchrun the loss module is wrapped in DDP and each rank loads its share of a batch.
+    """
+
+    def __init__(self, model, examples, spec: TrainSpec, pad_id: int, dist, sample_weights):
+        import torch
+
+        self.model, self.examples, self.spec, self.pad_id, self.dist = model, examples, spec, pad_id, dist
+        self.device = next(model.parameters()).device
+        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = list(self.named.values())
+        if spec.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.optim = make_optimizer(self.params, spec, self.device)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_lambda(spec, spec.steps))
+        lengths = example_lengths(examples) if spec.length_grouping else None
+        self.stream = BatchStream(
+            len(examples), spec.batch_size, spec.seed, sample_weights, lengths, spec.length_grouping
+        )
+        self.net = loss_module(model)
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # no device_ids: DDP would copy the inputs to the GPU, labels too, which stay on the host
+            self.net = DistributedDataParallel(self.net)
+        self.loader: BatchLoader | None = None
+
+    def snapshot(self) -> dict:
+        """A copy of the trainable parameters."""
+        return {n: p.detach().clone() for n, p in self.named.items()}
+
+    def load_weights(self, values: dict) -> None:
+        """Copy saved values into the trainable parameters."""
+        import torch
+
+        with torch.no_grad():
+            for n, value in values.items():
+                self.named[n].copy_(value)
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's state: weights, optimiser, schedule, stream position and RNGs."""
+        self.load_weights(state["trainable"])
+        self.optim.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        ckpt.restore_rng(state["rng"])
+
+    def state(self, best_state: dict) -> dict:
+        """What a checkpoint's state.pt holds (the stream position is the loader's when one runs)."""
+        return {
+            "trainable": self.snapshot(),
+            "best": best_state,
+            "optimizer": self.optim.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "stream": self.loader.state_dict() if self.loader else self.stream.state_dict(),
+            "rng": ckpt.rng_states(),
+        }
+
+    def open_loader(self) -> None:
+        """Start the batch loader (and its loading processes, if any)."""
+        workers = worker_count(self.spec.data_workers, self.device.type)
+        self.loader = BatchLoader(
+            self.examples,
+            self.stream,
+            self.pad_id,
+            self.dist.rank,
+            self.dist.world,
+            workers,
+            self.spec.prefetch_batches,
+            pin=self.device.type == "cuda",
+        )
+
+    def step(self):
+        """One optimiser step over `grad_accum` micro-batches: (the step's loss as a device tensor, rows).
+
+        The loss is summed on the device: reading it back would make the host wait for the GPU.
+        """
+        import torch
+
+        spec, world, cuda = self.spec, self.dist.world, self.device.type == "cuda"
+        self.optim.zero_grad(set_to_none=True)
+        total, rows = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for micro in range(spec.grad_accum):
+            batch = self.loader.next()
+            rows += batch.pop("rows")
+            denom = self._global_tokens(batch.pop("supervised")) * spec.grad_accum
+            labels = batch.pop("labels")  # stays on the host: the loss finds the answer positions there
+            batch = {k: v.to(self.device, non_blocking=cuda) for k, v in batch.items()}
+            sync = world == 1 or micro == spec.grad_accum - 1
+            with self.net.no_sync() if not sync else nullcontext():
+                # DDP averages gradients over ranks; scaling by world keeps the global token mean
+                scale = world / denom
+                loss = self.net(batch, labels) * (scale if world == 1 else scale.float())
+                loss.backward()
+            total += loss.detach().double() / world
+        if spec.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, spec.max_grad_norm)
+        self.optim.step()
+        self.sched.step()
+        return total, rows
+
+    def _global_tokens(self, count: int):
+        """Supervised positions of the whole global batch: a number, or a device tensor under torchrun
+        (summed on the device, so the host never waits for it)."""
+        if self.dist.world == 1:
+            return max(float(count), 1.0)
+        import torch
+        import torch.distributed as tdist
+
+        t = torch.tensor(float(count), dtype=torch.float64).to(self.device, non_blocking=True)
+        tdist.all_reduce(t)
+        return t.clamp(min=1.0)
+
+    def mean_loss(self, total) -> float:
+        """The step's loss over all ranks, read back to the host (a GPU sync: only at log steps)."""
+        if self.dist.world > 1:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(total)
+        return total.item()
+
+
 def train_loop(
     model,
     examples: list[dict],
@@ -211,7 +371,8 @@ def train_loop(
     PEFT adapter (`best/`), and a resumable checkpoint every `spec.save_every` steps (default: at
     every evaluation); `resume=True` continues from the newest one, giving the same weights as an
     uninterrupted run; `data_id` names the training data and `identity` the rest of the run (LoRA
-    settings, base model), so a checkpoint is never resumed onto other data or another adapter. `sample_weights` switches to weighted sampling with replacement.
+    settings, base model), so a checkpoint is never resumed onto other data or another adapter.
+    `sample_weights` switches to weighted sampling with replacement.
     Under torchrun each rank takes its share of every global batch; the loss is normalised by the
     global number of supervised tokens, so the update equals one process on the whole batch.
     """
@@ -223,180 +384,127 @@ def train_loop(
     if resume and not checkpoint_dir:
         raise UserError("--resume needs a checkpoint folder")
     torch.manual_seed(spec.seed)
-    device = next(model.parameters()).device
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    params = list(named.values())
-    if spec.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    optim = make_optimizer(params, spec, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(spec, spec.steps))
-    lengths = example_lengths(examples) if spec.length_grouping else None
-    stream = BatchStream(
-        len(examples), spec.batch_size, spec.seed, sample_weights, lengths, spec.length_grouping
-    )
-    net = loss_module(model)
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    opt = _Optimisation(model, examples, spec, pad_id, dist, sample_weights)
+    settings = _resume_settings(spec, len(examples), data_id, sample_weights is not None, opt.named, identity)
+    run = _Run(opt, Path(checkpoint_dir) if checkpoint_dir else None, settings, evaluate, better)
+    run.begin(resume, log_path, tensorboard_dir, report)
+    return run.train()
 
-        # no device_ids: DDP would copy the inputs to the GPU, labels too, which stay on the host
-        net = DistributedDataParallel(net)
+
+def _resume_settings(spec, n_examples: int, data_id, weighted: bool, named: dict, identity) -> dict:
+    """What a checkpoint must have been made with for this run to resume from it."""
     settings = {
         **ckpt.weight_settings(spec),
-        "examples": len(examples),
+        "examples": n_examples,
         "data": data_id,
-        "weighted": sample_weights is not None,
+        "weighted": weighted,
         "parameters": {n: list(p.shape) for n, p in named.items()},
         **(identity or {}),
     }
     if not spec.length_grouping:
         del settings["length_grouping"]  # so checkpoints written before the option existed still resume
-    root = Path(checkpoint_dir) if checkpoint_dir else None
-    save_every = spec.save_every or spec.eval_every
+    return settings
 
-    def snapshot():
-        return {n: p.detach().clone() for n, p in named.items()}
 
-    loaded = ckpt.load_latest(root, report) if resume else None
-    if loaded:
-        state, meta, folder = loaded
-        ckpt.check_resumable(meta, settings, folder)
-        with torch.no_grad():
-            for n, value in state["trainable"].items():
-                named[n].copy_(value)
-        optim.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        stream.load_state_dict(state["stream"])
-        ckpt.restore_rng(state["rng"])
-        best_state = state["best"]
-        best_metrics, best_step, bad_evals = meta["best_metrics"], meta["best_step"], meta["bad_evals"]
-        stopped, finished, seen, start = meta["stopped"], meta["finished"], meta["seen"], meta["step"]
-        writer = RunLog(log_path, tensorboard_dir, dist.main, meta["log"], start + 1)
-        if dist.main:
-            ckpt.remove_partial(root)
-        report(f"resuming from {folder} (step {start} of {spec.steps})")
-    else:
+class _Run:
+    """One call of `train_loop`: steps, evaluations, keep-best, early stopping, log and checkpoints."""
+
+    def __init__(self, opt: _Optimisation, root: Path | None, settings: dict, evaluate, better):
+        self.opt, self.spec, self.dist = opt, opt.spec, opt.dist
+        self.root, self.settings, self.evaluate, self.better = root, settings, evaluate, better
+        self.progress: _Progress | None = None  # set by begin()
+        self.writer: RunLog | None = None
+
+    def begin(self, resume: bool, log_path, tensorboard_dir, report) -> None:
+        """Restore the newest checkpoint (with `resume`), or clear the folder and evaluate the start."""
+        root, main = self.root, self.dist.main
+        loaded = ckpt.load_latest(root, report) if resume else None
+        if loaded:
+            state, meta, folder = loaded
+            ckpt.check_resumable(meta, self.settings, folder)
+            self.opt.restore(state)
+            self.progress = _Progress.resumed(state["best"], meta)
+            self.writer = RunLog(log_path, tensorboard_dir, main, meta["log"], meta["step"] + 1)
+            if main:
+                ckpt.remove_partial(root)
+            report(f"resuming from {folder} (step {meta['step']} of {self.spec.steps})")
+            return
         if resume:
             report(f"no checkpoint in {root} to resume from; starting at step 0")
-        if root and dist.main:
+        if root and main:
             ckpt.clear_checkpoints(root)
-        writer = RunLog(log_path, tensorboard_dir, dist.main, [], None)
-        best_metrics = evaluate()
-        best_state, best_step, bad_evals, stopped, finished, seen, start = (
-            snapshot(),
-            0,
-            0,
-            False,
-            False,
-            0,
-            0,
+        self.writer = RunLog(log_path, tensorboard_dir, main, [], None)
+        metrics = self.evaluate()
+        self.progress = _Progress(self.opt.snapshot(), metrics)
+        self.writer.record({"step": 0, **metrics})
+
+    def train(self) -> TrainResult:
+        """Run the remaining steps; returns with the best weights loaded into the model."""
+        progress, spec, model = self.progress, self.spec, self.opt.model
+        last = progress.start if progress.finished else spec.steps
+        if progress.start < last:
+            self.opt.open_loader()
+        t0, step = time.perf_counter(), progress.start
+        model.train()
+        try:
+            for step in range(progress.start + 1, last + 1):
+                total, rows = self.opt.step()
+                progress.seen += rows
+                self._log(step, total)
+                done = progress.stopped or step == spec.steps
+                if self.root and (done or step % (spec.save_every or spec.eval_every) == 0):
+                    self._save(step, done)
+                if progress.stopped:
+                    break
+        finally:
+            if self.opt.loader:  # stops the loading processes, also when training is interrupted
+                self.opt.loader.close()
+        model.eval()
+        self.writer.close()
+        self.opt.load_weights(progress.best_state)
+        seconds = time.perf_counter() - t0
+        return TrainResult(
+            step,
+            progress.best_step,
+            progress.best_metrics,
+            progress.stopped,
+            seconds,
+            progress.seen,
+            self.writer.log,
+            progress.start,
         )
-        writer.record({"step": 0, **best_metrics})
 
-    cuda = device.type == "cuda"
-    loader = None
-    if not finished and start < spec.steps:
-        workers = worker_count(spec.data_workers, device.type)
-        loader = BatchLoader(
-            examples, stream, pad_id, dist.rank, dist.world, workers, spec.prefetch_batches, pin=cuda
-        )
+    def _log(self, step: int, total) -> None:
+        """At an evaluation or a `log_every` step: log the loss (and metrics), keep a new best."""
+        spec, progress, model = self.spec, self.progress, self.opt.model
+        evaluating = step % spec.eval_every == 0 or step == spec.steps
+        if not (evaluating or (spec.log_every and step % spec.log_every == 0)):
+            return
+        if evaluating:
+            model.eval()
+            metrics = self.evaluate()
+            model.train()
+        entry = {"step": step, "train_loss": self.opt.mean_loss(total), "lr": self.opt.sched.get_last_lr()[0]}
+        if not evaluating:
+            self.writer.record(entry)
+            return
+        self.writer.record({**entry, **metrics})
+        if self.better(metrics, progress.best_metrics):
+            progress.best_metrics, progress.best_state = metrics, self.opt.snapshot()
+            progress.best_step, progress.bad_evals = step, 0
+            if self.root and self.dist.main:
+                save_best(model.save_pretrained, self.root, step, metrics)
+        else:
+            progress.bad_evals += 1
+            progress.stopped = bool(spec.patience and progress.bad_evals >= spec.patience)
 
-    def save(step: int, done: bool) -> None:
-        if dist.main:
-            state = {
-                "trainable": snapshot(),
-                "best": best_state,
-                "optimizer": optim.state_dict(),
-                "scheduler": sched.state_dict(),
-                "stream": loader.state_dict() if loader else stream.state_dict(),
-                "rng": ckpt.rng_states(),
-            }
-            meta = {
-                "step": step,
-                "seen": seen,
-                "best_step": best_step,
-                "best_metrics": best_metrics,
-                "bad_evals": bad_evals,
-                "stopped": stopped,
-                "finished": done,
-                "settings": settings,
-                "log": writer.log,
-            }
-            ckpt.save_checkpoint(root, step, state, meta, spec.keep_checkpoints)
-        barrier(dist)
-
-    def global_tokens(count: int):
-        """Supervised positions of the whole global batch: a number, or a device tensor under torchrun
-        (summed on the device, so the host never waits for it)."""
-        if dist.world == 1:
-            return max(float(count), 1.0)
-        import torch.distributed as tdist
-
-        t = torch.tensor(float(count), dtype=torch.float64).to(device, non_blocking=True)
-        tdist.all_reduce(t)
-        return t.clamp(min=1.0)
-
-    t0, step = time.perf_counter(), start
-    model.train()
-    try:
-        for step in range(start + 1, spec.steps + 1 if not finished else start + 1):
-            optim.zero_grad(set_to_none=True)
-            # the step's loss is summed on the device: reading it back would wait for the GPU
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            for micro in range(spec.grad_accum):
-                batch = loader.next()
-                seen += batch.pop("rows")
-                denom = global_tokens(batch.pop("supervised")) * spec.grad_accum
-                labels = batch.pop("labels")  # stays on the host: the loss finds the answer positions there
-                batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
-                sync = dist.world == 1 or micro == spec.grad_accum - 1
-                with net.no_sync() if not sync else nullcontext():
-                    # DDP averages gradients over ranks; scaling by world keeps the global token mean
-                    scale = dist.world / denom
-                    loss = net(batch, labels) * (scale if dist.world == 1 else scale.float())
-                    loss.backward()
-                total += loss.detach().double() / dist.world
-            if spec.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-            optim.step()
-            sched.step()
-            evaluating = step % spec.eval_every == 0 or step == spec.steps
-            if evaluating or (spec.log_every and step % spec.log_every == 0):
-                if evaluating:
-                    model.eval()
-                    metrics = evaluate()
-                    model.train()
-                if dist.world > 1:
-                    import torch.distributed as tdist
-
-                    tdist.all_reduce(total)
-                entry = {"step": step, "train_loss": total.item(), "lr": sched.get_last_lr()[0]}
-                if evaluating:
-                    writer.record({**entry, **metrics})
-                    if better(metrics, best_metrics):
-                        best_metrics, best_state, best_step, bad_evals = metrics, snapshot(), step, 0
-                        if root and dist.main:
-                            save_best(model.save_pretrained, root, step, metrics)
-                    else:
-                        bad_evals += 1
-                        stopped = bool(spec.patience and bad_evals >= spec.patience)
-                else:
-                    writer.record(entry)
-            done = stopped or step == spec.steps
-            if root and (done or step % save_every == 0):
-                save(step, done)
-            if stopped:
-                break
-    finally:
-        if loader:  # stops the loading processes, also when training is interrupted
-            loader.close()
-    model.eval()
-    writer.close()
-    with torch.no_grad():
-        for n, value in best_state.items():
-            named[n].copy_(value)
-    return TrainResult(
-        step, best_step, best_metrics, stopped, time.perf_counter() - t0, seen, writer.log, start
-    )
+    def _save(self, step: int, done: bool) -> None:
+        """A resumable checkpoint after `step` (rank 0 writes it; every rank waits for it)."""
+        if self.dist.main:
+            state = self.opt.state(self.progress.best_state)
+            meta = self.progress.trainer_state(step, done, self.settings, self.writer.log)
+            ckpt.save_checkpoint(self.root, step, state, meta, self.spec.keep_checkpoints)
+        barrier(self.dist)
 
 
 def save_best(write_adapter: Callable[[Path], None], checkpoint_dir: Path, step: int, metrics: dict) -> None:
@@ -406,16 +514,11 @@ def save_best(write_adapter: Callable[[Path], None], checkpoint_dir: Path, step:
     so a kill at any moment leaves a complete adapter in `best/` or in `.best.old/` (which
     `checkpoint.remove_partial` puts back).
     """
-    tmp, final = checkpoint_dir / ckpt.BEST_TMP, checkpoint_dir / ckpt.BEST_DIR
-    old = checkpoint_dir / ckpt.BEST_OLD
+    tmp = checkpoint_dir / ckpt.BEST_TMP
     shutil.rmtree(tmp, ignore_errors=True)
     write_adapter(tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, checkpoint_dir / ckpt.BEST_DIR, checkpoint_dir / ckpt.BEST_OLD)
 
 
 def lower_is_better(key: str, min_delta: float) -> Callable[[dict, dict], bool]:

@@ -44,8 +44,6 @@ def train_router(
     Under torchrun the ranks share each batch and only rank 0 writes files. `data_id` is the
     dataset's data_identity when the caller has it already (not computed again).
     """
-    from ..eval.metrics import accuracy
-    from ..infer.scoring import encode_router_prompts, encoded_scores, label_loss, label_token_ids
     from ..model.kernels import compile_language_model, load_training_base
     from ..model.loading import load_processor, resolve_device
     from ..model.lora import attach_lora
@@ -53,36 +51,16 @@ def train_router(
     from .distributed import init_distributed
     from .loop import higher_is_better, train_loop
 
-    meta, train = load_preprocessed(dataset_path, "train")
-    check_compatible(meta, "router", cfg.base_model, cfg.image, dataset_path)
-    _, val = load_preprocessed(dataset_path, "val")
-    if not train["examples"] or not val["examples"]:
-        raise UserError(f"{dataset_path}: the router needs train and val examples")
-    label_map = meta["label_map"]
+    meta, train, val = _load_router_data(dataset_path, cfg)
+    label_map, spec = meta["label_map"], cfg.train
     names = label_names(label_map)
-    spec = cfg.train
     processor = load_processor(cfg.base_model, meta["min_pixels"], meta["max_pixels"])
     pad_id = processor.tokenizer.pad_token_id
     dist, device = init_distributed(resolve_device(device))
     model = attach_lora(load_training_base(cfg.base_model, dtype, device, cfg.kernels), cfg.lora, spec.seed)
     if cfg.kernels.compile:
         compile_language_model(model)
-    val_samples = [sample_from_dict(d) for d in val["samples"]]
-    if cfg.eval_max_records:
-        val_samples = val_samples[: cfg.eval_max_records]
-    val_labels = [label_map[s.expert] for s in val_samples]
-
-    # encoded once: the processor would otherwise re-run on every validation image at every evaluation
-    val_prompts = encode_router_prompts(processor, val_samples, names)
-    label_ids = label_token_ids(processor.tokenizer, names)
-
-    def evaluate():
-        scores = encoded_scores(model, val_prompts, label_ids, pad_id, spec.batch_size)
-        return {
-            "val_loss": label_loss(scores, val_labels, label_ids),
-            "val_accuracy": accuracy(scores.softmax(-1).numpy(), val_labels),
-        }
-
+    evaluate = _routing_evaluator(model, processor, val["samples"], label_map, names, cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = class_weights([d["expert"] for d in train["samples"]]) if cfg.class_balanced else None
@@ -107,7 +85,54 @@ def train_router(
         report=report,
     )
     adapter_dir = out / "adapter"
-    info = {
+    info = _run_summary(result, adapter_dir, label_map, cfg, dataset_path, dist.world)
+    if not dist.main:
+        return info
+    _write_router(model, adapter_dir, out / ROUTER_INFO_FILE, info, meta, cfg.base_model)
+    report(f"[router] best val accuracy {result.best_metrics['val_accuracy']:.3f} at step {result.best_step}")
+    return info
+
+
+def _load_router_data(dataset_path: str | Path, cfg: RouterConfig) -> tuple[dict, dict, dict]:
+    """(meta, train split, val split) of a preprocessed router dataset made for this base and image size."""
+    meta, train = load_preprocessed(dataset_path, "train")
+    check_compatible(meta, "router", cfg.base_model, cfg.image, dataset_path)
+    _, val = load_preprocessed(dataset_path, "val")
+    if not train["examples"] or not val["examples"]:
+        raise UserError(f"{dataset_path}: the router needs train and val examples")
+    return meta, train, val
+
+
+def _routing_evaluator(model, processor, val_records: list[dict], label_map: dict, names: list[str], cfg):
+    """evaluate() for keep-best: validation loss and routing accuracy by label scoring, as at inference.
+
+    The prompts are encoded once: the processor would otherwise re-run on every validation image at
+    every evaluation.
+    """
+    from ..eval.metrics import accuracy
+    from ..infer.scoring import encode_router_prompts, encoded_scores, label_loss, label_token_ids
+
+    samples = [sample_from_dict(d) for d in val_records]
+    if cfg.eval_max_records:
+        samples = samples[: cfg.eval_max_records]
+    labels = [label_map[s.expert] for s in samples]
+    prompts = encode_router_prompts(processor, samples, names)
+    label_ids = label_token_ids(processor.tokenizer, names)
+    pad_id, batch_size = processor.tokenizer.pad_token_id, cfg.train.batch_size
+
+    def evaluate() -> dict:
+        scores = encoded_scores(model, prompts, label_ids, pad_id, batch_size)
+        return {
+            "val_loss": label_loss(scores, labels, label_ids),
+            "val_accuracy": accuracy(scores.softmax(-1).numpy(), labels),
+        }
+
+    return evaluate
+
+
+def _run_summary(result, adapter_dir: Path, label_map: dict, cfg: RouterConfig, dataset_path, world: int):
+    """The router_info.json of a finished run."""
+    return {
         "adapter": str(adapter_dir),
         "label_map": label_map,
         "steps": result.steps,
@@ -117,14 +142,17 @@ def train_router(
         "resumed_from": result.resumed_from,
         "train_seconds": round(result.seconds, 2),
         "samples_per_s": round(result.samples_seen / max(result.seconds, 1e-9), 2),
-        "processes": dist.world,
+        "processes": world,
         "lora": to_dict(cfg.lora),
-        "train": to_dict(spec),
+        "train": to_dict(cfg.train),
         "class_balanced": cfg.class_balanced,
         "dataset": str(dataset_path),
     }
-    if not dist.main:
-        return info
+
+
+def _write_router(model, adapter_dir: Path, info_file: Path, info: dict, meta: dict, base_model: str) -> None:
+    """The trained adapter with its label map and adapter info, and the run summary (router_info.json)."""
+    label_map = info["label_map"]
     model.save_pretrained(adapter_dir)
     (adapter_dir / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n")
     write_adapter_info(
@@ -132,12 +160,10 @@ def train_router(
         {
             "role": "router",
             "prompt_version": ROUTER_PROMPT_VERSION,
-            "base_model": cfg.base_model,
+            "base_model": base_model,
             "label_map": label_map,
             "min_pixels": meta["min_pixels"],
             "max_pixels": meta["max_pixels"],
         },
     )
-    (out / ROUTER_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    report(f"[router] best val accuracy {result.best_metrics['val_accuracy']:.3f} at step {result.best_step}")
-    return info
+    info_file.write_text(json.dumps(info, indent=2) + "\n")
