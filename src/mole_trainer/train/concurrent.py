@@ -32,8 +32,22 @@ from ..config import LorasConfig, TrainSpec, to_dict
 from ..data.preprocess import concat_batches
 from ..errors import UserError
 from ..layout import CHECKPOINTS_DIR, TENSORBOARD_DIR, TRAIN_LOG_FILE
+from ..model.kernels import compile_language_model, load_training_base
+from ..model.lora import attach_lora, detach_lora
 from . import checkpoint as ckpt
+from .expert_jobs import prepare_expert, score_and_save, score_base, train_stats
 from .loader import BatchLoader, worker_count
+from .loop import (
+    BatchStream,
+    RunLog,
+    enable_gradient_checkpointing,
+    eval_loss,
+    example_lengths,
+    lower_is_better,
+    lr_lambda,
+    make_optimizer,
+    save_best,
+)
 from .loss import expert_token_means
 
 # experts share a forward pass while padding to the longest row costs at most 25 % more tokens than
@@ -132,17 +146,6 @@ def train_concurrent(
     import torch
 
     pad_slack = PAD_SLACK if pad_slack is None else pad_slack
-
-    from .loop import (
-        BatchStream,
-        enable_gradient_checkpointing,
-        eval_loss,
-        example_lengths,
-        lower_is_better,
-        lr_lambda,
-        make_optimizer,
-    )
-
     E = len(runs)
     if multi.n != E:
         raise ValueError(f"{E} runs for {multi.n} experts")
@@ -339,9 +342,8 @@ def _loader(run: ExpertRun, stream, pad_id: int, device_type: str, experts: int,
     return BatchLoader(run.examples, stream, pad_id, 0, 1, workers, run.spec.prefetch_batches, pin=pin)
 
 
-def _run_log(run: ExpertRun, log: list[dict], purge_step: int | None):
-    from .loop import RunLog
-
+def _run_log(run: ExpertRun, log: list[dict], purge_step: int | None) -> RunLog:
+    """An expert's RunLog: its train_log.jsonl and TensorBoard events in log_dir (kept in memory only without one)."""
     if not run.log_dir:
         return RunLog(None, None, True, log, purge_step)
     return RunLog(run.log_dir / TRAIN_LOG_FILE, run.log_dir / TENSORBOARD_DIR, True, log, purge_step)
@@ -387,7 +389,6 @@ def best_checkpoint_writer(folder: Path, lora, base_model: str) -> Callable[[int
     """A callback writing each new best of one expert to `folder`/best (PEFT adapter + state.json),
     atomically, with the sequential loop's `save_best`."""
     from ..model.multi_lora import save_peft_adapter
-    from .loop import save_best
 
     def write(step: int, metrics: dict, weights: dict) -> None:
         save_best(lambda tmp: save_peft_adapter(tmp, lora, weights, base_model), folder, step, metrics)
@@ -423,13 +424,10 @@ def train_experts_concurrent(
     """`mole train experts --concurrent`: every named expert trained in one pass on one base.
 
     Preparation, base scoring, final scoring and saving are the sequential path's own
-    (train/experts.py); each expert ends as an ordinary PEFT adapter with the same metadata.
+    (train/expert_jobs.py); each expert ends as an ordinary PEFT adapter with the same metadata.
     Checkpoints go to `concurrent_checkpoints(output_dir, names)`; `resume` continues from them.
     """
-    from ..model.kernels import compile_language_model, load_training_base
-    from ..model.lora import attach_lora, detach_lora
     from ..model.multi_lora import MultiLora, copy_into_peft, expert_weights_from_spec
-    from .experts import prepare_expert, score_and_save, score_base, train_stats
 
     base = load_training_base(cfg.base_model, dtype, device, cfg.kernels)
     jobs = [prepare_expert(cfg, name, (digests or {}).get(name)) for name in names]
