@@ -11,7 +11,7 @@ import torch
 from mole_trainer.config import LorasConfig, LoraSpec, TrainSpec
 from mole_trainer.errors import UserError
 from mole_trainer.train import checkpoint as ckpt
-from mole_trainer.train.concurrent import ExpertRun, resume_settings, train_concurrent
+from mole_trainer.train.concurrent import ExpertRun, concurrent_checkpoints, resume_settings, train_concurrent
 from mole_trainer.train.loop import BatchStream
 
 LORA = LoraSpec(rank=2, alpha=4, dropout=0.1, targets=["q_proj", "v_proj"])  # dropout: the RNG matters
@@ -198,6 +198,16 @@ def test_the_host_reads_losses_only_at_log_steps(tiny_model, tmp_path, monkeypat
     _train(tiny_model, tmp_path / "counted")
     # one read per step where some expert logs (3: both evaluate, 4: e1's last, 6: e0's last), not per step
     assert reads["n"] == 3 and built == []
+
+
+def test_joint_checkpoint_folders_keep_their_names_across_versions(tmp_path):
+    joint = tmp_path / ".concurrent"
+    assert concurrent_checkpoints(tmp_path, ["ocr", "chart-screen"]) == joint / "ocr+chart-screen"
+    # names unfit for a folder, or too long together, give a short key of the names in order; these
+    # are the keys earlier versions wrote, so their checkpoints are still found by --resume
+    assert concurrent_checkpoints(tmp_path, ["my expert", "b"]) == joint / "e8357cb6bd21d15a"
+    assert concurrent_checkpoints(tmp_path, ["x" * 70, "y" * 70]) == joint / "8f8a0d29503459db"
+    assert concurrent_checkpoints(tmp_path, ["b", "my expert"]) != joint / "e8357cb6bd21d15a"
 
 
 def test_an_expert_that_stops_improving_leaves_with_its_best_weights(tiny_model, tmp_path):

@@ -21,7 +21,7 @@ for bit as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import io
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +31,7 @@ from pathlib import Path
 from ..config import LorasConfig, TrainSpec, to_dict
 from ..data.preprocess import concat_batches
 from ..errors import UserError
+from ..hashing import sha256_stream
 from ..layout import CHECKPOINTS_DIR, TENSORBOARD_DIR, TRAIN_LOG_FILE
 from ..model.kernels import compile_language_model, load_training_base
 from ..model.lora import attach_lora, detach_lora
@@ -437,7 +438,8 @@ def concurrent_checkpoints(output_dir: str | Path, names: list[str]) -> Path:
     """
     key = "+".join(names)
     if not all(SAFE_NAME.match(n) for n in names) or len(key) > 120:
-        key = hashlib.sha256("\0".join(names).encode()).hexdigest()[:16]
+        # the names NUL-separated, not hashing.fingerprint: the key existing checkpoints were saved under
+        key = sha256_stream(io.BytesIO("\0".join(names).encode()))[:16]
     return Path(output_dir) / CONCURRENT_CKPT_DIR / key
 
 
