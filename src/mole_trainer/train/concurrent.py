@@ -52,8 +52,8 @@ from .loop import (
 from .loss import expert_token_means
 
 # experts share a forward pass while padding to the longest row costs at most 25 % more tokens than
-# separate passes (measured on 2 CPU cores, tiny model: a 4-expert batch padded from 118 to 175
-# tokens per row was 20 % slower than splitting off the long expert)
+# separate passes: past that, the padded rows cost more time than the shared pass saves
+# (bench/train_concurrent.py times this default against one pass for every expert)
 PAD_SLACK = 0.25
 # the joint checkpoints of a concurrent run: OUTPUT_DIR/.concurrent/<expert+expert+...>/step-N/
 CONCURRENT_CKPT_DIR = ".concurrent"
