@@ -132,7 +132,7 @@ def test_each_dataset_is_hashed_once_per_run_and_passed_on(synth_data, tiny_mode
 
     from mole_trainer import hashing, stages
     from mole_trainer.data.preprocess import dataset_digest
-    from mole_trainer.train import experts
+    from mole_trainer.train import expert_jobs, experts
 
     from ..helpers import write_small_configs
 
@@ -146,7 +146,7 @@ def test_each_dataset_is_hashed_once_per_run_and_passed_on(synth_data, tiny_mode
     expected = {n: dataset_digest(synth_data / n) for n in ("calendar", "ocr")}
 
     hashed, passed, built = [], {}, []
-    real_folder_digest, real_preprocess = hashing.folder_digest, experts.preprocess_splits
+    real_folder_digest, real_preprocess = hashing.folder_digest, expert_jobs.preprocess_splits
 
     def counting_digest(root, *args, **kwargs):
         hashed.append(Path(root))
@@ -161,7 +161,7 @@ def test_each_dataset_is_hashed_once_per_run_and_passed_on(synth_data, tiny_mode
         return {}
 
     monkeypatch.setattr(hashing, "folder_digest", counting_digest)
-    monkeypatch.setattr(experts, "preprocess_splits", counting_preprocess)
+    monkeypatch.setattr(expert_jobs, "preprocess_splits", counting_preprocess)
     monkeypatch.setattr(experts, "train_experts", fake_training)
     stages.train_experts(cfg_path, tmp_path, only=["calendar", "ocr"])
     assert sorted(hashed) == [synth_data / "calendar", synth_data / "ocr"]
@@ -173,5 +173,5 @@ def test_each_dataset_is_hashed_once_per_run_and_passed_on(synth_data, tiny_mode
     lcfg = stages.load_config(cfg_path, stages.LorasConfig)
     cache, data, model = tmp_path / "cache", str(synth_data / "ocr"), str(tiny_model)
     for digest in (expected["ocr"], expected["ocr"], "0" * 64):
-        assert experts.prepared_data("ocr", data, cache, model, lcfg, digest) == cache
+        assert expert_jobs.prepared_data("ocr", data, cache, model, lcfg, digest) == cache
     assert hashed == [] and len(built) == 2 and built[0] != built[1]

@@ -11,7 +11,7 @@ import torch
 from mole_trainer.config import LorasConfig, LoraSpec, TrainSpec
 from mole_trainer.errors import UserError
 from mole_trainer.train import checkpoint as ckpt
-from mole_trainer.train.concurrent import ExpertRun, resume_settings, train_concurrent
+from mole_trainer.train.concurrent import ExpertRun, concurrent_checkpoints, resume_settings, train_concurrent
 from mole_trainer.train.loop import BatchStream
 
 LORA = LoraSpec(rank=2, alpha=4, dropout=0.1, targets=["q_proj", "v_proj"])  # dropout: the RNG matters
@@ -198,3 +198,34 @@ def test_the_host_reads_losses_only_at_log_steps(tiny_model, tmp_path, monkeypat
     _train(tiny_model, tmp_path / "counted")
     # one read per step where some expert logs (3: both evaluate, 4: e1's last, 6: e0's last), not per step
     assert reads["n"] == 3 and built == []
+
+
+def test_joint_checkpoint_folders_keep_their_names_across_versions(tmp_path):
+    joint = tmp_path / ".concurrent"
+    assert concurrent_checkpoints(tmp_path, ["ocr", "chart-screen"]) == joint / "ocr+chart-screen"
+    # names unfit for a folder, or too long together, give a short key of the names in order; these
+    # are the keys earlier versions wrote, so their checkpoints are still found by --resume
+    assert concurrent_checkpoints(tmp_path, ["my expert", "b"]) == joint / "e8357cb6bd21d15a"
+    assert concurrent_checkpoints(tmp_path, ["x" * 70, "y" * 70]) == joint / "8f8a0d29503459db"
+    assert concurrent_checkpoints(tmp_path, ["b", "my expert"]) != joint / "e8357cb6bd21d15a"
+
+
+def test_an_expert_that_stops_improving_leaves_with_its_best_weights(tiny_model, tmp_path):
+    from mole_trainer.model.loading import load_base
+    from mole_trainer.model.multi_lora import expert_weights_from_spec
+
+    # e1 can never beat its step-0 validation loss by min_delta: one evaluation without improvement
+    # (patience 1, at step 3) stops it; e0 trains on alone to its own step count
+    stops = TrainSpec(**{**SPECS[1].__dict__, "steps": 9, "patience": 1, "min_delta": 100.0})
+    result, weights, _ = _train(tiny_model, tmp_path, specs=[SPECS[0], stops])
+    e0, e1 = result.experts
+    assert (e1.stopped_early, e1.steps, e1.best_step) == (True, 3, 0)
+    assert [e["step"] for e in e1.log] == [0, 3]
+    assert e1.samples_seen == 3 * stops.grad_accum * stops.batch_size  # no batch drawn after it left
+    assert (e0.stopped_early, e0.steps, result.steps) == (False, 6, 6)
+    # its best weights are those it started from, loaded back over the ones it trained to
+    start = expert_weights_from_spec(load_base(str(tiny_model), "float32", "cpu"), LORA, stops.seed)
+    assert weights[1].keys() == start.keys()
+    assert all(
+        torch.equal(weights[1][n][0], w.A) and torch.equal(weights[1][n][1], w.B) for n, w in start.items()
+    )

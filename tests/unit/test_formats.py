@@ -98,7 +98,7 @@ def test_sharegpt_style_string_content_with_placeholder(ds):
 
 
 def test_records_without_a_task_are_scored_by_character_similarity(ds):
-    from mole_trainer.train.experts import task_score
+    from mole_trainer.train.expert_jobs import task_score
 
     write_lines(ds / "train.jsonl", [record()])
     samples = load_expert_dataset(ds)["train"]

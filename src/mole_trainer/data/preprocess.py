@@ -25,7 +25,6 @@ from typing import Any
 
 from ..atomic import replacing
 from ..errors import UserError
-from ..hashing import code_digest, fingerprint  # noqa: F401  (re-exported: train/ imports them here)
 from ..layout import LABEL_MAP_FILE, PREPROCESS_META_FILE, PREPROCESS_SHARD_FILE, REJECTS_FILE, SPLITS
 from ..model.chat import end_of_turn
 from ..router_prompt import label_names, router_messages

@@ -21,7 +21,7 @@ for bit as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import io
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -31,14 +31,29 @@ from pathlib import Path
 from ..config import LorasConfig, TrainSpec, to_dict
 from ..data.preprocess import concat_batches
 from ..errors import UserError
+from ..hashing import sha256_stream
 from ..layout import CHECKPOINTS_DIR, TENSORBOARD_DIR, TRAIN_LOG_FILE
+from ..model.kernels import compile_language_model, load_training_base
+from ..model.lora import attach_lora, detach_lora
 from . import checkpoint as ckpt
+from .expert_jobs import prepare_expert, score_and_save, score_base, train_stats
 from .loader import BatchLoader, worker_count
+from .loop import (
+    BatchStream,
+    RunLog,
+    enable_gradient_checkpointing,
+    eval_loss,
+    example_lengths,
+    lower_is_better,
+    lr_lambda,
+    make_optimizer,
+    save_best,
+)
 from .loss import expert_token_means
 
 # experts share a forward pass while padding to the longest row costs at most 25 % more tokens than
-# separate passes (measured on 2 CPU cores, tiny model: a 4-expert batch padded from 118 to 175
-# tokens per row was 20 % slower than splitting off the long expert)
+# separate passes: past that, the padded rows cost more time than the shared pass saves
+# (bench/train_concurrent.py times this default against one pass for every expert)
 PAD_SLACK = 0.25
 # the joint checkpoints of a concurrent run: OUTPUT_DIR/.concurrent/<expert+expert+...>/step-N/
 CONCURRENT_CKPT_DIR = ".concurrent"
@@ -129,197 +144,242 @@ def train_concurrent(
     `keep_checkpoints` of the experts; `resume=True` continues from the newest one, refusing one
     made with other `settings` (the caller's description of the experts, data and base).
     """
-    import torch
-
+    if multi.n != len(runs):
+        raise ValueError(f"{len(runs)} runs for {multi.n} experts")
     pad_slack = PAD_SLACK if pad_slack is None else pad_slack
-
-    from .loop import (
-        BatchStream,
-        enable_gradient_checkpointing,
-        eval_loss,
-        example_lengths,
-        lower_is_better,
-        lr_lambda,
-        make_optimizer,
-    )
-
-    E = len(runs)
-    if multi.n != E:
-        raise ValueError(f"{E} runs for {multi.n} experts")
-    # the sequential loop seeds torch at its start; only dropout draws from it
-    torch.manual_seed(runs[0].spec.seed)
-    device = next(model.parameters()).device
-    if any(r.spec.gradient_checkpointing for r in runs):
-        enable_gradient_checkpointing(model)
-    params = [multi.parameters(e) for e in range(E)]
-    optims = [make_optimizer(params[e], r.spec, device) for e, r in enumerate(runs)]
-    scheds = [
-        torch.optim.lr_scheduler.LambdaLR(optims[e], lr_lambda(r.spec, r.spec.steps))
-        for e, r in enumerate(runs)
-    ]
-    # each expert's stream is the one the sequential loop would draw (length grouping included)
-    streams = [
-        BatchStream(
-            len(r.examples),
-            r.spec.batch_size,
-            r.spec.seed,
-            lengths=example_lengths(r.examples) if r.spec.length_grouping else None,
-            group=r.spec.length_grouping,
-        )
-        for r in runs
-    ]
-    better = [lower_is_better("val_loss", r.spec.min_delta) for r in runs]
-    outcome = [ExpertOutcome() for _ in runs]
-
-    def evaluate(e: int) -> dict:
-        with multi.only(e):
-            return {"val_loss": eval_loss(model, runs[e].val_examples, pad_id, runs[e].spec.batch_size)}
-
+    run = _JointRun(model, multi, runs, pad_id, pad_slack)
     root = Path(checkpoint_dir) if checkpoint_dir else None
-    settings = {**(settings or {}), "pad_slack": pad_slack}
-    loaded = ckpt.load_latest(root, report) if resume and root else None
-    model.eval()
-    if loaded:
-        state, meta, folder = loaded
-        ckpt.check_resumable(meta, settings, folder)
-        best_state, bad, active, first = _restore(state, meta, multi, optims, scheds, streams, outcome)
-        # purge_step drops TensorBoard events a killed run wrote after this checkpoint
-        logs = [_run_log(r, meta["experts"][e]["log"], first + 1) for e, r in enumerate(runs)]
-        for r in runs:
-            if r.checkpoint_dir:
-                ckpt.remove_partial(r.checkpoint_dir)
-        ckpt.remove_partial(root)
-        report(f"resuming {E} experts from {folder} (step {first})")
-    else:
-        if resume:
-            report(f"no checkpoint in {root} to resume from; starting at step 0")
-        for d in [root, *(r.checkpoint_dir for r in runs)]:
-            if d:  # a fresh run: an earlier run's checkpoints must not be resumed later
-                ckpt.clear_checkpoints(d)
-        logs = [_run_log(r, [], None) for r in runs]
-        best_state, bad = [], [0] * E
-        for e in range(E):
-            outcome[e].best_metrics = evaluate(e)
-            best_state.append(multi.state(e))
-            logs[e].record({"step": 0, **outcome[e].best_metrics})
-        active, first = list(range(E)), 0
-    keep = max(r.spec.keep_checkpoints for r in runs)
-    cuda = device.type == "cuda"
-    # one loader per expert still training, over its own stream: rows padded ahead by loading
-    # processes, pinned on CUDA; a loader records its stream's state after each batch it hands out
-    loaders = {e: _loader(runs[e], streams[e], pad_id, device.type, len(active), cuda) for e in active}
+    first = run.start(root, resume, {**(settings or {}), "pad_slack": pad_slack}, report)
+    start, step_time, step = time.perf_counter(), 0.0, first
+    model.train()
+    try:
+        while run.active:
+            step += 1
+            t0 = time.perf_counter()
+            totals = run.accumulate_gradients()
+            run.update(step)
+            logging = [e for e in run.active if _logs_at(runs[e].spec, step)]
+            # the one read of the device, at steps that log (each expert's last step does): it waits
+            # for the queued work, so the steps' time is right without a synchronize per step
+            values = totals.tolist() if logging else []
+            step_time += time.perf_counter() - t0
+            leaving = run.log_and_evaluate(step, logging, values, report)
+            leaving += [e for e in run.active if step == runs[e].spec.steps and e not in leaving]
+            due = any(step % (runs[e].spec.save_every or runs[e].spec.eval_every) == 0 for e in run.active)
+            run.active = [e for e in run.active if e not in leaving]
+            for e in leaving:
+                run.loaders[e].close()  # its state stays readable for the checkpoints
+            if root and (due or leaving):
+                run.save(root, step)
+    finally:
+        for loader in run.loaders.values():  # stops the loading processes, also when training is interrupted
+            loader.close()
+    return ConcurrentResult(run.finish(), time.perf_counter() - start, step_time, step, first)
 
-    def save(step: int) -> None:
+
+class _JointRun:
+    """The per-expert state of one train_concurrent run and the parts of its optimisation step.
+
+    Experts are numbered as in `multi`; `active` lists those still training.
+    """
+
+    def __init__(self, model, multi, runs: list[ExpertRun], pad_id: int, pad_slack: float):
+        import torch
+
+        self.model, self.multi, self.runs, self.pad_id, self.pad_slack = model, multi, runs, pad_id, pad_slack
+        # the sequential loop seeds torch at its start; only dropout draws from it
+        torch.manual_seed(runs[0].spec.seed)
+        self.device = next(model.parameters()).device
+        if any(r.spec.gradient_checkpointing for r in runs):
+            enable_gradient_checkpointing(model)
+        self.params = [multi.parameters(e) for e in range(len(runs))]
+        self.optims = [make_optimizer(self.params[e], r.spec, self.device) for e, r in enumerate(runs)]
+        self.scheds = [
+            torch.optim.lr_scheduler.LambdaLR(self.optims[e], lr_lambda(r.spec, r.spec.steps))
+            for e, r in enumerate(runs)
+        ]
+        # each expert's stream is the one the sequential loop would draw (length grouping included)
+        self.streams = [
+            BatchStream(
+                len(r.examples),
+                r.spec.batch_size,
+                r.spec.seed,
+                lengths=example_lengths(r.examples) if r.spec.length_grouping else None,
+                group=r.spec.length_grouping,
+            )
+            for r in runs
+        ]
+        self.better = [lower_is_better("val_loss", r.spec.min_delta) for r in runs]
+        self.outcome = [ExpertOutcome() for _ in runs]
+        self.logs: list = []
+        self.best_state: list[dict] = []
+        self.bad: list[int] = []
+        self.active: list[int] = []
+        self.loaders: dict[int, BatchLoader] = {}
+        self.settings: dict = {}
+        self.keep = max(r.spec.keep_checkpoints for r in runs)
+
+    def evaluate(self, e: int) -> dict:
+        """Expert e's validation metrics (its LoRA alone active)."""
+        with self.multi.only(e):
+            run = self.runs[e]
+            return {"val_loss": eval_loss(self.model, run.val_examples, self.pad_id, run.spec.batch_size)}
+
+    def start(self, root: Path | None, resume: bool, settings: dict, report) -> int:
+        """Resume from the newest checkpoint under `root` or start afresh (evaluating every expert at
+        step 0), then open each active expert's loader; returns the step training continues after."""
+        self.settings = settings
+        runs, E = self.runs, len(self.runs)
+        loaded = ckpt.load_latest(root, report) if resume and root else None
+        self.model.eval()
+        if loaded:
+            state, meta, folder = loaded
+            ckpt.check_resumable(meta, settings, folder)
+            self.best_state, self.bad, self.active, first = _restore(
+                state, meta, self.multi, self.optims, self.scheds, self.streams, self.outcome
+            )
+            # purge_step drops TensorBoard events a killed run wrote after this checkpoint
+            self.logs = [_run_log(r, meta["experts"][e]["log"], first + 1) for e, r in enumerate(runs)]
+            for r in runs:
+                if r.checkpoint_dir:
+                    ckpt.remove_partial(r.checkpoint_dir)
+            ckpt.remove_partial(root)
+            report(f"resuming {E} experts from {folder} (step {first})")
+        else:
+            if resume:
+                report(f"no checkpoint in {root} to resume from; starting at step 0")
+            for d in [root, *(r.checkpoint_dir for r in runs)]:
+                if d:  # a fresh run: an earlier run's checkpoints must not be resumed later
+                    ckpt.clear_checkpoints(d)
+            self.logs = [_run_log(r, [], None) for r in runs]
+            self.best_state, self.bad = [], [0] * E
+            for e in range(E):
+                self.outcome[e].best_metrics = self.evaluate(e)
+                self.best_state.append(self.multi.state(e))
+                self.logs[e].record({"step": 0, **self.outcome[e].best_metrics})
+            self.active, first = list(range(E)), 0
+        # one loader per expert still training, over its own stream: rows padded ahead by loading
+        # processes, pinned on CUDA; a loader records its stream's state after each batch it hands out
+        cuda = self.device.type == "cuda"
+        self.loaders = {
+            e: _loader(runs[e], self.streams[e], self.pad_id, self.device.type, len(self.active), cuda)
+            for e in self.active
+        }
+        return first
+
+    def accumulate_gradients(self):
+        """Forward and backward passes over every active expert's micro-batches of one step; returns
+        each expert's loss for the step, summed on the device (read back only when it is logged)."""
+        import torch
+
+        runs, multi, device = self.runs, self.multi, self.device
+        cuda = device.type == "cuda"
+        for e in self.active:
+            self.optims[e].zero_grad(set_to_none=True)
+        totals = torch.zeros(len(runs), dtype=torch.float64, device=device)
+        for micro in range(max(runs[e].spec.grad_accum for e in self.active)):
+            members = [e for e in self.active if micro < runs[e].spec.grad_accum]
+            got = {e: self.loaders[e].next() for e in members}
+            for e in members:
+                self.outcome[e].samples_seen += got[e].pop("rows")
+                del got[e]["supervised"]
+            # each expert's rows sit whole in one forward pass, so splitting changes no gradient
+            shapes = {e: [got[e]["input_ids"].shape[1]] * len(got[e]["input_ids"]) for e in members}
+            for part in length_groups(shapes, self.pad_slack):
+                # labels stay on the host: the loss finds the supervised positions there
+                labels = concat_batches([{"labels": got[e].pop("labels")} for e in part], self.pad_id)
+                on_device = [{k: v.to(device, non_blocking=cuda) for k, v in got[e].items()} for e in part]
+                batch = concat_batches(on_device, self.pad_id)
+                sizes = [len(shapes[e]) for e in part]
+                multi.set_groups(list(zip(part, sizes, strict=True)))
+                means = expert_token_means(self.model, batch, labels["labels"], sizes)
+                # built on the host and copied without waiting (torch.tensor(..., device=) would sync)
+                accum = torch.tensor([float(runs[e].spec.grad_accum) for e in part])
+                losses = means / accum.to(means.device, non_blocking=True)
+                losses.sum().backward()
+                for i, e in enumerate(part):
+                    totals[e] += losses[i].detach().double()
+        multi.set_groups([])
+        return totals
+
+    def update(self, step: int) -> None:
+        """Each active expert's optimiser step: its own gradient clipping, AdamW and LR schedule."""
+        import torch
+
+        for e in self.active:
+            spec = self.runs[e].spec
+            if spec.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params[e], spec.max_grad_norm)
+            self.optims[e].step()
+            self.scheds[e].step()
+            self.outcome[e].steps = step
+
+    def log_and_evaluate(self, step: int, logging: list[int], values: list[float], report) -> list[int]:
+        """Log the experts of `logging` at `step` (`values`: every expert's training loss); those due
+        evaluate, keep a new best and count toward early stopping. Returns the experts that stop early."""
+        leaving = []
+        for e in logging:
+            run = self.runs[e]
+            entry = {"step": step, "train_loss": values[e], "lr": self.scheds[e].get_last_lr()[0]}
+            if not (step % run.spec.eval_every == 0 or step == run.spec.steps):
+                self.logs[e].record(entry)
+                continue
+            self.model.eval()
+            metrics = self.evaluate(e)
+            self.model.train()
+            self.logs[e].record({**entry, **metrics})
+            outcome = self.outcome[e]
+            if self.better[e](metrics, outcome.best_metrics):
+                outcome.best_metrics, outcome.best_step, self.bad[e] = metrics, step, 0
+                self.best_state[e] = self.multi.state(e)
+                if run.on_best:
+                    run.on_best(step, metrics, self.best_state[e])
+            else:
+                self.bad[e] += 1
+                if run.spec.patience and self.bad[e] >= run.spec.patience:
+                    outcome.stopped_early = True
+                    leaving.append(e)
+                    report(f"[{run.name}] stopped early at step {step}")
+        return leaving
+
+    def save(self, root: Path, step: int) -> None:
+        """One checkpoint of every expert's state (weights, best weights, optimiser, schedule, stream
+        position, early-stopping state and log) plus the RNG, at `step`."""
+        multi, streams, loaders = self.multi, self.streams, self.loaders
         state = {
             "experts": [
                 {
                     "trainable": _plain(multi.state(e)),
-                    "best": _plain(best_state[e]),
-                    "optimizer": optims[e].state_dict(),
-                    "scheduler": scheds[e].state_dict(),
+                    "best": _plain(self.best_state[e]),
+                    "optimizer": self.optims[e].state_dict(),
+                    "scheduler": self.scheds[e].state_dict(),
                     "stream": loaders[e].state_dict() if e in loaders else streams[e].state_dict(),
                 }
-                for e in range(E)
+                for e in range(len(self.runs))
             ],
             "rng": ckpt.rng_states(),
         }
         per_expert = [
             {
                 "name": r.name,
-                "active": e in active,
-                "bad_evals": bad[e],
-                **{f.name: getattr(outcome[e], f.name) for f in dataclasses.fields(ExpertOutcome)},
-                "log": logs[e].log,
+                "active": e in self.active,
+                "bad_evals": self.bad[e],
+                **{f.name: getattr(self.outcome[e], f.name) for f in dataclasses.fields(ExpertOutcome)},
+                "log": self.logs[e].log,
             }
-            for e, r in enumerate(runs)
+            for e, r in enumerate(self.runs)
         ]
-        meta = {"step": step, "finished": not active, "settings": settings, "experts": per_expert}
-        ckpt.save_checkpoint(root, step, state, meta, keep)
+        meta = {"step": step, "finished": not self.active, "settings": self.settings, "experts": per_expert}
+        ckpt.save_checkpoint(root, step, state, meta, self.keep)
 
-    start, step_time, step = time.perf_counter(), 0.0, first
-    model.train()
-    try:
-        while active:
-            step += 1
-            t0 = time.perf_counter()
-            for e in active:
-                optims[e].zero_grad(set_to_none=True)
-            # each expert's loss for this step, summed on the device: read back only when it is logged
-            totals = torch.zeros(E, dtype=torch.float64, device=device)
-            for micro in range(max(runs[e].spec.grad_accum for e in active)):
-                members = [e for e in active if micro < runs[e].spec.grad_accum]
-                got = {e: loaders[e].next() for e in members}
-                for e in members:
-                    outcome[e].samples_seen += got[e].pop("rows")
-                    del got[e]["supervised"]
-                # each expert's rows sit whole in one forward pass, so splitting changes no gradient
-                shapes = {e: [got[e]["input_ids"].shape[1]] * len(got[e]["input_ids"]) for e in members}
-                for part in length_groups(shapes, pad_slack):
-                    # labels stay on the host: the loss finds the supervised positions there
-                    labels = concat_batches([{"labels": got[e].pop("labels")} for e in part], pad_id)
-                    on_device = [
-                        {k: v.to(device, non_blocking=cuda) for k, v in got[e].items()} for e in part
-                    ]
-                    batch = concat_batches(on_device, pad_id)
-                    sizes = [len(shapes[e]) for e in part]
-                    multi.set_groups(list(zip(part, sizes, strict=True)))
-                    means = expert_token_means(model, batch, labels["labels"], sizes)
-                    # built on the host and copied without waiting (torch.tensor(..., device=) would sync)
-                    accum = torch.tensor([float(runs[e].spec.grad_accum) for e in part])
-                    losses = means / accum.to(means.device, non_blocking=True)
-                    losses.sum().backward()
-                    for i, e in enumerate(part):
-                        totals[e] += losses[i].detach().double()
-            multi.set_groups([])
-            for e in active:
-                if runs[e].spec.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params[e], runs[e].spec.max_grad_norm)
-                optims[e].step()
-                scheds[e].step()
-                outcome[e].steps = step
-            logging = [e for e in active if _logs_at(runs[e].spec, step)]
-            # the one read of the device, at steps that log (each expert's last step does): it waits
-            # for the queued work, so the steps' time is right without a synchronize per step
-            values = totals.tolist() if logging else []
-            step_time += time.perf_counter() - t0
-            leaving = []
-            for e in logging:
-                spec = runs[e].spec
-                entry = {"step": step, "train_loss": values[e], "lr": scheds[e].get_last_lr()[0]}
-                if not (step % spec.eval_every == 0 or step == spec.steps):
-                    logs[e].record(entry)
-                    continue
-                model.eval()
-                metrics = evaluate(e)
-                model.train()
-                logs[e].record({**entry, **metrics})
-                if better[e](metrics, outcome[e].best_metrics):
-                    outcome[e].best_metrics, outcome[e].best_step, bad[e] = metrics, step, 0
-                    best_state[e] = multi.state(e)
-                    if runs[e].on_best:
-                        runs[e].on_best(step, metrics, best_state[e])
-                else:
-                    bad[e] += 1
-                    if spec.patience and bad[e] >= spec.patience:
-                        outcome[e].stopped_early = True
-                        leaving.append(e)
-                        report(f"[{runs[e].name}] stopped early at step {step}")
-            leaving += [e for e in active if step == runs[e].spec.steps and e not in leaving]
-            due = any(step % (runs[e].spec.save_every or runs[e].spec.eval_every) == 0 for e in active)
-            active = [e for e in active if e not in leaving]
-            for e in leaving:
-                loaders[e].close()  # its state stays readable for the checkpoints
-            if root and (due or leaving):
-                save(step)
-    finally:
-        for loader in loaders.values():  # stops the loading processes, also when training is interrupted
-            loader.close()
-    model.eval()
-    for e in range(E):
-        multi.load_state(e, best_state[e])
-        outcome[e].log = logs[e].log
-        logs[e].close()
-    return ConcurrentResult(outcome, time.perf_counter() - start, step_time, step, first)
+    def finish(self) -> list[ExpertOutcome]:
+        """Load every expert's best weights back into the layers and close the logs; the outcomes."""
+        self.model.eval()
+        for e in range(len(self.runs)):
+            self.multi.load_state(e, self.best_state[e])
+            self.outcome[e].log = self.logs[e].log
+            self.logs[e].close()
+        return self.outcome
 
 
 def _logs_at(spec: TrainSpec, step: int) -> bool:
@@ -339,9 +399,8 @@ def _loader(run: ExpertRun, stream, pad_id: int, device_type: str, experts: int,
     return BatchLoader(run.examples, stream, pad_id, 0, 1, workers, run.spec.prefetch_batches, pin=pin)
 
 
-def _run_log(run: ExpertRun, log: list[dict], purge_step: int | None):
-    from .loop import RunLog
-
+def _run_log(run: ExpertRun, log: list[dict], purge_step: int | None) -> RunLog:
+    """An expert's RunLog: its train_log.jsonl and TensorBoard events in log_dir (kept in memory only without one)."""
     if not run.log_dir:
         return RunLog(None, None, True, log, purge_step)
     return RunLog(run.log_dir / TRAIN_LOG_FILE, run.log_dir / TENSORBOARD_DIR, True, log, purge_step)
@@ -379,7 +438,8 @@ def concurrent_checkpoints(output_dir: str | Path, names: list[str]) -> Path:
     """
     key = "+".join(names)
     if not all(SAFE_NAME.match(n) for n in names) or len(key) > 120:
-        key = hashlib.sha256("\0".join(names).encode()).hexdigest()[:16]
+        # the names NUL-separated, not hashing.fingerprint: the key existing checkpoints were saved under
+        key = sha256_stream(io.BytesIO("\0".join(names).encode()))[:16]
     return Path(output_dir) / CONCURRENT_CKPT_DIR / key
 
 
@@ -387,7 +447,6 @@ def best_checkpoint_writer(folder: Path, lora, base_model: str) -> Callable[[int
     """A callback writing each new best of one expert to `folder`/best (PEFT adapter + state.json),
     atomically, with the sequential loop's `save_best`."""
     from ..model.multi_lora import save_peft_adapter
-    from .loop import save_best
 
     def write(step: int, metrics: dict, weights: dict) -> None:
         save_best(lambda tmp: save_peft_adapter(tmp, lora, weights, base_model), folder, step, metrics)
@@ -423,13 +482,10 @@ def train_experts_concurrent(
     """`mole train experts --concurrent`: every named expert trained in one pass on one base.
 
     Preparation, base scoring, final scoring and saving are the sequential path's own
-    (train/experts.py); each expert ends as an ordinary PEFT adapter with the same metadata.
+    (train/expert_jobs.py); each expert ends as an ordinary PEFT adapter with the same metadata.
     Checkpoints go to `concurrent_checkpoints(output_dir, names)`; `resume` continues from them.
     """
-    from ..model.kernels import compile_language_model, load_training_base
-    from ..model.lora import attach_lora, detach_lora
     from ..model.multi_lora import MultiLora, copy_into_peft, expert_weights_from_spec
-    from .experts import prepare_expert, score_and_save, score_base, train_stats
 
     base = load_training_base(cfg.base_model, dtype, device, cfg.kernels)
     jobs = [prepare_expert(cfg, name, (digests or {}).get(name)) for name in names]
