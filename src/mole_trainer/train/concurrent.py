@@ -137,7 +137,8 @@ def train_concurrent(
     clipping of its own gradient norm, validation loss at step 0 and every `eval_every` steps (and at
     its last step), keep-best, and early stopping after `patience` evaluations without improvement.
     `pad_slack` (default PAD_SLACK) bounds the padding that experts of different lengths may add by
-    sharing a forward pass (`length_groups`); it changes speed only, never the result.
+    sharing a forward pass (`length_groups`); without LoRA dropout it changes speed only, never the
+    result (with dropout, other groupings draw other dropout masks).
 
     With `checkpoint_dir`, one checkpoint of every expert's state is saved at each step where an
     expert reaches its `save_every` (default: its `eval_every`) or leaves, keeping the largest
