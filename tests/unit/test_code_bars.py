@@ -86,8 +86,9 @@ def import_graph(sources: dict[str, Source]) -> dict[str, dict[str, int]]:
     statement wherever it is (module level, inside functions, under TYPE_CHECKING).
 
     `import a.b` and `from a import b` (b a module) import a.b; `from a import name` (not a module)
-    imports a, i.e. a's __init__. The parent packages Python initialises on the way are not counted as
-    imported by the importer: they run before the module itself, so they close no cycle through it.
+    imports a, i.e. a's __init__. Importing a.b.c first runs the __init__ of a and of a.b: such a parent
+    package counts as imported too, unless it is the importer's own ancestor (already initialised, or
+    being initialised, before the importer runs).
     """
     graph: dict[str, dict[str, int]] = {name: {} for name in sources}
     for src in sources.values():
@@ -102,6 +103,10 @@ def import_graph(sources: dict[str, Source]) -> dict[str, dict[str, int]]:
                     sub = f"{module}.{alias.name}"
                     targets.append(sub if sub in sources else module)
             for target in targets:
+                parts = target.split(".")
+                for parent in (".".join(parts[:i]) for i in range(1, len(parts))):
+                    if parent in sources and not (src.name + ".").startswith(parent + "."):
+                        edges.setdefault(parent, node.lineno)
                 if target in sources and target != src.name:
                     edges.setdefault(target, node.lineno)
     return graph
@@ -313,6 +318,22 @@ def test_a_package_init_importing_its_user_is_a_cycle_and_a_chain_is_not():
     ]
     chain = synthetic({"pkg/": "", "pkg.a": "from pkg.b import x\n", "pkg.b": "import pkg.c\n", "pkg.c": ""})
     assert import_cycles(chain) == []
+
+
+def test_a_cycle_through_a_parent_package_initialised_on_the_way_is_found():
+    # `import pkg.x` runs pkg.sub.a's parent pkg.sub/__init__, which imports pkg.sub.b, which imports pkg.x back
+    sources = synthetic(
+        {
+            "pkg/": "",
+            "pkg.sub/": "from .b import B\n",
+            "pkg.sub.a": "A = 1\n",
+            "pkg.sub.b": "from pkg.x import X\n",
+            "pkg.x": "from pkg.sub.a import A\n",
+        }
+    )
+    assert import_cycles(sources) == [
+        "pkg.sub -> pkg.sub.b (pkg/sub/__init__.py:1) -> pkg.x (pkg/sub/b.py:1) -> pkg.sub (pkg/x.py:1)"
+    ]
 
 
 def test_the_shortest_cycle_of_a_group_is_reported_with_its_other_members():
