@@ -3,6 +3,7 @@ MOLE_MODAL_ROOT standing in for the Volumes; the path helper; the image's packag
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -382,8 +383,9 @@ def test_the_entrypoint_takes_the_options_modal_run_gives_a_stage(capsys):
         "batch_size": 4,
         "workdir": ".",
     }
-    for stage in m.STAGE_DEFAULTS:  # every stage function can be run so (its parameters parse)
-        assert m.stage_call([stage])[0] == stage
+    for stage in m.STAGE_DEFAULTS:  # every stage parses with no option: its defaults are the function's
+        params = inspect.signature(m.STAGE_CODE[stage]).parameters
+        assert m.stage_call([stage])[1] == {k: p.default for k, p in params.items()}
     assert m.stage_call(["train_experts", "--no-resume"])[1]["resume"] is False
     assert m.stage_call(["train_experts"])[1]["resume"] is True
     with pytest.raises(SystemExit) as exit_info:

@@ -636,12 +636,18 @@ def stage_call(args: tuple[str, ...] | list[str]) -> tuple[str, dict]:
 def main(*args: str):
     """`--config-dir DIR`: upload DIR/{dataset,loras,router}.yaml to the data Volume, then run the demo
     pipeline on Modal. `STAGE --option value ...`: run one stage function (options as for ::STAGE) and
-    print its result. Either exits 2 with the message on a config or data error."""
+    print its result. Either exits 2 with the message on a config or data error. Help: `-h` (Modal's
+    own command line answers `--help` before this function sees it)."""
     if args and not args[0].startswith("-"):
         name, kwargs = stage_call(args)
         print(json.dumps(checked(STAGES[name].remote(**kwargs)), indent=2, default=str))
         return
-    parser = argparse.ArgumentParser(prog=ENTRYPOINT, description="Run the demo pipeline on Modal.")
+    parser = argparse.ArgumentParser(
+        prog=ENTRYPOINT,
+        usage=f"{ENTRYPOINT} --config-dir DIR | {ENTRYPOINT} STAGE [--option value ...]",
+        description=f"Run the demo pipeline on Modal, or one stage ({', '.join(STAGES)}; `STAGE -h` "
+        "lists its options).",
+    )
     parser.add_argument(
         "--config-dir", required=True, help="folder with dataset.yaml, loras.yaml, router.yaml"
     )

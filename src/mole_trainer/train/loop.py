@@ -512,13 +512,14 @@ def save_best(write_adapter: Callable[[Path], None], checkpoint_dir: Path, step:
 
     The previous best is moved aside before the new one is renamed into place and removed after,
     so a kill at any moment leaves a complete adapter in `best/` or in `.best.old/` (which
-    `checkpoint.remove_partial` puts back).
+    `checkpoint.remove_partial` puts back); durable like a checkpoint, so a power cut cannot leave
+    `best/` with empty files.
     """
     tmp = checkpoint_dir / ckpt.BEST_TMP
     shutil.rmtree(tmp, ignore_errors=True)
     write_adapter(tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")
-    replace_folder(tmp, checkpoint_dir / ckpt.BEST_DIR, checkpoint_dir / ckpt.BEST_OLD)
+    replace_folder(tmp, checkpoint_dir / ckpt.BEST_DIR, checkpoint_dir / ckpt.BEST_OLD, durable=True)
 
 
 def lower_is_better(key: str, min_delta: float) -> Callable[[dict, dict], bool]:
