@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mole_trainer.data.formats import Sample
+from mole_trainer.data.records import Sample
 from mole_trainer.errors import UserError
 from mole_trainer.eval.router_check import (
     BelowThreshold,

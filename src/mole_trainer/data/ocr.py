@@ -23,8 +23,9 @@ from pathlib import Path
 from ..errors import UserError
 from ..hashing import sha256_file
 from ..layout import OCR_SUMMARY_FILE, OCR_UNLABELED_FILE, SPLITS
-from .formats import load_expert_dataset, write_jsonl
+from .formats import load_expert_dataset
 from .ocr_engines import DEFAULT_JOIN_GAP, DEFAULT_MIN_CONFIDENCE, check_engine, load_image, read_text_lines
+from .records import write_jsonl
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 / y1 exclusive
 

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..adapter_info import find_adapter_dir
-from ..data.formats import Sample
+from ..data.records import Sample
 from ..errors import UserError
 from ..hashing import sha256_file
 from ..layout import EVAL_REPORT_FILE, ROUTER_INFO_FILE

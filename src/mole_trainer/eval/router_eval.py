@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..adapter_info import find_adapter_dir, read_adapter_info
-from ..data.formats import Sample, load_jsonl_samples
+from ..data.records import Sample, load_jsonl_samples
 from ..errors import UserError
 from ..layout import EVAL_REPORT_FILE
 from ..router_prompt import label_names
