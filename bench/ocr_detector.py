@@ -41,7 +41,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from mole_trainer.data.formats import load_expert_dataset
-from mole_trainer.data.ocr import box_iou, match_pairs
+from mole_trainer.data.ocr_detector import box_iou, match_pairs
 from mole_trainer.data.ocr_engines import (
     DEFAULT_JOIN_GAP,
     ENGINES,

@@ -87,7 +87,7 @@ def build_model(out: Path) -> Path:
 
 def requests(root: Path, n: int):
     """n routing requests, each with its own screenshot."""
-    from mole_trainer.data.formats import Sample
+    from mole_trainer.data.records import Sample
 
     out = []
     for i in range(n):

@@ -104,7 +104,7 @@ class SerialLoop:
     def request(self, i: int):
         from PIL import Image
 
-        from mole_trainer.data.formats import Sample
+        from mole_trainer.data.records import Sample
         from mole_trainer.infer.engine import Request
 
         im = Image.open(io.BytesIO(self.images[i % len(self.images)])).convert("RGB")

@@ -258,7 +258,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mole_trainer.data.formats import Sample
+    from mole_trainer.data.records import Sample
     from mole_trainer.infer.engine import Engine
 
     with tempfile.TemporaryDirectory() as tmp:

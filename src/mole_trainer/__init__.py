@@ -1,6 +1,6 @@
 """Mole-Trainer: Mixture-of-LoRA-Experts training infrastructure for vision-language models."""
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # re-exported: the version lives in a leaf module
 
 __all__ = ["MoLE"]
 

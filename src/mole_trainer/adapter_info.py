@@ -1,14 +1,18 @@
-"""The metadata file written beside every adapter we save (what a loader needs to use it right)."""
+"""The metadata file written beside every adapter we save (what a loader needs to use it right), and the
+digest of an adapter's weights (what an evaluation report records it was made of)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 from .errors import UserError
+from .hashing import sha256_file
 
 ADAPTER_INFO_FILE = "mole_adapter.json"
+ADAPTER_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def write_adapter_info(adapter_dir: str | Path, info: dict) -> None:
@@ -23,6 +27,17 @@ def find_adapter_dir(path: str | Path) -> Path:
         if (cand / "adapter_config.json").is_file():
             return cand
     raise UserError(f"{path}: no PEFT adapter here (expected adapter_config.json in it or in adapter/)")
+
+
+def adapter_digest(adapter_dir: str | Path) -> str:
+    """sha256 over an adapter folder's weight files (names and bytes): which weights were evaluated."""
+    files = sorted(p for p in Path(adapter_dir).iterdir() if p.suffix in ADAPTER_WEIGHT_SUFFIXES)
+    if not files:
+        raise UserError(f"{adapter_dir}: no adapter weights (*.safetensors or *.bin) in this folder")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()
 
 
 def read_adapter_info(adapter_dir: str | Path, role: str | None = None) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .data.formats import Sample
+from .data.records import Sample
 from .errors import UserError
 from .serve.errors import ApiError
 from .serve.messages import ROUTED_MODEL, Limits, load_image, parse_messages

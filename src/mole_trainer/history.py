@@ -19,27 +19,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import sqlite3
 import traceback
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .history_writer import RESUMABLE, RunWriter, json_text
 from .layout import HISTORY_DIR
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TIMEOUT_S = 30.0
-STATUSES = ("running", "ok", "failed", "skipped", "interrupted")
-RESUMABLE = ("interrupted", "failed")  # what a --resume run continues
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 _SCHEMA = """
@@ -98,99 +94,6 @@ RUN_COLUMNS = (
     *_ADDED_COLUMNS,
 )
 _JSON_FIELDS = {"config_json": "config", "metrics_json": "metrics", "artifacts_json": "artifacts"}
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def _dumps(obj: Any) -> str:
-    # default=str keeps Paths and other simple objects in configs from failing the whole run
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
-class RunWriter:
-    """start() and finish() of a run history; History (SQLite) and FileHistory (JSONL files) store the rows."""
-
-    def start(
-        self,
-        stage: str,
-        config: dict,
-        data_hash: str | None = None,
-        output: str | None = None,
-        resumed_from: str | None = None,
-    ) -> str:
-        """Record a run of this process with status 'running' and return its run_id."""
-        from .locking import process_start
-        from .runinfo import git_state
-
-        pid = os.getpid()
-        commit, dirty = git_state()
-        run = {
-            "run_id": new_run_id(),
-            "stage": stage,
-            "status": "running",
-            "started_at": _now(),
-            "finished_at": None,
-            "duration_s": None,
-            "config": json.loads(_dumps(config)),
-            "data_hash": data_hash,
-            "metrics": None,
-            "artifacts": None,
-            "error": None,
-            "cost_usd": None,
-            "host": platform.node(),
-            "pid": pid,
-            "pid_start": process_start(pid),
-            "output": output,
-            "resumed_from": resumed_from,
-            "git_commit": commit,
-            "git_dirty": dirty,
-            "device": None,
-            "source": None,
-        }
-        self._store_started(run)
-        return run["run_id"]
-
-    def finish(
-        self,
-        run_id: str,
-        status: str = "ok",
-        metrics: dict | None = None,
-        artifacts: dict | None = None,
-        error: str | None = None,
-        cost_usd: float | None = None,
-        device: str | None = None,
-        usd_per_hour: float | None = None,
-    ) -> None:
-        """Close a run: set its final status, finish time, duration and results.
-
-        Without `cost_usd`, a known `usd_per_hour` (runinfo.hourly_rate) prices the run's wall time.
-        """
-        check_final(status)
-        run = self._started_run(run_id)
-        finished = datetime.now(UTC)
-        duration = (finished - datetime.fromisoformat(run["started_at"])).total_seconds()
-        closed = {
-            "status": status,
-            "finished_at": finished.isoformat(timespec="microseconds"),
-            "duration_s": duration,
-            "metrics": json.loads(_dumps(metrics or {})),
-            "artifacts": json.loads(_dumps(artifacts or {})),
-            "error": error,
-            "cost_usd": estimate_cost(cost_usd, duration, usd_per_hour),
-            "device": device,
-        }
-        self._store_finished(run, closed)
-
-    def _store_started(self, run: dict) -> None:
-        raise NotImplementedError
-
-    def _started_run(self, run_id: str) -> dict:
-        raise NotImplementedError
-
-    def _store_finished(self, run: dict, closed: dict) -> None:
-        raise NotImplementedError
 
 
 class History(RunWriter):
@@ -398,26 +301,8 @@ def encode_run(run: dict) -> dict:
     """A run as `runs()` returns it, with its JSON fields encoded as stored (the inverse of decoding)."""
     row = {k: v for k, v in run.items() if k not in _JSON_FIELDS.values()}
     for column, key in _JSON_FIELDS.items():
-        row[column] = _dumps(run[key]) if run.get(key) is not None else ("{}" if key == "config" else None)
+        row[column] = json_text(run[key]) if run.get(key) is not None else ("{}" if key == "config" else None)
     return row
-
-
-def new_run_id() -> str:
-    """A fresh random run id."""
-    return uuid.uuid4().hex[:12]
-
-
-def check_final(status: str) -> None:
-    """ValueError unless `status` is a final status (not 'running')."""
-    if status not in STATUSES or status == "running":
-        raise ValueError(f"final status must be one of {', '.join(STATUSES[1:])}; got {status!r}")
-
-
-def estimate_cost(cost_usd: float | None, duration_s: float, usd_per_hour: float | None) -> float | None:
-    """The given cost, else the wall time priced at `usd_per_hour`, else None (no price known)."""
-    if cost_usd is not None or usd_per_hour is None:
-        return cost_usd
-    return duration_s / 3600.0 * usd_per_hour
 
 
 def open_history(db_path: str | Path):

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import UserError
-from .history import RESUMABLE, RunWriter, _dumps
+from .history_writer import RESUMABLE, RunWriter, json_text
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class FileHistory(RunWriter):
     def _append(self, entries: list[dict]) -> None:
         if not entries:
             return
-        data = "".join(_dumps(e) + "\n" for e in entries).encode()
+        data = "".join(json_text(e) + "\n" for e in entries).encode()
         fd = os.open(self._own_file(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, data)
@@ -114,7 +114,7 @@ class FileHistory(RunWriter):
         """Store a finished run as given (a backfilled one); False when its run_id is already stored."""
         if run["run_id"] in self._merged()[0]:
             return False
-        self._append([{"kind": "run", "run": json.loads(_dumps(run))}])
+        self._append([{"kind": "run", "run": json.loads(json_text(run))}])
         return True
 
     def reconcile(self) -> list[str]:

@@ -271,7 +271,7 @@ def _routing_checked(config: Path, output: Path, root: Path) -> dict:
 def _demo_inference(wd: WorkDir, out: Path) -> dict:
     """Route + generate for a few test requests per expert; returns routing accuracy and samples."""
     from . import stages
-    from .data.formats import load_jsonl_samples
+    from .data.records import load_jsonl_samples
     from .infer.stacked import write_results
 
     test = [s for s in load_jsonl_samples(wd.routing_file) if s.split == "test"]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .version import __version__
 
 PRICES_FILE = "prices.yaml"
 GIT_COMMIT_ENV = (
@@ -61,8 +62,6 @@ def git_state(source: str | None = None) -> tuple[str | None, bool | None]:
 
 def code_version() -> dict:
     """{"package", "git_commit", "git_dirty"} of the running code (git fields from git_state)."""
-    from . import __version__
-
     commit, dirty = git_state()
     return {"package": __version__, "git_commit": commit, "git_dirty": dirty}
 

@@ -264,14 +264,9 @@ def data_preprocess(
         raise UserError(
             "preprocess needs --model (a base folder or hub id) or --config (router.yaml / loras.yaml)"
         )
-    from .data.formats import (
-        Location,
-        RecordError,
-        Reject,
-        read_dataset,
-        read_jsonl_samples,
-    )
+    from .data.formats import read_dataset
     from .data.preprocess import preprocess_splits
+    from .data.records import Location, RecordError, Reject, read_jsonl_samples
     from .data.routing import load_label_map
 
     if min_pixels is not None and max_pixels is not None and ImageSpec(min_pixels, max_pixels).problems():

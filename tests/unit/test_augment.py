@@ -7,7 +7,7 @@ import pytest
 
 from mole_trainer.config import AugmentSpec, DatasetConfig, ExpertSource, load_config
 from mole_trainer.data.check import check_routing_dataset
-from mole_trainer.data.formats import load_jsonl_samples
+from mole_trainer.data.records import load_jsonl_samples
 from mole_trainer.data.report import print_routing_stats
 from mole_trainer.data.rewrites import REWRITES, canonical, lower_first, politely, rewrite
 from mole_trainer.data.routing import build_routing_dataset

@@ -3,7 +3,7 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from mole_trainer.data.formats import Sample
+from mole_trainer.data.records import Sample
 from mole_trainer.eval.consistency import consistency_report, perturbed
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mole_trainer.data.formats import load_expert_dataset, load_jsonl_samples, read_dataset
+from mole_trainer.data.formats import load_expert_dataset, read_dataset
+from mole_trainer.data.records import load_jsonl_samples
 from mole_trainer.errors import UserError
 
 SYSTEM = "You are a careful GUI agent."

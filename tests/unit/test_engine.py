@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mole_trainer.data.formats import Sample
+from mole_trainer.data.records import Sample
 from mole_trainer.errors import UserError
 
 

@@ -3,7 +3,8 @@ import json
 import pytest
 from PIL import Image
 
-from mole_trainer.data.formats import load_expert_dataset, load_jsonl_samples
+from mole_trainer.data.formats import load_expert_dataset
+from mole_trainer.data.records import load_jsonl_samples
 from mole_trainer.errors import UserError
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mole_trainer import history as history_module
+from mole_trainer import history_writer
 from mole_trainer.errors import UserError
 from mole_trainer.history import History, format_runs_table, record_run
 from mole_trainer.layout import HISTORY_DB, LOCK_SHARED_ENV
@@ -32,7 +32,7 @@ class SteppedClock(datetime):
 
 
 def test_round_trip(db: Path, monkeypatch):
-    monkeypatch.setattr(history_module, "datetime", SteppedClock)
+    monkeypatch.setattr(history_writer, "datetime", SteppedClock)
     monkeypatch.setattr(SteppedClock, "calls", 0)
     history = History(db)
     run_id = history.start("train.experts", {"lr": 1e-4, "out": Path("/x")}, data_hash="abc")

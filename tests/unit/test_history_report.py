@@ -353,7 +353,7 @@ def test_shared_volume_history_is_jsonl_per_writer_and_merges_with_sqlite(tmp_pa
 
 
 def test_sqlite_and_files_record_a_run_alike(tmp_path):
-    """start/finish are written once (history.RunWriter): both stores read back the same run."""
+    """start/finish are written once (history_writer.RunWriter): both stores read back the same run."""
     got = []
     machines = []
     for history in (History(tmp_path / HISTORY_DB), FileHistory(tmp_path / HISTORY_DIR)):

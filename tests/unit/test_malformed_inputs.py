@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from mole_trainer.cli import main
-from mole_trainer.data.formats import RecordError, read_dataset
+from mole_trainer.data.formats import read_dataset
+from mole_trainer.data.records import RecordError
 from mole_trainer.errors import UserError
 
 GOOD_TURNS = [

@@ -11,16 +11,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from mole_trainer.data.formats import load_expert_dataset
-from mole_trainer.data.ocr import (
-    OCR_PROMPT,
-    box_iou,
-    detect_text_lines,
-    known_text_lines,
-    make_ocr_crops,
-    match_boxes,
-    pad_box,
-    split_images,
-)
+from mole_trainer.data.ocr import OCR_PROMPT, known_text_lines, make_ocr_crops, pad_box, split_images
+from mole_trainer.data.ocr_detector import box_iou, detect_text_lines, match_boxes
 from mole_trainer.data.ocr_engines import load_image, rapidocr_installed, read_text_lines
 from mole_trainer.data.synth import synthesize
 from mole_trainer.errors import UserError

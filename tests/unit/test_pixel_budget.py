@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mole_trainer.data.formats import Sample
 from mole_trainer.data.preprocess import encode_sample
+from mole_trainer.data.records import Sample
 from mole_trainer.model.loading import load_processor
 
 PROCESSOR = Path(__file__).parents[1] / "fixtures" / "qwen3-vl-8b-processor"

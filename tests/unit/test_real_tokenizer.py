@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mole_trainer.data.formats import Sample
 from mole_trainer.data.preprocess import IGNORE_INDEX, encode_prompt, encode_sample, load_images
+from mole_trainer.data.records import Sample
 from mole_trainer.errors import UserError
 from mole_trainer.model.lora import target_regex
 from mole_trainer.model.tiny import load_given_processor, processor_vocab_size

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from mole_trainer.config import LoraSpec
-from mole_trainer.data.formats import Sample, load_expert_dataset
+from mole_trainer.data.formats import load_expert_dataset
 from mole_trainer.data.preprocess import encode_sample
+from mole_trainer.data.records import Sample
 from mole_trainer.infer.scoring import encode_router_prompts, label_loss, label_token_ids, score_encoded
 from mole_trainer.model.loading import load_base, load_processor
 from mole_trainer.model.lora import attach_lora

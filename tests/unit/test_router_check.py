@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mole_trainer.data.formats import Sample
+from mole_trainer.adapter_info import adapter_digest
+from mole_trainer.data.records import Sample
 from mole_trainer.errors import UserError
 from mole_trainer.eval.router_check import (
     BelowThreshold,
-    adapter_digest,
     check_deployable,
     format_router_test,
     recorded_evaluation,

@@ -6,7 +6,7 @@ import pytest
 
 from mole_trainer.config import DatasetConfig, ExpertSource, load_config
 from mole_trainer.data.check import check_routing_dataset
-from mole_trainer.data.formats import load_jsonl_samples
+from mole_trainer.data.records import load_jsonl_samples
 from mole_trainer.data.routing import build_routing_dataset, load_label_map, routing_stats_path
 from mole_trainer.errors import UserError
 

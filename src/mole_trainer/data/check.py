@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..hashing import sha256_file
 from ..layout import LABEL_MAP_FILE, SPLITS
 from .augment import AUGMENT_METADATA
-from .formats import RecordError, check_image, iter_jsonl, parse_record
+from .records import RecordError, check_image, iter_jsonl, parse_record
 from .routing import load_label_map, routing_stats_path
 
 MAX_LISTED = 40  # violations spelled out in the error message; the rest are counted

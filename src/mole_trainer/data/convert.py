@@ -16,14 +16,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..layout import REJECTS_FILE, SPLITS
-from .formats import (
-    Sample,
-    read_dataset,
-    sample_to_record,
-    sample_to_sharegpt,
-    split_dataset_path,
-    write_jsonl,
-)
+from .formats import read_dataset, sample_to_record, sample_to_sharegpt, split_dataset_path
+from .records import Sample, write_jsonl
 
 TARGETS = ("messages", "sharegpt", "hf")
 

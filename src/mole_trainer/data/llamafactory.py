@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import UserError
 from ..layout import DATASET_NAME_SEP, LLAMAFACTORY_INFO_FILE, SPLITS
 from .conversation import AlpacaLayout, ShareGPTLayout
-from .formats import Location, RecordError, Reject, Sample, collect_records, iter_jsonl, path_resolver
+from .records import Location, RecordError, Reject, Sample, collect_records, iter_jsonl, path_resolver
 
 SHAREGPT_COLUMNS = ("messages", "system", "images", "tools", "videos", "audios")
 ALPACA_COLUMNS = ("prompt", "query", "response", "history", "system", "images", "tools", "videos", "audios")

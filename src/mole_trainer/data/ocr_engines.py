@@ -5,7 +5,7 @@ Two engines give the text lines of an image:
 - ``rapidocr``: PaddleOCR's PP-OCRv4 detection and recognition models (ONNX, shipped inside the
   ``rapidocr-onnxruntime`` wheel, so nothing is downloaded at run time). Every line comes with its
   recognised text and the recogniser's confidence.
-- ``opencv``: the classical detector of data/ocr.py (``detect_text_lines``); boxes only, no text.
+- ``opencv``: the classical detector of data/ocr_detector.py (``detect_text_lines``); boxes only, no text.
 
 Images of any shape are first made into 8-bit RGB the way a viewer shows them (``load_image``: EXIF
 orientation applied, transparency flattened, 16-bit scaled), and images longer than
@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from ..errors import UserError
-
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 / y1 exclusive
+from .ocr_detector import Box, detect_text_lines
 
 ENGINES = ("rapidocr", "opencv")
 RAPIDOCR_PACKAGE = "rapidocr_onnxruntime"
@@ -127,8 +126,6 @@ def read_text_lines(image, engine: str, params=None, join_gap: float = DEFAULT_J
         else image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
     )
     if engine == "opencv":
-        from .ocr import detect_text_lines
-
         boxes = [_to_source(b, scale, w, h) for b in detect_text_lines(small, params)]
         return [TextLine(b) for b in boxes if b is not None]
     if engine != "rapidocr":

@@ -28,8 +28,8 @@ from ..errors import UserError
 from ..layout import LABEL_MAP_FILE, PREPROCESS_META_FILE, PREPROCESS_SHARD_FILE, REJECTS_FILE, SPLITS
 from ..model.chat import end_of_turn
 from ..router_prompt import label_names, router_messages
-from .formats import Reject, Sample, write_jsonl
 from .pixels import COMPACT, PLAIN, RAW_PIXEL_KWARGS, PixelSpec, pack_example, same_example, unpack_example
+from .records import Reject, Sample, write_jsonl
 
 IGNORE_INDEX = -100
 # v2: splits in shards, image paths relative to the cache; v3: resized uint8 pixels (zlib), narrow ints

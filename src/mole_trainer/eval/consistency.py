@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ..data.formats import Sample
+from ..data.records import Sample
 from ..data.rewrites import politely, toggle_final_mark
 
 

@@ -15,31 +15,18 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..adapter_info import find_adapter_dir
-from ..data.formats import Sample
+from ..adapter_info import adapter_digest, find_adapter_dir
+from ..data.records import Sample
 from ..errors import UserError
-from ..hashing import sha256_file
 from ..layout import EVAL_REPORT_FILE, ROUTER_INFO_FILE
 
 DEFAULT_PER_EXPERT = 8
-ADAPTER_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 class BelowThreshold(UserError):
     """A router's accuracy is below the asked minimum (exit status 1: the check ran and failed)."""
 
     exit_code = 1
-
-
-def adapter_digest(adapter_dir: str | Path) -> str:
-    """sha256 over an adapter folder's weight files (names and bytes): which weights were evaluated."""
-    files = sorted(p for p in Path(adapter_dir).iterdir() if p.suffix in ADAPTER_WEIGHT_SUFFIXES)
-    if not files:
-        raise UserError(f"{adapter_dir}: no adapter weights (*.safetensors or *.bin) in this folder")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
-    return h.hexdigest()
 
 
 def select_per_expert(samples: list[Sample], names: list[str], per_expert: int) -> dict[str, list[Sample]]:

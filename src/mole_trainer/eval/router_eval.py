@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..adapter_info import find_adapter_dir, read_adapter_info
-from ..data.formats import Sample, load_jsonl_samples
+from ..adapter_info import adapter_digest, find_adapter_dir, read_adapter_info
+from ..data.records import Sample, load_jsonl_samples
 from ..errors import UserError
 from ..layout import EVAL_REPORT_FILE
 from ..router_prompt import label_names
@@ -66,7 +66,6 @@ def evaluate_router(
     """
     from ..eval.metrics import router_report
     from ..infer.scoring import route_probs
-    from .router_check import adapter_digest
 
     model, processor, label_map, info = load_router(checkpoint, device, dtype, base_model)
     names = label_names(label_map)

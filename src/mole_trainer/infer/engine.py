@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..adapter_info import check_same_base, read_adapter_info
-from ..data.formats import Sample
 from ..data.preprocess import load_images as decode_images
+from ..data.records import Sample
 from ..errors import UserError
 from ..router_prompt import label_names, router_messages
 from .limits import TEMPERATURE_RANGE, check_image_size, check_seed, check_text, special_tokens

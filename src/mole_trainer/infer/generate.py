@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..data.formats import Sample
 from ..data.preprocess import collate, encode_prompt, load_images
+from ..data.records import Sample
 
 
 def generate(

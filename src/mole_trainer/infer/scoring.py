@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..data.formats import Sample
 from ..data.preprocess import collate, encode_prompt, load_images
+from ..data.records import Sample
 from ..model.chat import end_of_turn
 from ..router_prompt import router_messages
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.formats import Sample
+from ..data.records import Sample
 from ..errors import UserError
 
 
 def request_sample(image: str, prompt: str, rid: str = "request") -> Sample:
     """A Sample for one request given on the command line."""
-    from ..data.formats import check_image
+    from ..data.records import check_image
 
     p = Path(image)
     if not p.is_file():
@@ -47,7 +47,7 @@ def requests_from_jsonl(path: str | Path) -> list[Sample]:
 
     The router sees every request the way it saw its training records (data.conversation.router_request).
     """
-    from ..data.formats import Location, check_image, parse_object, read_jsonl
+    from ..data.records import Location, check_image, parse_object, read_jsonl
 
     path = Path(path)
     root = path.parent

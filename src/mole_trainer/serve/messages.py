@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ..data.conversation import MESSAGE_ROLES, RawTurn, check_conversation, router_request
-from ..data.formats import Sample
+from ..data.records import Sample
 from ..errors import UserError
 from ..infer.limits import TEMPERATURE_RANGE, check_image_size, check_seed
 from .defaults import MAX_BODY_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_TOKENS

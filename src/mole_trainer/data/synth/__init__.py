@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ...errors import UserError
 from ...layout import SPLITS
-from ..formats import write_jsonl
+from ..records import write_jsonl
 from .calendar_screen import _calendar_screen
 from .chart_screen import _chart_screen
 from .common import _rng, _Screen
