@@ -4,12 +4,13 @@ image for the decode check and the hash against the previous separate decode and
 Synthesises the four synthetic expert datasets (the demo's sizes by default), writes the demo's
 dataset.yaml for them, then runs the real stages (stages.data_routing, then stages.data_check as the
 demo's routing stage does) both ways in this process, alternating, REPEATS times each:
-- before (baseline): the previous reading, restored by swapping two functions in the modules: the
+- before (baseline): the previous reading, restored by swapping three module functions: the
   records loaded with every image decoded, then each image hashed apart (routing), and each
   output image decoded then hashed (check);
 - after: the code as it is (load without decoding; each image read once, decoded from memory and hashed).
-It counts every open() of an image file by what opened it and every full decode, checks that both ways write byte-identical
-outputs (routing JSONL, label map, stats, images/), and reports medians of the wall time.
+It counts every open() of an image file by what opened it and every full decode, checks that both
+ways write byte-identical outputs (routing JSONL, label map, stats, images/), and reports medians
+of the wall time.
 
 Usage: python bench/routing_reads.py [--train N --val N --test N] [--repeats R] [--workdir DIR]
 The last line printed is one JSON object.
