@@ -165,11 +165,12 @@ def test_joined_batches_equal_one_collate_of_all_rows():
 
 
 def test_the_host_reads_losses_only_at_log_steps(tiny_model, tmp_path, monkeypatch):
+    from torch.overrides import TorchFunctionMode
+
     from mole_trainer.train import concurrent
 
     monkeypatch.setattr(concurrent, "PAD_SLACK", float("inf"))  # one pass: the bmm path too
     reads, built = {"n": 0}, []
-    zeros, tensor = torch.zeros, torch.tensor
 
     class Watched(torch.Tensor):
         """The loop's loss accumulator: counts its reads back to the host."""
@@ -182,20 +183,24 @@ def test_the_host_reads_losses_only_at_log_steps(tiny_model, tmp_path, monkeypat
             reads["n"] += 1
             return super().item()
 
-    def accumulator(*args, **kwargs):
-        t = zeros(*args, **kwargs)
-        caller = sys._getframe(1).f_globals.get("__name__")
-        return t.as_subclass(Watched) if caller == "mole_trainer.train.concurrent" else t
+    class Spies(TorchFunctionMode):
+        """Sees every torch call of the run without replacing a torch function: torch caches some by
+        identity (the factories that `with torch.device(...)` redirects), so a torch.zeros or torch.tensor
+        swapped for a spy would outlive the test and leave later loaded models half initialised."""
 
-    def host_data_to_device(*args, **kwargs):
-        # torch.tensor(data, device=cuda) waits for the GPU; host data must be copied non-blocking
-        if "device" in kwargs and sys._getframe(1).f_globals.get("__name__", "").startswith("mole_trainer"):
-            built.append(sys._getframe(1).f_globals["__name__"])
-        return tensor(*args, **kwargs)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if func is torch.tensor and "device" in kwargs and caller.startswith("mole_trainer"):
+                # torch.tensor(data, device=cuda) waits for the GPU; host data must be copied non-blocking
+                built.append(caller)
+            out = func(*args, **kwargs)
+            if func is torch.zeros and caller == "mole_trainer.train.concurrent":
+                out = out.as_subclass(Watched)  # the loop's loss accumulator
+            return out
 
-    monkeypatch.setattr(torch, "zeros", accumulator)
-    monkeypatch.setattr(torch, "tensor", host_data_to_device)
-    _train(tiny_model, tmp_path / "counted")
+    with Spies():
+        _train(tiny_model, tmp_path / "counted")
     # one read per step where some expert logs (3: both evaluate, 4: e1's last, 6: e0's last), not per step
     assert reads["n"] == 3 and built == []
 

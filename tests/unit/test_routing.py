@@ -1,6 +1,10 @@
+import builtins
+import collections
+import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -267,3 +271,48 @@ def test_configs_built_in_code_are_checked_too(synth_data, tmp_path):
     cfg.experts["ocr"].target = 0
     with pytest.raises(UserError, match=r"experts\.ocr\.target: must be >= 1"):
         build_routing_dataset(cfg, tmp_path / "r.jsonl")
+
+
+def _count_image_opens(monkeypatch) -> collections.Counter:
+    """open() calls on .png files from now on (shutil, PIL and pathlib open through builtins/io), by path."""
+    opens: collections.Counter = collections.Counter()
+    real = builtins.open
+
+    def spy(file, *args, **kwargs):
+        if isinstance(file, str | Path) and str(file).endswith(".png"):
+            opens[Path(file).resolve()] += 1
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
+    return opens
+
+
+def test_each_image_is_read_once_to_decode_and_hash_it(synth_data, tmp_path, monkeypatch):
+    names = ["calendar", "ocr"]
+    inputs = {p.resolve() for n in names for p in (synth_data / n / "images").iterdir()}
+    opens = _count_image_opens(monkeypatch)
+    out = tmp_path / "r" / "routing.jsonl"
+    build_routing_dataset(
+        config(synth_data, names, train_per_expert=6, val_per_expert=2, test_per_expert=3), out
+    )
+    copied = len(list((out.parent / "images").iterdir()))
+    assert 0 < copied < len(inputs) and set(opens) >= inputs
+    # once to decode and hash, and a second time only for the images copied into the routing folder
+    assert max(opens[p] for p in inputs) == 2 and sum(opens[p] for p in inputs) == len(inputs) + copied
+    opens.clear()
+    assert check_routing_dataset(out.parent)["violations"] == []
+    assert sorted(opens.values()) == [1] * copied
+
+
+def test_an_image_that_does_not_decode_names_its_record(synth_data, tmp_path):
+    ds = tmp_path / "calendar"
+    shutil.copytree(synth_data / "calendar", ds)
+    line = (ds / "val.jsonl").read_text().splitlines()[1]
+    image = ds / json.loads(line)["images"][0]
+    image.write_bytes(image.read_bytes()[:200])  # truncated: the header reads, the pixels do not
+    cfg = DatasetConfig(experts={"calendar": ExpertSource(str(ds))}, train_per_expert=4, test_per_expert=2)
+    where = re.escape(f"{ds / 'val.jsonl'}:2 (id {json.loads(line)['id']}): images[0]: image '{image}'")
+    with pytest.raises(UserError, match=where + " cannot be decoded"):
+        build_routing_dataset(cfg, tmp_path / "r" / "routing.jsonl")
+    assert not (tmp_path / "r" / "routing.jsonl").exists()

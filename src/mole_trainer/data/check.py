@@ -19,10 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import UserError
-from ..hashing import sha256_file
 from ..layout import LABEL_MAP_FILE, SPLITS
 from .augment import AUGMENT_METADATA
-from .records import RecordError, check_image, iter_jsonl, parse_record
+from .records import RecordError, decoded_image_digest, iter_jsonl, parse_record
 from .routing import load_label_map, routing_stats_path
 
 MAX_LISTED = 40  # violations spelled out in the error message; the rest are counted
@@ -164,11 +163,10 @@ def _parse_record(obj, f: Path, lineno: int, folder: Path, violations: list[str]
 def _hash_and_decode(path: Path, where: str, violations: list[str]) -> str | None:
     """sha256 of an image's bytes after decoding it fully; None (and a violation) when it does not decode."""
     try:
-        check_image(path, where)
+        return decoded_image_digest(path, where)
     except UserError as exc:
         violations.append(str(exc))
         return None
-    return sha256_file(path)
 
 
 def _places(where: list[str]) -> str:

@@ -39,7 +39,6 @@ from .records import (
     read_jsonl_samples,
     resolve_image,
     store_image_bytes,
-    write_jsonl,  # noqa: F401  (re-exported: data/routing.py imports it from here)
 )
 
 # Hugging Face split names accepted for each of ours

@@ -34,6 +34,7 @@ their formats) are read by formats.py, which builds on this module.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -225,10 +226,33 @@ def resolve_image(root: Path, rel: Any, where: str) -> Path:
 
 def check_image(path: Path, where: str) -> tuple[int, int]:
     """Decode an image fully; return its (width, height) or raise a UserError."""
+    return _decoded_size(path, path, where)
+
+
+def decoded_image_digest(path: Path, where: str) -> str:
+    """sha256 of an image file's bytes, checked to decode fully (as `check_image`) from one read of the file."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    _decoded_size(_NamedBytes(data, path), path, where)
+    return hashlib.sha256(data).hexdigest()
+
+
+class _NamedBytes(io.BytesIO):
+    """In-memory file bytes that PIL's errors name as it names a path (not a BytesIO at some address)."""
+
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(data)
+        self.path = path
+
+    def __repr__(self) -> str:
+        return repr(str(self.path))
+
+
+def _decoded_size(source, path: Path, where: str) -> tuple[int, int]:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return im.size
     except Exception as exc:

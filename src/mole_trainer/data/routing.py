@@ -26,12 +26,12 @@ from typing import NamedTuple
 
 from ..config import DatasetConfig, to_dict
 from ..errors import UserError
-from ..hashing import sha256_file
 from ..layout import LABEL_MAP_FILE, ROUTING_STATS_SUFFIX, SPLITS
 from ..router_prompt import canonical_request
 from .augment import AUGMENT_ID, AUGMENT_METADATA, plan_copies
 from .conversation import with_router_text
-from .formats import Sample, load_expert_dataset, sample_to_record, write_jsonl
+from .formats import load_expert_dataset, sample_to_record
+from .records import Sample, decoded_image_digest, write_jsonl
 
 EXPERT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -147,7 +147,8 @@ def _load_experts(cfg: DatasetConfig, source: str) -> dict[str, list[Sample]]:
         validate_expert_name(name, f"{source}: experts.{name}")
         if not src.path:
             raise UserError(f"{source}: experts.{name}.path is missing")
-        splits = load_expert_dataset(src.path)
+        # images are decoded later, once each, while they are hashed (_drop_duplicates_and_conflicts)
+        splits = load_expert_dataset(src.path, decode=False)
         per_expert[name] = [s for split in SPLITS for s in splits[split]]
         if not per_expert[name]:
             raise UserError(f"{source}: experts.{name}: no records in {src.path}")
@@ -330,7 +331,8 @@ def _drop_duplicates_and_conflicts(
     """Kept (expert, sample, image hashes) and, per expert, duplicates and conflicts dropped.
 
     The same router view (image bytes, instruction: conversation.router_request) is one request: kept
-    once, and dropped everywhere when two experts claim it (its label would contradict itself).
+    once, and dropped everywhere when two experts claim it (its label would contradict itself). Each
+    image file is read once: decoded fully (a UserError naming the record if it does not) and hashed.
     """
     hashes: dict[Path, str] = {}
     duplicates: dict[str, int] = defaultdict(int)
@@ -338,7 +340,10 @@ def _drop_duplicates_and_conflicts(
     by_request: dict[tuple, list[tuple[str, Sample, list[str]]]] = {}
     for name, samples in per_expert.items():
         for s in samples:
-            hs = [hashes.setdefault(p, sha256_file(p)) for p in s.images]
+            for i, p in enumerate(s.images):
+                if p not in hashes:
+                    hashes[p] = decoded_image_digest(p, f"{s.source} (id {s.id}): images[{i}]")
+            hs = [hashes[p] for p in s.images]
             key = (tuple(hs), canonical_request(s.instruction))
             claims = by_request.setdefault(key, [])
             if any(n == name for n, _, _ in claims):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..adapter_info import write_adapter_info
 from ..config import ExpertEntry, LorasConfig, LoraSpec, TrainSpec, to_dict
-from ..data.formats import Sample, dataset_exists, load_expert_dataset
+from ..data.formats import dataset_exists, load_expert_dataset
+from ..data.records import Sample
 from ..data.preprocess import (
     check_compatible,
     dataset_digest,
