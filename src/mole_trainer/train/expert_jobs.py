@@ -13,7 +13,6 @@ from pathlib import Path
 from ..adapter_info import write_adapter_info
 from ..config import ExpertEntry, LorasConfig, LoraSpec, TrainSpec, to_dict
 from ..data.formats import dataset_exists, load_expert_dataset
-from ..data.records import Sample
 from ..data.preprocess import (
     check_compatible,
     dataset_digest,
@@ -22,6 +21,7 @@ from ..data.preprocess import (
     preprocess_splits,
     sample_from_dict,
 )
+from ..data.records import Sample
 from ..errors import UserError
 from ..eval.task_metrics import TASK_METRICS, score_many
 from ..hashing import code_digest, fingerprint
