@@ -172,6 +172,12 @@ def test_each_dataset_is_hashed_once_per_run_and_passed_on(synth_data, tiny_mode
     hashed.clear()
     lcfg = stages.load_config(cfg_path, stages.LorasConfig)
     cache, data, model = tmp_path / "cache", str(synth_data / "ocr"), str(tiny_model)
+    loaded = []
+    real_load = expert_jobs.load_expert_dataset
+    monkeypatch.setattr(
+        expert_jobs, "load_expert_dataset", lambda root: loaded.append(root) or real_load(root)
+    )
     for digest in (expected["ocr"], expected["ocr"], "0" * 64):
         assert expert_jobs.prepared_data("ocr", data, cache, model, lcfg, digest) == cache
     assert hashed == [] and len(built) == 2 and built[0] != built[1]
+    assert loaded == [data, data]  # a cache hit reads (and decodes) nothing of the dataset

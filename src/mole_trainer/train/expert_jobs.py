@@ -44,13 +44,8 @@ def prepared_data(
         return Path(data)
     if not dataset_exists(data):
         raise UserError(f"experts.{name}.data: {data} is not a dataset folder")
-    splits = load_expert_dataset(data)
-    for split in ("train", "val"):
-        if not splits[split]:
-            raise UserError(
-                f"{data}: expert '{name}' has no {split} records ({split}.jsonl missing or empty)"
-            )
-    # the cache is reused only for the same data, processor, pixel budget and code
+    # the cache is reused only for the same data, processor, pixel budget and code; such a cache was
+    # made after the checks below passed on this data, so a hit skips reading and decoding it again
     source = fingerprint(
         dataset_digest(data) if digest is None else digest,
         processor_digest(model),
@@ -63,6 +58,12 @@ def prepared_data(
         and json.loads((cache / PREPROCESS_META_FILE).read_text()).get("source") == source
     ):
         return cache
+    splits = load_expert_dataset(data)
+    for split in ("train", "val"):
+        if not splits[split]:
+            raise UserError(
+                f"{data}: expert '{name}' has no {split} records ({split}.jsonl missing or empty)"
+            )
     preprocess_splits(
         splits, cache, model, "sft", None, cfg.image.min_pixels, cfg.image.max_pixels, source=source
     )
