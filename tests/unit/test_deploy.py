@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from mole_trainer.layout import (
     MANIFEST_FILE,
     RELEASES_DIR,
 )
+from mole_trainer.locking import OutputLock
 
 
 def make_adapter(folder: Path, blob: bytes) -> Path:
@@ -397,6 +399,52 @@ def test_concurrent_loaders_download_a_release_once(src: dict, tmp_path: Path, m
         roots = list(pool.map(lambda _: load_deployment(url)["root"], range(4)))
     assert len(set(roots)) == 1
     assert sorted(fetched) == sorted(set(fetched))  # each file downloaded by one loader only
+    fs.rm(url.removeprefix("memory://"), recursive=True)
+
+
+def test_a_loader_reaching_the_lock_as_its_holder_removes_the_lock_folder_still_loads(
+    src: dict, tmp_path: Path, monkeypatch, cache: Path
+):
+    """The holder made the lock folder and removes it, empty, on release; a waiter that has just made
+    sure the folder exists and is about to write its lock there must make it again, not fail."""
+    url = f"memory://bucket/{tmp_path.name}-gone"
+    deploy(**src, dest=url)
+    fs, _ = fsspec.core.url_to_fs(url)
+    holder_fetching, waiter_at_lock, holder_done = threading.Event(), threading.Event(), threading.Event()
+    fetched, roots, errors = [], {}, {}
+    real_get, real_write = type(fs).get_file, OutputLock._write_tmp
+
+    def gated_get(self, rpath, lpath, **kw):
+        fetched.append(rpath)
+        holder_fetching.set()
+        assert waiter_at_lock.wait(10)
+        return real_get(self, rpath, lpath, **kw)
+
+    def gated_write(self, data):
+        if threading.current_thread().name == "waiter" and not waiter_at_lock.is_set():
+            waiter_at_lock.set()  # the waiter's mkdir is done; now the holder finishes and releases
+            assert holder_done.wait(10)
+        return real_write(self, data)
+
+    def load(name: str) -> None:
+        try:
+            roots[name] = load_deployment(url)["root"]
+        except Exception as exc:
+            errors[name] = exc
+
+    monkeypatch.setattr(type(fs), "get_file", gated_get)
+    monkeypatch.setattr(OutputLock, "_write_tmp", gated_write)
+    holder = threading.Thread(target=load, args=("holder",), name="holder")
+    waiter = threading.Thread(target=load, args=("waiter",), name="waiter")
+    holder.start()
+    assert holder_fetching.wait(10)
+    waiter.start()
+    holder.join(10)
+    holder_done.set()
+    waiter.join(10)
+    assert errors == {} and roots["waiter"] == roots["holder"]
+    assert sorted(fetched) == sorted(set(fetched))  # the waiter reused the holder's download
+    assert os.listdir(cache / release_cache.LOCKS_DIR) == []
     fs.rm(url.removeprefix("memory://"), recursive=True)
 
 
