@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -446,6 +449,60 @@ def test_a_loader_reaching_the_lock_as_its_holder_removes_the_lock_folder_still_
     assert sorted(fetched) == sorted(set(fetched))  # the waiter reused the holder's download
     assert os.listdir(cache / release_cache.LOCKS_DIR) == []
     fs.rm(url.removeprefix("memory://"), recursive=True)
+
+
+KILLED_FETCH = """
+import json, os, signal, sys
+import fsspec
+from mole_trainer.deploy import deploy, load_deployment
+
+deploy(**json.loads(sys.argv[1]), dest="memory://bucket/killed")
+fs = fsspec.filesystem("memory")
+real, calls = type(fs).get_file, []
+
+def get_file(self, rpath, lpath, **kw):
+    if calls:  # killed in the middle of the download, the first file written
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls.append(rpath)
+    return real(self, rpath, lpath, **kw)
+
+type(fs).get_file = get_file
+load_deployment("memory://bucket/killed")
+"""
+
+
+def test_a_load_removes_what_a_killed_fetch_left_but_not_what_a_live_one_writes(
+    src: dict, tmp_path: Path, cache: Path
+):
+    args = json.dumps({**src, "router_dir": str(src["router_dir"])})
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_FETCH, args], stderr=subprocess.PIPE)
+    assert killed.wait(60) == -signal.SIGKILL, killed.stderr.read().decode()[-2000:]
+    (dead,) = os.listdir(cache / release_cache.LOCKS_DIR)  # the killed loader's lock, still there
+    # and the lock of a loader of another release killed before it wrote anything
+    OutputLock(
+        cache / release_cache.LOCKS_DIR / ("d" * 64), "deploy.load", pid=killed.pid, renew_every=None
+    ).acquire()
+    partial = [p for p in cache.iterdir() if p.name.startswith(f"{releases.PARTIAL_PREFIX}{dead}-")]
+    assert len(partial) == 1 and any(p.is_file() for p in partial[0].rglob("*"))  # one file fetched
+    trash = release_cache.fetch_folder(cache, dead, "trash-")  # as a kill inside replace_folder leaves it
+    (trash / "sub").mkdir(parents=True)
+    old_trash = cache / f"{releases.PARTIAL_PREFIX}trash-0123abcd"  # named by earlier versions
+    old_trash.mkdir()
+    live = "e" * 64  # a fetch in progress in another loader: its lock held, its folder being written
+    held = OutputLock(cache / release_cache.LOCKS_DIR / live, "deploy.load", renew_every=None).acquire()
+    writing = release_cache.fetch_folder(cache, live)
+    writing.mkdir()
+
+    url = f"memory://bucket/{tmp_path.name}-after"
+    deploy(**src, dest=url)
+    loaded = load_deployment(url)
+    assert not partial[0].exists() and not trash.exists() and not old_trash.exists() and writing.exists()
+    assert sorted(os.listdir(cache / release_cache.LOCKS_DIR)) == [live]
+    held.release()
+    load_deployment(url)
+    assert sorted(os.listdir(cache)) == [release_cache.LOCKS_DIR, Path(loaded["root"]).name]
+    assert os.listdir(cache / release_cache.LOCKS_DIR) == []
+    fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
 
 
 def test_credentials_in_a_url_are_refused_and_redacted_everywhere(src: dict, tmp_path: Path):
