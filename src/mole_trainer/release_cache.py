@@ -164,6 +164,28 @@ def _wait_for_lock(folder: Path, ready) -> object | None:
             time.sleep(LOCK_POLL_S)
 
 
+def _download(fs, target: dict, cache: Path, digest: str, shown: str) -> None:
+    """Fetch and verify a release into a private folder, then put it in place as ``cache/digest``
+    (the caller holds the digest's lock)."""
+    manifest = target["manifest"]
+    partial = fetch_folder(cache, digest)
+    try:
+        for entry in manifest["files"]:
+            local = partial / entry["path"]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with suppress(FileNotFoundError):  # reported as missing by the check below
+                fs.get_file(posixpath.join(target["root"], entry["path"]), str(local))
+        (partial / MANIFEST_FILE).write_bytes(target["manifest_bytes"])
+        report = verify_files(_local_fs(), str(partial), manifest)
+        if not report["ok"]:
+            raise UserError(describe_failure(shown, report) + " (as downloaded)")
+        _write_record(partial / VERIFIED_FILE, partial, manifest, digest)
+        # a cached copy that no longer matches its record goes aside first
+        replace_folder(partial, cache / digest, fetch_folder(cache, digest, "trash-"))
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def _fetch(fs, target: dict, cache: Path, digest: str, shown: str) -> Path:
     manifest = target["manifest"]
     final = cache / digest
@@ -175,30 +197,21 @@ def _fetch(fs, target: dict, cache: Path, digest: str, shown: str) -> Path:
     if ready():
         return final
     cache.mkdir(parents=True, exist_ok=True)
-    lock = _wait_for_lock(cache / LOCKS_DIR / digest, ready)
-    if lock is None:
-        return final
+    lock_folder = cache / LOCKS_DIR / digest
     try:
-        if ready():  # done by the loader that held the lock before us
-            return final
-        partial = fetch_folder(cache, digest)
-        try:
-            for entry in manifest["files"]:
-                local = partial / entry["path"]
-                local.parent.mkdir(parents=True, exist_ok=True)
-                with suppress(FileNotFoundError):  # reported as missing by the check below
-                    fs.get_file(posixpath.join(target["root"], entry["path"]), str(local))
-            (partial / MANIFEST_FILE).write_bytes(target["manifest_bytes"])
-            report = verify_files(_local_fs(), str(partial), manifest)
-            if not report["ok"]:
-                raise UserError(describe_failure(shown, report) + " (as downloaded)")
-            _write_record(partial / VERIFIED_FILE, partial, manifest, digest)
-            # a cached copy that no longer matches its record goes aside first
-            replace_folder(partial, final, fetch_folder(cache, digest, "trash-"))
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        lock = _wait_for_lock(lock_folder, ready)
+        if lock is not None:
+            try:
+                if not ready():  # else done by the loader that held the lock before us
+                    _download(fs, target, cache, digest, shown)
+            finally:
+                lock.release()
     finally:
-        lock.release()
+        # Every loader that touched the lock folder tries this when it leaves, so the last one removes it
+        # (the lock's own rule, "who made it removes it", misses when a waiter is writing in it just then).
+        # A loader that finds it gone makes it again.
+        with suppress(OSError):
+            lock_folder.rmdir()
     return final
 
 

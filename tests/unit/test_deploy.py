@@ -385,7 +385,7 @@ def test_load_verifies_once_then_trusts_the_record(src: dict, dest: str, monkeyp
     assert counter.calls > len(first["manifest"]["files"])
 
 
-def test_concurrent_loaders_download_a_release_once(src: dict, tmp_path: Path, monkeypatch):
+def test_concurrent_loaders_download_a_release_once(src: dict, tmp_path: Path, monkeypatch, cache: Path):
     url = f"memory://bucket/{tmp_path.name}-conc"
     deploy(**src, dest=url)
     fs, _ = fsspec.core.url_to_fs(url)
@@ -402,14 +402,18 @@ def test_concurrent_loaders_download_a_release_once(src: dict, tmp_path: Path, m
         roots = list(pool.map(lambda _: load_deployment(url)["root"], range(4)))
     assert len(set(roots)) == 1
     assert sorted(fetched) == sorted(set(fetched))  # each file downloaded by one loader only
+    assert sorted(os.listdir(cache)) == [release_cache.LOCKS_DIR, Path(roots[0]).name]  # nothing left
+    assert os.listdir(cache / release_cache.LOCKS_DIR) == []
     fs.rm(url.removeprefix("memory://"), recursive=True)
 
 
-def test_a_loader_reaching_the_lock_as_its_holder_removes_the_lock_folder_still_loads(
-    src: dict, tmp_path: Path, monkeypatch, cache: Path
+@pytest.mark.parametrize("waiter_wrote", [False, True], ids=["folder-removed", "folder-kept"])
+def test_a_loader_reaching_the_lock_as_its_holder_releases_it_loads_and_leaves_no_lock_folder(
+    src: dict, tmp_path: Path, monkeypatch, cache: Path, waiter_wrote: bool
 ):
-    """The holder made the lock folder and removes it, empty, on release; a waiter that has just made
-    sure the folder exists and is about to write its lock there must make it again, not fail."""
+    """The holder removes the lock folder, if empty, on release. A waiter that has just made sure the
+    folder exists and is about to write its lock there must make it again, not fail; a waiter whose lock
+    file kept the folder from being removed must remove it when it leaves."""
     url = f"memory://bucket/{tmp_path.name}-gone"
     deploy(**src, dest=url)
     fs, _ = fsspec.core.url_to_fs(url)
@@ -424,10 +428,12 @@ def test_a_loader_reaching_the_lock_as_its_holder_removes_the_lock_folder_still_
         return real_get(self, rpath, lpath, **kw)
 
     def gated_write(self, data):
-        if threading.current_thread().name == "waiter" and not waiter_at_lock.is_set():
+        written = real_write(self, data) if waiter_wrote else None
+        waiting = threading.current_thread().name == "waiter" and self.stage == "deploy.load"  # not its sweep
+        if waiting and not waiter_at_lock.is_set():
             waiter_at_lock.set()  # the waiter's mkdir is done; now the holder finishes and releases
             assert holder_done.wait(10)
-        return real_write(self, data)
+        return written or real_write(self, data)
 
     def load(name: str) -> None:
         try:
