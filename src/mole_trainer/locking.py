@@ -246,7 +246,15 @@ class OutputLock:
 
     def _acquire(self) -> OutputLock:
         for _ in range(20):
-            if self._create():
+            try:
+                created = self._create()
+            except FileNotFoundError:
+                # the folder went after acquire() made it: a holder that had made it removed it, empty, on
+                # release. Make it again (now ours to remove if left empty) and retry.
+                self._created_folder = True
+                self.folder.mkdir(parents=True, exist_ok=True)
+                continue
+            if created:
                 self._held = True
                 self._published()
                 if self.renew_every:

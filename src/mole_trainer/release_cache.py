@@ -8,17 +8,24 @@ Cache layout (``cache_dir``, default layout.cache_root()/deployments)::
     verified/<manifest-sha256>-<h>.json  the same record for a local release used in place (h: its path)
     .locks/<manifest-sha256>/          the lock (locking.OutputLock) of the loader downloading it
     .partial-<manifest-sha256>-<id>/   a download in progress, renamed to <manifest-sha256>/ when verified
+    .partial-<manifest-sha256>-trash-<id>/  a cached copy that failed its record, being deleted
 
 A later load only compares sizes and mtimes with the record. A difference (a cached file changed or
 gone) means the copy is not the verified one: a download is fetched again, a local release is hashed
 again. Several loaders at once: one downloads under the lock, the others wait for it and reuse the result.
+
+Only the holder of a digest's lock writes its ``.partial-<digest>-*`` folders, so a loader that can take
+that lock (free, or left by a process that is gone) knows they are leftovers of a killed fetch: every
+load removes those, and leaves alone the ones whose lock a live loader holds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
+import re
 import shutil
 import time
 import uuid
@@ -36,6 +43,9 @@ LOCKS_DIR = ".locks"
 VERIFIED_DIR = "verified"
 LOCK_POLL_S = 0.2
 LOCK_WAIT_S = 4 * 3600.0  # a live loader downloading a large release may hold the lock this long
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_OWNED = re.compile(re.escape(PARTIAL_PREFIX) + r"([0-9a-f]{64})-")  # a fetch's folder: its digest
+_OLD_TRASH = PARTIAL_PREFIX + "trash-"  # trash named without its digest by earlier versions: nobody's
 
 
 def default_cache_dir() -> Path:
@@ -92,6 +102,52 @@ def _verify_in_place(root: Path, manifest: dict, digest: str, cache: Path, shown
         _write_record(record, root, manifest, digest)
 
 
+def fetch_folder(cache: Path, digest: str, kind: str = "") -> Path:
+    """A new folder name private to the fetch of `digest` holding its lock (kind: "" or "trash-")."""
+    return cache / f"{PARTIAL_PREFIX}{digest}-{kind}{uuid.uuid4().hex[:8]}"
+
+
+def sweep_leftovers(cache: Path) -> list[str]:
+    """Remove the partial downloads and trash that killed fetches left in `cache`; the names removed.
+
+    A digest's folders are left alone while a live loader (this process or another) holds its lock.
+    Best effort: a cache that cannot be read or written is left as it is.
+    """
+    from .locking import OutputLock
+
+    try:
+        names = sorted(os.listdir(cache))
+    except OSError:
+        return []
+    with suppress(OSError):
+        names += [f"{LOCKS_DIR}/{d}" for d in sorted(os.listdir(cache / LOCKS_DIR)) if _DIGEST.fullmatch(d)]
+    owned: dict[str, list[str]] = {}
+    removed = []
+    for name in names:
+        if name.startswith(_OLD_TRASH):
+            shutil.rmtree(cache / name, ignore_errors=True)
+            removed.append(name)
+        elif match := _OWNED.match(name):
+            owned.setdefault(match.group(1), []).append(name)
+        elif name.startswith(LOCKS_DIR + "/"):  # a lock folder a killed loader left, maybe with no folders
+            owned.setdefault(name.removeprefix(LOCKS_DIR + "/"), [])
+    for digest, folders in owned.items():
+        lock_folder = cache / LOCKS_DIR / digest
+        try:
+            lock = OutputLock(lock_folder, "deploy.sweep", renew_every=None).acquire()
+        except UserError:  # held by a live loader (LockHeld), or a read-only cache
+            continue
+        try:
+            for name in folders:
+                shutil.rmtree(cache / name, ignore_errors=True)
+                removed.append(name)
+        finally:
+            lock.release()
+        with suppress(OSError):  # a dead loader's lock folder; a loader that finds it gone makes it again
+            lock_folder.rmdir()
+    return removed
+
+
 def _wait_for_lock(folder: Path, ready) -> object | None:
     """The download lock of `folder`, or None once `ready()` says another loader finished the work."""
     from .locking import LockHeld, OutputLock
@@ -108,6 +164,28 @@ def _wait_for_lock(folder: Path, ready) -> object | None:
             time.sleep(LOCK_POLL_S)
 
 
+def _download(fs, target: dict, cache: Path, digest: str, shown: str) -> None:
+    """Fetch and verify a release into a private folder, then put it in place as ``cache/digest``
+    (the caller holds the digest's lock)."""
+    manifest = target["manifest"]
+    partial = fetch_folder(cache, digest)
+    try:
+        for entry in manifest["files"]:
+            local = partial / entry["path"]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with suppress(FileNotFoundError):  # reported as missing by the check below
+                fs.get_file(posixpath.join(target["root"], entry["path"]), str(local))
+        (partial / MANIFEST_FILE).write_bytes(target["manifest_bytes"])
+        report = verify_files(_local_fs(), str(partial), manifest)
+        if not report["ok"]:
+            raise UserError(describe_failure(shown, report) + " (as downloaded)")
+        _write_record(partial / VERIFIED_FILE, partial, manifest, digest)
+        # a cached copy that no longer matches its record goes aside first
+        replace_folder(partial, cache / digest, fetch_folder(cache, digest, "trash-"))
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def _fetch(fs, target: dict, cache: Path, digest: str, shown: str) -> Path:
     manifest = target["manifest"]
     final = cache / digest
@@ -119,30 +197,21 @@ def _fetch(fs, target: dict, cache: Path, digest: str, shown: str) -> Path:
     if ready():
         return final
     cache.mkdir(parents=True, exist_ok=True)
-    lock = _wait_for_lock(cache / LOCKS_DIR / digest, ready)
-    if lock is None:
-        return final
+    lock_folder = cache / LOCKS_DIR / digest
     try:
-        if ready():  # done by the loader that held the lock before us
-            return final
-        partial = cache / f"{PARTIAL_PREFIX}{digest}-{uuid.uuid4().hex[:8]}"
-        try:
-            for entry in manifest["files"]:
-                local = partial / entry["path"]
-                local.parent.mkdir(parents=True, exist_ok=True)
-                with suppress(FileNotFoundError):  # reported as missing by the check below
-                    fs.get_file(posixpath.join(target["root"], entry["path"]), str(local))
-            (partial / MANIFEST_FILE).write_bytes(target["manifest_bytes"])
-            report = verify_files(_local_fs(), str(partial), manifest)
-            if not report["ok"]:
-                raise UserError(describe_failure(shown, report) + " (as downloaded)")
-            _write_record(partial / VERIFIED_FILE, partial, manifest, digest)
-            # a cached copy that no longer matches its record goes aside first
-            replace_folder(partial, final, cache / f"{PARTIAL_PREFIX}trash-{uuid.uuid4().hex[:8]}")
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        lock = _wait_for_lock(lock_folder, ready)
+        if lock is not None:
+            try:
+                if not ready():  # else done by the loader that held the lock before us
+                    _download(fs, target, cache, digest, shown)
+            finally:
+                lock.release()
     finally:
-        lock.release()
+        # Every loader that touched the lock folder tries this when it leaves, so the last one removes it
+        # (the lock's own rule, "who made it removes it", misses when a waiter is writing in it just then).
+        # A loader that finds it gone makes it again.
+        with suppress(OSError):
+            lock_folder.rmdir()
     return final
 
 
@@ -152,12 +221,13 @@ def load_deployment(dest: str, cache_dir: str | Path | None = None) -> dict:
 
     Follows DEST/CURRENT (a flat-layout deployment, with manifest.json at DEST, loads as before with
     release None). A local release is used in place; a remote one is downloaded once into
-    ``cache_dir`` (module docstring). Either is hashed against its manifest the first time only; a file
-    that does not match is a UserError naming it.
+    ``cache_dir`` (module docstring), after removing what killed fetches left there. Either is hashed
+    against its manifest the first time only; a file that does not match is a UserError naming it.
     """
     fs, root = open_fs(dest)
     shown = redact(dest)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    sweep_leftovers(cache)
     with storage_errors(dest, f"loading the deployment (local cache {cache})"):
         target = resolve(fs, root, shown)
         where = f"{shown}/{RELEASES_DIR}/{target['release']}" if target["release"] else shown

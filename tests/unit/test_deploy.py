@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +28,7 @@ from mole_trainer.layout import (
     MANIFEST_FILE,
     RELEASES_DIR,
 )
+from mole_trainer.locking import OutputLock
 
 
 def make_adapter(folder: Path, blob: bytes) -> Path:
@@ -380,7 +385,7 @@ def test_load_verifies_once_then_trusts_the_record(src: dict, dest: str, monkeyp
     assert counter.calls > len(first["manifest"]["files"])
 
 
-def test_concurrent_loaders_download_a_release_once(src: dict, tmp_path: Path, monkeypatch):
+def test_concurrent_loaders_download_a_release_once(src: dict, tmp_path: Path, monkeypatch, cache: Path):
     url = f"memory://bucket/{tmp_path.name}-conc"
     deploy(**src, dest=url)
     fs, _ = fsspec.core.url_to_fs(url)
@@ -397,7 +402,113 @@ def test_concurrent_loaders_download_a_release_once(src: dict, tmp_path: Path, m
         roots = list(pool.map(lambda _: load_deployment(url)["root"], range(4)))
     assert len(set(roots)) == 1
     assert sorted(fetched) == sorted(set(fetched))  # each file downloaded by one loader only
+    assert sorted(os.listdir(cache)) == [release_cache.LOCKS_DIR, Path(roots[0]).name]  # nothing left
+    assert os.listdir(cache / release_cache.LOCKS_DIR) == []
     fs.rm(url.removeprefix("memory://"), recursive=True)
+
+
+@pytest.mark.parametrize("waiter_wrote", [False, True], ids=["folder-removed", "folder-kept"])
+def test_a_loader_reaching_the_lock_as_its_holder_releases_it_loads_and_leaves_no_lock_folder(
+    src: dict, tmp_path: Path, monkeypatch, cache: Path, waiter_wrote: bool
+):
+    """The holder removes the lock folder, if empty, on release. A waiter that has just made sure the
+    folder exists and is about to write its lock there must make it again, not fail; a waiter whose lock
+    file kept the folder from being removed must remove it when it leaves."""
+    url = f"memory://bucket/{tmp_path.name}-gone"
+    deploy(**src, dest=url)
+    fs, _ = fsspec.core.url_to_fs(url)
+    holder_fetching, waiter_at_lock, holder_done = threading.Event(), threading.Event(), threading.Event()
+    fetched, roots, errors = [], {}, {}
+    real_get, real_write = type(fs).get_file, OutputLock._write_tmp
+
+    def gated_get(self, rpath, lpath, **kw):
+        fetched.append(rpath)
+        holder_fetching.set()
+        assert waiter_at_lock.wait(10)
+        return real_get(self, rpath, lpath, **kw)
+
+    def gated_write(self, data):
+        written = real_write(self, data) if waiter_wrote else None
+        waiting = threading.current_thread().name == "waiter" and self.stage == "deploy.load"  # not its sweep
+        if waiting and not waiter_at_lock.is_set():
+            waiter_at_lock.set()  # the waiter's mkdir is done; now the holder finishes and releases
+            assert holder_done.wait(10)
+        return written or real_write(self, data)
+
+    def load(name: str) -> None:
+        try:
+            roots[name] = load_deployment(url)["root"]
+        except Exception as exc:
+            errors[name] = exc
+
+    monkeypatch.setattr(type(fs), "get_file", gated_get)
+    monkeypatch.setattr(OutputLock, "_write_tmp", gated_write)
+    holder = threading.Thread(target=load, args=("holder",), name="holder")
+    waiter = threading.Thread(target=load, args=("waiter",), name="waiter")
+    holder.start()
+    assert holder_fetching.wait(10)
+    waiter.start()
+    holder.join(10)
+    holder_done.set()
+    waiter.join(10)
+    assert errors == {} and roots["waiter"] == roots["holder"]
+    assert sorted(fetched) == sorted(set(fetched))  # the waiter reused the holder's download
+    assert os.listdir(cache / release_cache.LOCKS_DIR) == []
+    fs.rm(url.removeprefix("memory://"), recursive=True)
+
+
+KILLED_FETCH = """
+import json, os, signal, sys
+import fsspec
+from mole_trainer.deploy import deploy, load_deployment
+
+deploy(**json.loads(sys.argv[1]), dest="memory://bucket/killed")
+fs = fsspec.filesystem("memory")
+real, calls = type(fs).get_file, []
+
+def get_file(self, rpath, lpath, **kw):
+    if calls:  # killed in the middle of the download, the first file written
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls.append(rpath)
+    return real(self, rpath, lpath, **kw)
+
+type(fs).get_file = get_file
+load_deployment("memory://bucket/killed")
+"""
+
+
+def test_a_load_removes_what_a_killed_fetch_left_but_not_what_a_live_one_writes(
+    src: dict, tmp_path: Path, cache: Path
+):
+    args = json.dumps({**src, "router_dir": str(src["router_dir"])})
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_FETCH, args], stderr=subprocess.PIPE)
+    assert killed.wait(60) == -signal.SIGKILL, killed.stderr.read().decode()[-2000:]
+    (dead,) = os.listdir(cache / release_cache.LOCKS_DIR)  # the killed loader's lock, still there
+    # and the lock of a loader of another release killed before it wrote anything
+    OutputLock(
+        cache / release_cache.LOCKS_DIR / ("d" * 64), "deploy.load", pid=killed.pid, renew_every=None
+    ).acquire()
+    partial = [p for p in cache.iterdir() if p.name.startswith(f"{releases.PARTIAL_PREFIX}{dead}-")]
+    assert len(partial) == 1 and any(p.is_file() for p in partial[0].rglob("*"))  # one file fetched
+    trash = release_cache.fetch_folder(cache, dead, "trash-")  # as a kill inside replace_folder leaves it
+    (trash / "sub").mkdir(parents=True)
+    old_trash = cache / f"{releases.PARTIAL_PREFIX}trash-0123abcd"  # named by earlier versions
+    old_trash.mkdir()
+    live = "e" * 64  # a fetch in progress in another loader: its lock held, its folder being written
+    held = OutputLock(cache / release_cache.LOCKS_DIR / live, "deploy.load", renew_every=None).acquire()
+    writing = release_cache.fetch_folder(cache, live)
+    writing.mkdir()
+
+    url = f"memory://bucket/{tmp_path.name}-after"
+    deploy(**src, dest=url)
+    loaded = load_deployment(url)
+    assert not partial[0].exists() and not trash.exists() and not old_trash.exists() and writing.exists()
+    assert sorted(os.listdir(cache / release_cache.LOCKS_DIR)) == [live]
+    held.release()
+    load_deployment(url)
+    assert sorted(os.listdir(cache)) == [release_cache.LOCKS_DIR, Path(loaded["root"]).name]
+    assert os.listdir(cache / release_cache.LOCKS_DIR) == []
+    fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
 
 
 def test_credentials_in_a_url_are_refused_and_redacted_everywhere(src: dict, tmp_path: Path):

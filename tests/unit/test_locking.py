@@ -162,3 +162,25 @@ def test_unusable_folder_is_a_user_error(tmp_path: Path):
         OutputLock(tmp_path / "file", "deploy", renew_every=None).acquire()
     with pytest.raises(UserError, match="cannot take the output lock"):  # below a file: mkdir fails
         OutputLock(tmp_path / "file" / "out", "deploy", renew_every=None).acquire()
+
+
+def test_a_folder_removed_just_before_the_lock_is_written_is_made_again_and_removed_on_release(
+    tmp_path: Path, monkeypatch
+):
+    """Another run that had made the (empty) folder removed it on release between our mkdir and our
+    write: the lock is taken in a folder made again, which this run now removes when it leaves it empty."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    real_write, removed = OutputLock._write_tmp, []
+
+    def remove_first(self, data):
+        if not removed:
+            folder.rmdir()
+            removed.append(folder)
+        return real_write(self, data)
+
+    monkeypatch.setattr(OutputLock, "_write_tmp", remove_first)
+    lock = OutputLock(folder, "deploy.load", renew_every=None).acquire()
+    assert removed and lock.read()["token"] == lock.token
+    lock.release()
+    assert not folder.exists()
