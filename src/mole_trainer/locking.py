@@ -219,8 +219,13 @@ class OutputLock:
         try:
             fd = os.open(brk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            if time.time() - brk.stat().st_mtime > _BREAK_STALE_S:
-                brk.unlink(missing_ok=True)
+            try:
+                if time.time() - brk.stat().st_mtime > _BREAK_STALE_S:
+                    brk.unlink(missing_ok=True)
+            except FileNotFoundError:  # the other taker has just finished
+                pass
+            return False
+        except FileNotFoundError:  # the folder went (its holder removed it, empty): _acquire retries
             return False
         try:
             if self.read() == holder:

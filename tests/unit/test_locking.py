@@ -184,3 +184,41 @@ def test_a_folder_removed_just_before_the_lock_is_written_is_made_again_and_remo
     assert removed and lock.read()["token"] == lock.token
     lock.release()
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("when", ["before-break", "break-file-gone"])
+def test_a_taker_of_a_dead_lock_whose_folder_or_break_file_vanishes_retries(
+    tmp_path: Path, monkeypatch, when
+):
+    """Taking over a dead holder's lock while another loader empties and removes the folder (or finishes
+    its own takeover and removes its break file) is a retry, not a failed load."""
+    import shutil
+
+    folder = tmp_path / "out"
+    OutputLock(folder, "deploy.load", pid=dead_pid(), renew_every=None).acquire()  # never released
+    brk = folder / (LOCK_FILE + locking._BREAK_SUFFIX)
+    real_break, done = OutputLock._break, []
+
+    def interfere(self, holder):
+        if not done:
+            done.append(when)
+            if when == "before-break":
+                shutil.rmtree(folder)
+            else:  # another taker holds the break file, and removes it as we look at its age
+                brk.write_text("")
+                real_stat = Path.stat
+                monkeypatch.setattr(
+                    Path,
+                    "stat",
+                    lambda p, **kw: (p.unlink(), real_stat(p, **kw))[1] if p == brk else real_stat(p, **kw),
+                )
+                try:
+                    return real_break(self, holder)
+                finally:
+                    monkeypatch.setattr(Path, "stat", real_stat)
+        return real_break(self, holder)
+
+    monkeypatch.setattr(OutputLock, "_break", interfere)
+    lock = OutputLock(folder, "deploy.load", renew_every=None).acquire()
+    assert done == [when] and lock.read()["token"] == lock.token
+    lock.release()

@@ -316,3 +316,24 @@ def test_an_image_that_does_not_decode_names_its_record(synth_data, tmp_path):
     with pytest.raises(UserError, match=where + " cannot be decoded"):
         build_routing_dataset(cfg, tmp_path / "r" / "routing.jsonl")
     assert not (tmp_path / "r" / "routing.jsonl").exists()
+
+
+def test_an_image_named_by_a_single_image_field_is_named_so_and_an_unreadable_one_is_a_user_error(
+    synth_data, tmp_path
+):
+    from mole_trainer.data.records import decoded_image_digest
+
+    ds = tmp_path / "calendar"
+    shutil.copytree(synth_data / "calendar", ds)
+    lines = (ds / "val.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["image"] = record.pop("images")[0]  # one image as 'image' (LLaVA style)
+    (ds / "val.jsonl").write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
+    image = ds / record["image"]
+    image.write_bytes(image.read_bytes()[:200])
+    cfg = DatasetConfig(experts={"calendar": ExpertSource(str(ds))}, train_per_expert=4, test_per_expert=2)
+    where = re.escape(f"{ds / 'val.jsonl'}:2 (id {record['id']}): image[0]: image '{image}'")
+    with pytest.raises(UserError, match=where + " cannot be decoded"):
+        build_routing_dataset(cfg, tmp_path / "r" / "routing.jsonl")
+    with pytest.raises(UserError, match=re.escape(f"x.jsonl:3: image '{tmp_path / 'gone.png'}' cannot be")):
+        decoded_image_digest(tmp_path / "gone.png", "x.jsonl:3")  # removed after the record was read

@@ -81,6 +81,7 @@ class Sample:
     line: int | None = None  # its line (or row) number, 1-based
     system: str | None = None
     turns: list[dict] | None = None
+    image_field: str = "images"  # the record's field that lists the images, for messages
 
     def conversation(self) -> list[dict]:
         """The turns (a copy): `turns`, or the single turn built from instruction and answer."""
@@ -231,8 +232,10 @@ def check_image(path: Path, where: str) -> tuple[int, int]:
 
 def decoded_image_digest(path: Path, where: str) -> str:
     """sha256 of an image file's bytes, checked to decode fully (as `check_image`) from one read of the file."""
-    with open(path, "rb") as fh:
-        data = fh.read()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:  # gone, unreadable: the same message as an image that does not decode
+        raise UserError(f"{where}: image '{path}' cannot be decoded ({type(exc).__name__}: {exc})") from None
     _decoded_size(_NamedBytes(data, path), path, where)
     return hashlib.sha256(data).hexdigest()
 
@@ -397,6 +400,7 @@ def _parse(
         line=loc.line,
         system=system,
         turns=turns,
+        image_field=images_field,
     )
 
 

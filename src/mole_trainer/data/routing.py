@@ -342,7 +342,7 @@ def _drop_duplicates_and_conflicts(
         for s in samples:
             for i, p in enumerate(s.images):
                 if p not in hashes:
-                    hashes[p] = decoded_image_digest(p, f"{s.source} (id {s.id}): images[{i}]")
+                    hashes[p] = decoded_image_digest(p, f"{s.source} (id {s.id}): {s.image_field}[{i}]")
             hs = [hashes[p] for p in s.images]
             key = (tuple(hs), canonical_request(s.instruction))
             claims = by_request.setdefault(key, [])
