@@ -3,13 +3,12 @@ digest of an adapter's weights (what an evaluation report records it was made of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 from .errors import UserError
-from .hashing import sha256_file
+from .hashing import file_hashes_digest
 
 ADAPTER_INFO_FILE = "mole_adapter.json"
 ADAPTER_WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -34,10 +33,7 @@ def adapter_digest(adapter_dir: str | Path) -> str:
     files = sorted(p for p in Path(adapter_dir).iterdir() if p.suffix in ADAPTER_WEIGHT_SUFFIXES)
     if not files:
         raise UserError(f"{adapter_dir}: no adapter weights (*.safetensors or *.bin) in this folder")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
-    return h.hexdigest()
+    return file_hashes_digest(files)
 
 
 def read_adapter_info(adapter_dir: str | Path, role: str | None = None) -> dict:

@@ -53,6 +53,14 @@ def folder_digest(root: str | Path, salt: bytes = b"", skip_prefix: str | None =
     return h.hexdigest()
 
 
+def file_hashes_digest(files: Iterable[Path]) -> str:
+    """Hex SHA-256 over each file's name and the hex SHA-256 of its bytes, in the order given."""
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()
+
+
 def listing_digest(folder: str | Path, head: str | None = None, skip_prefix: str | None = None) -> str:
     """Hex SHA-256 of a folder's own files by name and size: the bytes of its file `head` (when there is
     one), then each file directly in `folder`, sorted by name, as its name and size.
