@@ -22,6 +22,39 @@ def write_small_configs(config_dir) -> None:
     write_configs(config_dir, SMALL, every_expert={"loras.yaml": {"max_new_tokens": 4}})
 
 
+# The demo's configs cut down until a `mole demo` costs about a minute more than SMALL on a 2-core CPU,
+# yet still learns: the router far above chance on the test requests, every expert above its untrained
+# base (test_demo.py asserts both). The demo's LoRA (rank 16 on every projection) and max_new_tokens are
+# kept; the cuts are fewer records and steps, smaller images and a higher expert lr.
+QUALITY_IMAGE = {"min_pixels": 4096, "max_pixels": 20000}
+QUALITY_TEST_PER_EXPERT = 8
+QUALITY_ROUTER_STEPS = 200
+QUALITY = {
+    "dataset.yaml": {"train_per_expert": 96, "val_per_expert": 4, "test_per_expert": QUALITY_TEST_PER_EXPERT},
+    "loras.yaml": {
+        "image": QUALITY_IMAGE,
+        "train": {"lr": 0.005, "steps": 120, "batch_size": 8, "eval_every": 120, "warmup_ratio": 0.1},
+        "eval_records": 8,
+    },
+    "router.yaml": {
+        "image": QUALITY_IMAGE,
+        "train": {
+            "lr": 0.003,
+            "steps": QUALITY_ROUTER_STEPS,
+            "batch_size": 8,
+            "eval_every": 50,
+            "warmup_ratio": 0.1,
+            "patience": 0,
+        },
+    },
+}
+
+
+def write_quality_configs(config_dir) -> None:
+    """The demo's three configs at the QUALITY sizes, in `config_dir` (WORKDIR/config layout)."""
+    write_configs(config_dir, QUALITY)
+
+
 def report_images(page: str, names) -> dict[str, bytes]:
     """The embedded PNG of each named figure section of a history report page (b"" when it has none)."""
     out = {}
