@@ -207,11 +207,13 @@ def test_a_taker_of_a_dead_lock_whose_folder_or_break_file_vanishes_retries(
             else:  # another taker holds the break file, and removes it as we look at its age
                 brk.write_text("")
                 real_stat = Path.stat
-                monkeypatch.setattr(
-                    Path,
-                    "stat",
-                    lambda p, **kw: (p.unlink(), real_stat(p, **kw))[1] if p == brk else real_stat(p, **kw),
-                )
+
+                def stat_after_the_other_taker_left(path, **kw):
+                    if path == brk:
+                        path.unlink()
+                    return real_stat(path, **kw)
+
+                monkeypatch.setattr(Path, "stat", stat_after_the_other_taker_left)
                 try:
                     return real_break(self, holder)
                 finally:
