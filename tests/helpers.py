@@ -156,3 +156,30 @@ def build_tiny_deployment(
         "names": names,
         "adapters": {"router": router_dir, **expert_dirs},
     }
+
+
+def kill_when(argv: list[str], ready, env: dict, timeout: float = 240) -> None:
+    """Run `python ARGV` with `env`, SIGKILL it as soon as `ready()` holds; fail if it ends on its own first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    proc = subprocess.Popen(
+        [sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail("the run ended before it could be killed:\n" + proc.stdout.read().decode())
+            if time.monotonic() > deadline:
+                pytest.fail("timed out waiting for the moment to kill")
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL

@@ -11,6 +11,8 @@ import yaml
 from mole_trainer.cli import main
 from mole_trainer.layout import CHECKPOINTS_DIR, EXPERT_INFO_FILE, TRAIN_LOG_FILE
 
+from ..helpers import kill_when
+
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "down_proj"]}
 # lr 1e-3: Adam's first updates are about lr * sign(gradient), so float rounding in near-zero gradient
 # components shows up in proportion to lr (about 2e-5 at lr 3e-3, under 1e-6 here, bar 1e-5)
@@ -150,10 +152,6 @@ def test_concurrent_sigkill_then_resume_equals_an_uninterrupted_run(
 ):
     import os
     import random
-    import signal
-    import subprocess
-    import sys
-    import time
 
     import torch
 
@@ -194,23 +192,7 @@ def test_concurrent_sigkill_then_resume_equals_an_uninterrupted_run(
         done = ckpt.list_checkpoints(ckpts)
         return int(done[-1].name.split("-")[1]) if done else 0
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mole_trainer", *cmd(cut_cfg), *device],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while newest() < k:
-            assert proc.poll() is None, "ended before the kill:\n" + proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(["-m", "mole_trainer", *cmd(cut_cfg), *device], lambda: newest() >= k, env)
     killed_at = newest()
     assert k <= killed_at < KILL_TRAIN["steps"], killed_at
     state, meta, _ = ckpt.load_latest(ckpts)  # loads with weights_only=True

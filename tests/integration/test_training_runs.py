@@ -7,7 +7,6 @@ The router is trained through `python -m mole_trainer train router` on the tiny 
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from mole_trainer.cli import main
 from mole_trainer.layout import LOCK_FILE
 from mole_trainer.train import checkpoint as ckpt
 
-from ..helpers import write_small_configs
+from ..helpers import kill_when, write_small_configs
 
 pytestmark = pytest.mark.slow
 
@@ -87,26 +86,6 @@ def run_ok(cmd: list[str], **extra: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def kill_when(cmd: list[str], ready, extra_env: dict | None = None, timeout: float = 240) -> None:
-    """Start `cmd`, SIGKILL it as soon as `ready()` holds; fail if it ends on its own first."""
-    proc = subprocess.Popen(
-        [sys.executable, *cmd], env=env(**(extra_env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            if proc.poll() is not None:
-                pytest.fail("the run ended before it could be killed:\n" + proc.stdout.read().decode())
-            if time.monotonic() > deadline:
-                pytest.fail("timed out waiting for the moment to kill")
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
-
-
 def adapter_tensors(out: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -156,7 +135,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(wd, ref_rout
         done = ckpt.list_checkpoints(ckpts)
         return bool(done) and int(done[-1].name.split("-")[1]) >= k
 
-    kill_when(train_cmd(wd, cut_cfg), after_step_k)
+    kill_when(train_cmd(wd, cut_cfg), after_step_k, env())
     assert ckpts.is_dir() and ckpt.list_checkpoints(ckpts)
     stale = json.loads((cut / LOCK_FILE).read_text())  # a killed run cannot remove its lock
     (killed,) = history_rows(wd, cut)
@@ -168,7 +147,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_is_bit_identical(wd, ref_rout
     def mid_save():
         return any((p / ckpt.STATE_FILE).is_file() for p in ckpts.glob(".step-*.tmp"))
 
-    kill_when(train_cmd(wd, cut_cfg, "--resume"), mid_save, {ckpt.SAVE_DELAY_ENV: "30"})
+    kill_when(train_cmd(wd, cut_cfg, "--resume"), mid_save, env(**{ckpt.SAVE_DELAY_ENV: "30"}))
     run1, run2 = history_rows(wd, cut)
     assert run2["status"] == "interrupted" and run2["resumed_from"] == run1["run_id"]
     leftovers = list(ckpts.glob(".step-*.tmp"))
